@@ -1,0 +1,176 @@
+"""Recipes: TOML files (+ ``--set a.b=value`` overrides) parsed into typed sections that reject unknown keys."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import tomllib
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from gte.errors import GteError
+
+
+@dataclass
+class DataConfig:
+    train: str = ""               # brace-expanded shard spec
+    val: str = ""                 # evaluated after every epoch when set
+    test: str = ""                # evaluated once at the end when set
+    num_classes: int = 1000
+    image_size: int = 224         # train crop and eval size
+    eval_resize: int = 0          # eval Resize before CenterCrop; 0 = image_size / 0.875
+    crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])  # RandomResizedCrop area range
+    train_size: int = 0           # samples per epoch; 0 = count the shards' members once
+    num_workers: int = 4
+    shuffle_buffer: int = 2000
+
+
+@dataclass
+class ModelConfig:
+    arch: str = ""
+    weights: str = ""             # file path ('' = random init)
+
+
+@dataclass
+class DistillConfig:
+    method: str = "e2kd"          # "ce" (labels only) | "kd" | "e2kd"
+    explainer: str = "auto"       # "auto" (bcos for B-cos students, else gradcam) | "bcos" | "gradcam"
+    temperature: float = 1.0
+    lambda_exp: float = 1.0
+    ce_weight: float = 0.0
+    guided_every: int = 1         # explanation term on every K-th step only
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adam"            # "adam" | "adamw" | "sgd"
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    epochs: int = 250
+    batch_size: int = 32          # per process
+    warmup_epochs: float = 5.0
+    warmup_decay: float = 0.01    # the first step runs at lr · warmup_decay
+    clip: str = "auto"            # "auto" (agc for B-cos students, norm otherwise) | "agc" | "norm" | "none"
+    clip_value: float = 0.0       # 0 = 0.01 for agc, 1.0 for norm
+
+
+@dataclass
+class RunConfig:
+    out: str = "runs/gte"
+    seed: int = 42
+    mixed_precision: str = "no"   # "no" | "bf16" | "fp16"
+    log_every: int = 10           # steps between metrics.jsonl lines
+
+
+@dataclass
+class DemoConfig:
+    """Only read by the embedded demo: how much synthetic data and how long the local teacher trains."""
+
+    enabled: bool = False
+    n_teacher: int = 6000
+    n_distill: int = 2000
+    n_test: int = 2000
+    teacher_arch: str = "bcos_cifar_resnet20"
+    teacher_epochs: int = 6
+    teacher_lr: float = 1e-3
+    methods: list[str] = field(default_factory=lambda: ["kd", "e2kd"])
+
+
+@dataclass
+class Recipe:
+    data: DataConfig = field(default_factory=DataConfig)
+    teacher: ModelConfig = field(default_factory=ModelConfig)
+    student: ModelConfig = field(default_factory=ModelConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    demo: DemoConfig = field(default_factory=DemoConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_toml(self) -> str:
+        import tomli_w
+
+        return tomli_w.dumps(self.to_dict())
+
+    def digest(self) -> str:
+        """A short hash of the resolved recipe (stored in model metadata)."""
+        return hashlib.sha256(self.to_toml().encode()).hexdigest()[:12]
+
+
+def _coerce(key: str, value: Any, default: Any) -> Any:
+    """Check ``value`` against the type of the field's default, allowing int → float."""
+    if isinstance(default, bool):
+        ok = isinstance(value, bool)
+    elif isinstance(default, float):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif isinstance(default, int):
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif isinstance(default, list):
+        ok = isinstance(value, list)
+    else:
+        ok = isinstance(value, str)
+    if not ok:
+        raise GteError(f"recipe key '{key}' expects {type(default).__name__}, got {value!r}")
+    return value
+
+
+def from_dict(raw: dict[str, Any]) -> Recipe:
+    """Build a :class:`Recipe`, naming the first unknown section or key."""
+    recipe = Recipe()
+    for section, values in raw.items():
+        if not hasattr(recipe, section):
+            raise GteError(f"unknown recipe section '{section}' (known: {', '.join(recipe.to_dict())})")
+        if not isinstance(values, dict):
+            raise GteError(f"recipe section '{section}' must be a table")
+        target = getattr(recipe, section)
+        for key, value in values.items():
+            if not hasattr(target, key):
+                raise GteError(f"unknown recipe key '{section}.{key}'")
+            setattr(target, key, _coerce(f"{section}.{key}", value, getattr(target, key)))
+    return recipe
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise GteError(f"--set expects key=value, got '{item}'")
+    key, text = item.split("=", 1)
+    try:
+        value = tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = text  # bare strings (paths, names) need no quotes
+    return key.strip().split("."), value
+
+
+def recipe_path(name_or_path: str) -> Path:
+    """A recipe file: an existing path, or the name of a shipped recipe (``demo``, ``imagenet-fewshot``, …)."""
+    p = Path(name_or_path)
+    if p.is_file():
+        return p
+    shipped = resources.files("gte.recipes").joinpath(f"{name_or_path}.toml")
+    if shipped.is_file():
+        return Path(str(shipped))
+    known = sorted(f.name[:-5] for f in resources.files("gte.recipes").iterdir() if f.name.endswith(".toml"))
+    raise GteError(f"recipe '{name_or_path}' not found (a file path or one of: {', '.join(known)})")
+
+
+def load_recipe(name_or_path: str, overrides: list[str] | None = None) -> Recipe:
+    """Read a recipe and apply ``--set`` overrides; every key is checked."""
+    path = recipe_path(name_or_path)
+    try:
+        raw = tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise GteError(f"{path}: not a valid TOML recipe ({e})") from None
+    for item in overrides or []:
+        keys, value = _parse_override(item)
+        node = raw
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise GteError(f"--set {item}: '{k}' is not a section")
+        node[keys[-1]] = value
+    return from_dict(raw)

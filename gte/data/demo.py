@@ -1,0 +1,231 @@
+"""Synthetic "Waterbirds-like" demo task written as WebDataset tar shards.
+
+The label is an object *shape*; the background "place" is an easy, spurious cue
+whose correlation with the label differs per split (uniform for the teacher,
+100% for distillation, half conflicting for testing). This mirrors the e2KD
+setting where a student distilled on biased data must inherit the teacher's
+reliance on the object rather than on the background.
+
+Sample format: ``png`` (RGB), ``cls`` (ASCII int), ``json`` with
+``{"group", "place", "boxes": [[x0, y0, x1, y1]], "box_labels"}``; boxes are the
+tight pixel bounding box of the drawn object, x1/y1 exclusive.
+"""
+
+from __future__ import annotations
+
+import colorsys
+import io
+import json
+import os
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import webdataset as wds
+from PIL import Image, ImageDraw
+
+SPLITS = ("teacher", "distill", "test")
+CLASS_NAMES = ("circle", "square", "triangle", "plus", "diamond", "ring")
+_MIN_CONTRAST = 80.0  # mean |RGB diff| (0..255) between object and background mean
+
+
+def sample_rng(seed: int, split: str, index: int) -> np.random.Generator:
+    """Generator used to render sample ``index`` of ``split``.
+
+    One generator per sample makes any sample re-renderable in isolation (tests,
+    debugging, parallel writers). The trailing 1 tags this stream apart from the
+    split-level one: SeedSequence zero-pads short entropy, so ``[seed, s]`` and
+    ``[seed, s, 0, 0]`` would otherwise collide.
+    """
+    return np.random.default_rng([seed, SPLITS.index(split), 1, index])
+
+
+def _split_rng(seed: int, split: str) -> np.random.Generator:
+    return np.random.default_rng([seed, SPLITS.index(split), 0])
+
+
+@lru_cache(maxsize=None)
+def _place_palette(num_classes: int) -> np.ndarray:
+    # Evenly spaced hues keep places separable even for a tiny CNN.
+    rgb = [colorsys.hsv_to_rgb(b / num_classes, 0.65, 0.7) for b in range(num_classes)]
+    return np.asarray(rgb, dtype=np.float32) * 255.0
+
+
+@lru_cache(maxsize=None)
+def _stripe_basis(place: int, image_size: int, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """sin/cos of the place's stripe pattern; sin(a + phase) is then a cheap mix of the two."""
+    yy, xx = np.mgrid[0:image_size, 0:image_size].astype(np.float32)
+    theta = np.pi * place / num_classes  # place-specific orientation ...
+    freq = (3 + place) / image_size  # ... and frequency (cycles per pixel)
+    a = 2 * np.pi * freq * (xx * np.cos(theta) + yy * np.sin(theta))
+    return np.sin(a)[..., None], np.cos(a)[..., None]
+
+
+def _background(rng: np.random.Generator, place: int, image_size: int, num_classes: int) -> np.ndarray:
+    """Place colour + place-specific stripes, with per-image brightness/colour/phase jitter."""
+    sin_a, cos_a = _stripe_basis(place, image_size, num_classes)
+    phase = rng.uniform(0.0, 2 * np.pi)
+    stripes = sin_a * np.float32(np.cos(phase)) + cos_a * np.float32(np.sin(phase))
+    base = _place_palette(num_classes)[place] * rng.uniform(0.85, 1.15) + rng.normal(0.0, 8.0, 3)
+    # Amplitude 0.25 keeps every background pixel well inside the object-contrast
+    # margin, so the object's flat colour never reappears in the background.
+    img = base.astype(np.float32) * (1.0 + 0.25 * stripes)
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def _object_colour(rng: np.random.Generator, bg_mean: np.ndarray) -> tuple[int, int, int]:
+    for _ in range(100):
+        c = rng.integers(0, 256, 3)
+        if np.abs(c - bg_mean).mean() >= _MIN_CONTRAST:
+            return int(c[0]), int(c[1]), int(c[2])
+    # Practically unreachable; the per-channel extreme is always >= 127.5 away.
+    far = np.where(bg_mean < 128, 255, 0)
+    return int(far[0]), int(far[1]), int(far[2])
+
+
+def _draw_shape(draw: ImageDraw.ImageDraw, label: int, x0: int, y0: int, s: int) -> None:
+    """Draw class ``label`` as a filled 255 mask inside the s*s square at (x0, y0)."""
+    x1, y1 = x0 + s - 1, y0 + s - 1  # PIL coordinates are inclusive
+    cx, cy = x0 + (s - 1) / 2, y0 + (s - 1) / 2
+    if label == 0:
+        draw.ellipse([x0, y0, x1, y1], fill=255)
+    elif label == 1:
+        draw.rectangle([x0, y0, x1, y1], fill=255)
+    elif label == 2:
+        draw.polygon([(cx, y0), (x1, y1), (x0, y1)], fill=255)
+    elif label == 3:
+        t = max(2, round(s / 3))  # thick bars so the cross survives 32px images
+        a = x0 + (s - t) // 2
+        b = y0 + (s - t) // 2
+        draw.rectangle([a, y0, a + t - 1, y1], fill=255)
+        draw.rectangle([x0, b, x1, b + t - 1], fill=255)
+    elif label == 4:
+        draw.polygon([(cx, y0), (x1, cy), (cx, y1), (x0, cy)], fill=255)
+    elif label == 5:
+        h = max(2, round(s / 4))
+        draw.ellipse([x0, y0, x1, y1], fill=255)
+        draw.ellipse([x0 + h, y0 + h, x1 - h, y1 - h], fill=0)
+    else:
+        raise ValueError(f"label {label} out of range (max {len(CLASS_NAMES) - 1})")
+
+
+def render_sample(
+    rng: np.random.Generator, label: int, place: int, image_size: int, num_classes: int
+) -> tuple[Image.Image, list[float]]:
+    """Render one image of shape ``label`` on background ``place``; return (RGB image, box)."""
+    if not 2 <= num_classes <= len(CLASS_NAMES):
+        raise ValueError(f"num_classes must be in 2..{len(CLASS_NAMES)}, got {num_classes}")
+    if not (0 <= label < num_classes and 0 <= place < num_classes):
+        raise ValueError(f"label {label} / place {place} out of range for {num_classes} classes")
+    bg = _background(rng, place, image_size, num_classes)
+    colour = _object_colour(rng, bg.reshape(-1, 3).mean(0))
+    s = int(round(rng.uniform(0.35, 0.6) * image_size))
+    x0, y0 = (int(v) for v in rng.integers(0, image_size - s + 1, 2))
+    mask = Image.new("L", (image_size, image_size), 0)
+    _draw_shape(ImageDraw.Draw(mask), label, x0, y0, s)
+    img = Image.fromarray(bg, "RGB")
+    img.paste(colour, (0, 0, image_size, image_size), mask)
+    # The mask's bbox is the exact drawn extent (PIL rasterisation may differ by a
+    # pixel from the nominal square), and getbbox is already x1/y1-exclusive.
+    bbox = mask.getbbox()
+    assert bbox is not None
+    return img, [float(v) for v in bbox]
+
+
+def _assign(rng: np.random.Generator, split: str, n: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Balanced labels and the per-split place rule; returns (labels, places)."""
+    labels = np.arange(n) % k
+    if split == "teacher":
+        perm = rng.permutation(n)
+        return labels[perm], rng.integers(0, k, n)
+    if split == "distill":
+        labels = labels[rng.permutation(n)]
+        return labels, labels.copy()
+    # test: alternate aligned/conflicting over class-sorted order, which gives
+    # exactly n // 2 conflicting samples and a near 50/50 split within every class.
+    conflict = np.zeros(n, dtype=bool)
+    conflict[np.argsort(labels, kind="stable")[1::2]] = True
+    perm = rng.permutation(n)
+    labels, conflict = labels[perm], conflict[perm]
+    places = np.where(conflict, (labels + rng.integers(1, k, n)) % k, labels)
+    return labels, places
+
+
+def _shard_spec(out_dir: Path, split: str, num_shards: int) -> str:
+    if num_shards == 1:
+        return str(out_dir / f"{split}-000000.tar")
+    return str(out_dir / f"{split}-{{000000..{num_shards - 1:06d}}}.tar")
+
+
+def write_split(
+    out_dir: Path,
+    split: str,
+    n: int,
+    *,
+    image_size: int = 32,
+    num_classes: int = 4,
+    seed: int = 0,
+    samples_per_shard: int = 1000,
+) -> str:
+    """Write ``n`` samples of ``split`` to ``out_dir/{split}-{i:06d}.tar``; return the shard spec."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
+    if n < 1 or samples_per_shard < 1:
+        raise ValueError("n and samples_per_shard must be positive")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    labels, places = _assign(_split_rng(seed, split), split, n, num_classes)
+    num_shards = -(-n // samples_per_shard)
+    for shard in range(num_shards):
+        final = out_dir / f"{split}-{shard:06d}.tar"
+        tmp = final.with_name(final.name + ".tmp")
+        # mtime=0 keeps the tar bytes a pure function of the arguments.
+        with open(tmp, "wb") as f, wds.TarWriter(f, encoder=False, mtime=0) as sink:
+            for i in range(shard * samples_per_shard, min(n, (shard + 1) * samples_per_shard)):
+                label, place = int(labels[i]), int(places[i])
+                img, box = render_sample(sample_rng(seed, split, i), label, place, image_size, num_classes)
+                buf = io.BytesIO()
+                img.save(buf, format="PNG", compress_level=1)
+                meta = {"group": int(place != label), "place": place, "boxes": [box], "box_labels": [label]}
+                sink.write(
+                    {
+                        "__key__": f"{i:06d}",
+                        "png": buf.getvalue(),
+                        "cls": str(label).encode("ascii"),
+                        "json": json.dumps(meta).encode("utf-8"),
+                    }
+                )
+        os.replace(tmp, final)  # atomic: readers never see a truncated shard
+    return _shard_spec(out_dir, split, num_shards)
+
+
+def _write_json_atomic(path: Path, obj: object) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def write_demo_shards(
+    out_dir: Path,
+    *,
+    n_teacher: int,
+    n_distill: int,
+    n_test: int,
+    image_size: int = 32,
+    num_classes: int = 4,
+    seed: int = 0,
+) -> dict[str, str]:
+    """Write all three splits plus ``classes.json``; ``DONE.json`` last marks a complete cache."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    done = out_dir / "DONE.json"
+    done.unlink(missing_ok=True)  # a rewrite in progress must not look complete
+    sizes = {"teacher": n_teacher, "distill": n_distill, "test": n_test}
+    specs = {
+        split: write_split(out_dir, split, sizes[split], image_size=image_size, num_classes=num_classes, seed=seed)
+        for split in SPLITS
+    }
+    _write_json_atomic(out_dir / "classes.json", list(CLASS_NAMES[:num_classes]))
+    args = {"image_size": image_size, "num_classes": num_classes, "seed": seed, **{f"n_{k}": v for k, v in sizes.items()}}
+    _write_json_atomic(done, {"args": args, "specs": specs})
+    return specs
