@@ -1,0 +1,3 @@
+from gte.cli import main
+
+main()

@@ -1,0 +1,40 @@
+"""The interface every training method implements."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from gte.config import DistillConfig
+from gte.losses import classification_loss
+from gte.models import info, to_model_input
+
+
+class Method:
+    """A training objective over a student (and optionally a frozen teacher)."""
+
+    needs_teacher = False
+
+    def __init__(self, cfg: DistillConfig, student: nn.Module, teacher: nn.Module | None = None):
+        self.cfg, self.student, self.teacher = cfg, student, teacher
+        self.student_info = info(student)
+        if teacher is not None and info(teacher).num_classes != self.student_info.num_classes:
+            from gte.errors import GteError
+
+            raise GteError(f"teacher has {info(teacher).num_classes} classes, student {self.student_info.num_classes}")
+
+    def loss(self, images: torch.Tensor, labels: torch.Tensor, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The training loss of one batch and its logged terms."""
+        raise NotImplementedError  # abstract
+
+    def student_input(self, images: torch.Tensor) -> torch.Tensor:
+        return to_model_input(self.student_info, images)
+
+    def with_labels(self, loss: torch.Tensor, logs: dict, logits: torch.Tensor, labels: torch.Tensor,
+                    weight: float) -> torch.Tensor:
+        """Add ``weight ·`` the label loss (skipped entirely at weight 0)."""
+        if weight:
+            ce = classification_loss(logits, labels, self.student_info.bcos)
+            logs["ce"] = ce.detach()
+            loss = loss + weight * ce
+        return loss

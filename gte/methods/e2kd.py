@@ -1,0 +1,61 @@
+"""e2KD (Parchami-Araghi et al., ECCV 2024): KD plus matching the teacher's explanation of its top-1 class.
+
+L = T²·KL(p_T ‖ p_S) + λ · (1 − cos(E_T(x, ŷ_T), E_S(x, ŷ_T))), the explanation term on every K-th step only.
+
+Formulation for B-cos students (the cheapest that trains correctly): the KD logits come from a normal forward pass,
+and W(x) from a second forward in explanation mode with running-statistics updates suspended. Taking the KD logits from
+the explanation-mode pass instead (one forward fewer) back-propagates through detached normalisation and dynamic
+scaling, and the KD term stops fitting (see README, "Why two student passes"). GradCAM students need one pass: the
+logits and the CAM come from the same forward.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import torch
+import torch.nn as nn
+
+from gte.explain import explain_with_logits
+from gte.losses import explanation_loss
+from gte.methods.kd import KD
+
+
+@contextlib.contextmanager
+def running_stats_frozen(model: nn.Module) -> Iterator[None]:
+    """Batch norms keep normalising with batch statistics but do not update their running estimates."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    for m in norms:
+        m.track_running_stats = False
+    try:
+        yield
+    finally:
+        for m in norms:
+            m.track_running_stats = True
+
+
+class E2KD(KD):
+    """Explanation-enhanced KD behind the same ``loss`` interface as :class:`KD`."""
+
+    def __init__(self, cfg, student, teacher):
+        super().__init__(cfg, student, teacher)
+        self.explainer = cfg.explainer if cfg.explainer != "auto" else self.student_info.explainer
+
+    def loss(self, images: torch.Tensor, labels: torch.Tensor, step: int) -> tuple[torch.Tensor, dict]:
+        if step % self.cfg.guided_every:
+            return super().loss(images, labels, step)  # unguided step: no explanation work at all
+        # The teacher explains its own top-1 class on this augmented batch: one forward, no graph kept.
+        t_maps, t_logits = explain_with_logits(self.teacher, self.teacher_input(images), None, self.explainer)
+        classes = t_logits.argmax(1)
+        xs = self.student_input(images)
+        if self.explainer == "gradcam":
+            s_maps, s_logits = explain_with_logits(self.student, xs, classes, "gradcam", create_graph=True)
+        else:
+            s_logits = self.student(xs)
+            with running_stats_frozen(self.student):
+                s_maps, _ = explain_with_logits(self.student, xs, classes, "bcos", create_graph=True)
+        loss, logs = self.logit_terms(s_logits, t_logits, labels)
+        exp = explanation_loss(s_maps, t_maps)
+        logs["exp"] = exp.detach()
+        return loss + self.cfg.lambda_exp * exp, logs
