@@ -32,8 +32,9 @@ def adaptive_clip_grad_(parameters: Iterable[nn.Parameter], clip_factor: float =
 
     def unitwise_norm(t: torch.Tensor) -> torch.Tensor:
         if t.squeeze().ndim <= 1:
-            return t.norm()
-        return t.norm(dim=tuple(range(1, t.ndim)), keepdim=True)
+            return torch.linalg.vector_norm(t)
+        dim = 1 if t.ndim in (2, 3) else tuple(range(1, t.ndim))  # per output unit (row / filter)
+        return torch.linalg.vector_norm(t, dim=dim, keepdim=True)
 
     for p in parameters:
         if p.grad is None:

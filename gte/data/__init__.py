@@ -1,0 +1,1 @@
+"""Data: WebDataset shard reading and the synthetic demo task."""

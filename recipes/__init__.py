@@ -1,0 +1,1 @@
+"""Shipped recipes (TOML); this file makes them importable as gte.recipes."""
