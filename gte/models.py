@@ -211,10 +211,19 @@ def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
 
 def load_weights(model: nn.Module, path: str | os.PathLike) -> None:
     """Load a released B-cos v2 / torchvision / gte state dict into ``model`` (strict, shapes checked)."""
-    state, meta = read_state_dict(path)
+    _load_state(model, *read_state_dict(path), path)
+
+
+def _load_state(model: nn.Module, state: dict[str, torch.Tensor], meta: dict[str, str], path: object) -> None:
     mi = info(model)
     if "num_classes" in meta and int(meta["num_classes"]) != mi.num_classes:
         raise GteError(f"{path}: has {meta['num_classes']} classes, the model {mi.num_classes}")
+    own = model.state_dict()
+    bad = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
+    if bad:
+        k = bad[0]
+        raise GteError(f"{path}: does not fit {mi.arch}: {k} is {tuple(state[k].shape)}, the model's "
+                       f"{tuple(own[k].shape)} (a different number of classes?)")
     result = model.load_state_dict(state, strict=False)
     problems = list(result.missing_keys) + list(result.unexpected_keys)
     if problems:
@@ -247,19 +256,14 @@ def load_model(path_or_name: str, arch: str | None = None, num_classes: int | No
     p = Path(path_or_name)
     if not p.exists():
         raise GteError(f"model not found: {path_or_name} (expected a .safetensors/.pth file)")
-    if p.suffix == ".safetensors":
-        from safetensors import safe_open
-
-        with safe_open(str(p), framework="pt") as f:
-            meta = f.metadata() or {}
-        arch = arch or meta.get("arch")
-        num_classes = num_classes or (int(meta["num_classes"]) if "num_classes" in meta else None)
+    state, meta = read_state_dict(p)
+    arch = arch or meta.get("arch")
     if arch is None:
         raise GteError(f"{p}: the architecture is unknown; pass --arch")
-    if num_classes is None:
-        state, _ = read_state_dict(p)
-        num_classes = _infer_num_classes(state)
-    return build_model(arch, num_classes, weights=str(p))
+    num_classes = num_classes or (int(meta["num_classes"]) if "num_classes" in meta else _infer_num_classes(state))
+    model = build_model(arch, num_classes)
+    _load_state(model, state, meta, p)
+    return model
 
 
 def _infer_num_classes(state: dict[str, torch.Tensor]) -> int:

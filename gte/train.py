@@ -158,6 +158,9 @@ def train(recipe: Recipe, console: Console | None = None) -> TrainResult:
                                  crop_scale=tuple(d.crop_scale), num_workers=d.num_workers,
                                  shuffle_buffer=d.shuffle_buffer, seed=recipe.run.seed, epoch=epoch)
             for i, batch in zip(range(steps_per_epoch), loader):
+                if batch["label"].min() < 0 or batch["label"].max() >= d.num_classes:
+                    raise GteError(f"label {int(batch['label'].max())} in {d.train}, "
+                                   f"but data.num_classes = {d.num_classes}")
                 images = batch["image"].to(accelerator.device, non_blocking=True)
                 labels = batch["label"].to(accelerator.device, non_blocking=True)
                 with accelerator.autocast():

@@ -81,7 +81,6 @@ def cases(root: Path, spec: str) -> dict[str, list[str]]:
         "explain": ["explain"],
         "fetch_teachers": ["fetch-teachers", "--anything"],
         "eval_pth_without_arch": ["eval", str(root / "teacher3.pth"), "--data", spec],
-        # known bugs (xfail below)
         "pth_class_mismatch": ["distill", "-r", r, "--set", f"teacher.weights={root}/teacher3.pth"],
         "labels_out_of_range": ["train", "-r", r, "--set", "data.num_classes=3"],
         "eval_corrupt_safetensors": ["eval", str(root / "junk.safetensors"), "--data", spec],
@@ -127,6 +126,9 @@ def assert_one_line_error(res: subprocess.CompletedProcess, *needles: str) -> st
         ("explain", ["not yet available"]),
         ("fetch_teachers", ["not yet available"]),
         ("eval_pth_without_arch", ["--arch"]),
+        ("pth_class_mismatch", ["classes"]),
+        ("labels_out_of_range", ["data.num_classes"]),
+        ("eval_corrupt_safetensors", ["safetensors"]),
     ],
 )
 def test_user_error_is_one_line_exit_2(results, case, needles):
@@ -136,22 +138,6 @@ def test_user_error_is_one_line_exit_2(results, case, needles):
 def test_class_mismatch_starts_no_training(results, workspace):
     root, _ = workspace
     assert not (root / "run" / "model.safetensors").exists()
-
-
-KNOWN_BUGS = {
-    "pth_class_mismatch": "gte bug: a .pth teacher with the wrong class count raises load_state_dict's RuntimeError "
-                          "(size mismatch) from gte.models.load_weights: traceback, exit 1",
-    "labels_out_of_range": "gte bug: labels >= data.num_classes reach F.one_hot / cross_entropy and crash with a "
-                           "RuntimeError traceback instead of a one-line error naming data.num_classes",
-    "eval_corrupt_safetensors": "gte bug: gte.models.load_model calls safe_open on a corrupt .safetensors outside any "
-                                "try: SafetensorError traceback",
-}
-
-
-@pytest.mark.parametrize("case", sorted(KNOWN_BUGS))
-def test_known_bugs_are_one_line_errors(request, results, case):
-    request.applymarker(pytest.mark.xfail(strict=True, reason=KNOWN_BUGS[case]))
-    assert_one_line_error(results[case])
 
 
 def test_help_lists_commands(tmp_path):

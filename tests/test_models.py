@@ -197,8 +197,6 @@ def test_wrong_class_count_on_load_is_refused(tmp_path):
         load_model(str(path), num_classes=4)
 
 
-@pytest.mark.xfail(strict=True, reason="gte bug: load_weights lets load_state_dict's size-mismatch RuntimeError escape "
-                                       "for checkpoints without num_classes metadata (.pth) instead of a GteError")
 def test_wrong_class_count_in_pth_is_a_gte_error(tmp_path):
     import torchvision
 
@@ -267,8 +265,6 @@ def test_bad_weight_files(tmp_path):
         load_model(str(tmp_path / "nothing.safetensors"))
 
 
-@pytest.mark.xfail(strict=True, reason="gte bug: load_model opens a .safetensors with safe_open for its metadata "
-                                       "outside any try, so a corrupt file raises SafetensorError, not GteError")
 def test_corrupt_safetensors_in_load_model_is_a_gte_error(tmp_path):
     junk = tmp_path / "junk.safetensors"
     junk.write_bytes(b"\x00\x01not a safetensors file")

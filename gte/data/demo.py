@@ -52,13 +52,6 @@ def _split_rng(seed: int, split: str) -> np.random.Generator:
 
 
 @lru_cache(maxsize=None)
-def _place_palette(num_classes: int) -> np.ndarray:
-    # Evenly spaced hues keep places separable even for a tiny CNN.
-    rgb = [colorsys.hsv_to_rgb(b / num_classes, 0.65, 0.7) for b in range(num_classes)]
-    return np.asarray(rgb, dtype=np.float32) * 255.0
-
-
-@lru_cache(maxsize=None)
 def _stripe_basis(place: int, image_size: int, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
     """sin/cos of the place's stripe pattern; sin(a + phase) is then a cheap mix of the two."""
     yy, xx = np.mgrid[0:image_size, 0:image_size].astype(np.float32)
@@ -71,14 +64,21 @@ def _stripe_basis(place: int, image_size: int, num_classes: int) -> tuple[np.nda
 def _background(
     rng: np.random.Generator, place: int, image_size: int, num_classes: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Place colour + place-specific stripes with per-image jitter; returns (uint8 HWC, mean RGB)."""
+    """Random colour + place-specific stripes (orientation, frequency); returns (uint8 HWC, mean RGB).
+
+    The place is a texture, not a colour: a background read from its mean colour would be so easy that a student
+    could gate its logits on it while copying the teacher's explanation directions (measured: e2KD then fixed
+    almost none of the conflicting group). Texture keeps the shortcut complete (100 % predictive in the distill
+    split, which plain KD learns) without being trivially linear.
+    """
     sin_a, cos_a = _stripe_basis(place, image_size, num_classes)
     phase = rng.uniform(0.0, 2 * np.pi)
     stripes = sin_a * np.float32(np.cos(phase)) + cos_a * np.float32(np.sin(phase))
-    base = _place_palette(num_classes)[place] * rng.uniform(0.85, 1.15) + rng.normal(0.0, 8.0, 3)
+    hue = rng.uniform(0.0, 1.0)  # colour says nothing about the place: only the stripe texture does
+    base = np.asarray(colorsys.hsv_to_rgb(hue, 0.6, 0.7), dtype=np.float32) * 255.0 * rng.uniform(0.85, 1.15)
     # Amplitude 0.25 keeps every background pixel well inside the object-contrast
     # margin, so the object's flat colour never reappears in the background.
-    img = np.clip(base.astype(np.float32) * (1.0 + 0.25 * stripes), 0, 255)
+    img = np.clip(base.astype(np.float32) * (1.0 + 0.35 * stripes), 0, 255)
     return img.astype(np.uint8), img.reshape(-1, 3).mean(axis=0)
 
 
