@@ -147,7 +147,7 @@ def train(recipe: Recipe, console: Console | None = None) -> TrainResult:
     step, t0 = 0, time.time()
     progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.fields[stats]}"),
                         TimeElapsedColumn(), TimeRemainingColumn(), console=console,
-                        disable=not accelerator.is_main_process, transient=False)
+                        disable=not accelerator.is_main_process, transient=True)
     with progress, open(log_path, "a") if accelerator.is_main_process else open(os.devnull, "w") as log:
         task = progress.add_task(f"{recipe.distill.method} {recipe.student.arch}", total=total, stats="")
         for epoch in range(o.epochs):
@@ -199,6 +199,9 @@ def train(recipe: Recipe, console: Console | None = None) -> TrainResult:
                 student.train()
             log.write(json.dumps(epoch_record) + "\n")
             log.flush()
+            if accelerator.is_main_process:  # the bar is transient (an error leaves one clean line): keep a summary
+                console.print(f"{recipe.distill.method} epoch {epoch + 1}/{o.epochs}: " + " ".join(
+                    f"{k} {v:.4g}" for k, v in epoch_record.items() if isinstance(v, float)))
 
     model = accelerator.unwrap_model(student)
     if accelerator.is_main_process:
