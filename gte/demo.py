@@ -16,6 +16,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from gte import __version__
 from gte.config import Recipe
 from gte.data import demo as demo_data
 from gte.evaluate import evaluate
@@ -30,7 +31,7 @@ def gte_home() -> Path:
 def _cache_dir(recipe: Recipe) -> Path:
     """One cache entry per demo data/teacher configuration (changing them never reuses a stale teacher)."""
     dm, d = recipe.demo, recipe.data
-    key = json.dumps([dm.n_teacher, dm.n_distill, dm.n_test, dm.teacher_arch, dm.teacher_epochs, dm.teacher_lr,
+    key = json.dumps([__version__, dm.n_teacher, dm.n_distill, dm.n_test, dm.teacher_arch, dm.teacher_epochs, dm.teacher_lr,
                       d.image_size, d.num_classes, d.crop_scale, recipe.run.seed, recipe.optim.batch_size])
     return gte_home() / "demo" / hashlib.sha256(key.encode()).hexdigest()[:12]
 

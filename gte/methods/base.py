@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 import torch
 import torch.nn as nn
 
 from gte.config import DistillConfig
+from gte.errors import GteError
 from gte.losses import classification_loss
 from gte.models import info, to_model_input
 
 
-class Method:
+class Method(ABC):
     """A training objective over a student (and optionally a frozen teacher)."""
 
     needs_teacher = False
@@ -19,13 +22,11 @@ class Method:
         self.cfg, self.student, self.teacher = cfg, student, teacher
         self.student_info = info(student)
         if teacher is not None and info(teacher).num_classes != self.student_info.num_classes:
-            from gte.errors import GteError
-
             raise GteError(f"teacher has {info(teacher).num_classes} classes, student {self.student_info.num_classes}")
 
+    @abstractmethod
     def loss(self, images: torch.Tensor, labels: torch.Tensor, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The training loss of one batch and its logged terms."""
-        raise NotImplementedError  # abstract
 
     def student_input(self, images: torch.Tensor) -> torch.Tensor:
         return to_model_input(self.student_info, images)
