@@ -67,51 +67,75 @@ def train(recipe: str = typer.Option(..., "--recipe", "-r", help="Shipped recipe
 
 @app.command("eval")
 def eval_(
-    model: str = typer.Argument(..., help="A gte .safetensors, or a .pth with --arch."),
+    model: str = typer.Argument(..., help="A gte .safetensors, a .pth with --arch, or a teacher name."),
     data: str = typer.Option(..., "--data", help="Shard spec, e.g. 'val-{000000..000003}.tar'."),
     teacher: Optional[str] = typer.Option(None, "--teacher", help="Teacher model for agreement/explanations."),
     arch: Optional[str] = typer.Option(None, "--arch", help="Architecture of a .pth MODEL."),
-    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the metrics as JSON."),
-    image_size: int = typer.Option(224, "--image-size"),
-    eval_resize: int = typer.Option(0, "--eval-resize", help="Resize before the centre crop (0 = size/0.875)."),
+    teacher_arch: Optional[str] = typer.Option(None, "--teacher-arch", help="Architecture of a .pth teacher."),
+    json_out: Optional[str] = typer.Option(None, "--json", help="Write the metrics as JSON (- = stdout, no table)."),
+    report: Optional[Path] = typer.Option(None, "--report", help="Write report.md + self-contained report.html here."),
+    image_size: Optional[int] = typer.Option(None, "--image-size", help="Centre-crop size (default: the recipe.toml "
+                                             "next to MODEL, else 32 for cifar_* archs, else 224)."),
+    eval_resize: int = typer.Option(0, "--eval-resize", help="Resize (short side) before the crop (0 = size/0.875)."),
     batch_size: int = typer.Option(64, "--batch-size"),
+    waterbirds: Optional[bool] = typer.Option(None, "--waterbirds/--no-waterbirds", help="ID/OOD accuracy with "
+                                              "group = 2·label + place, OOD = groups 1, 2 (default: detect 4 groups "
+                                              "+ 2 classes)."),
+    shift: bool = typer.Option(False, "--shift", help="Shift test: explanation cosine under diagonal shifts."),
+    shift_max: int = typer.Option(16, "--shift-max", help="Largest shift in pixels."),
+    shift_samples: int = typer.Option(256, "--shift-samples", help="Samples used by the shift test."),
+    examples: int = typer.Option(6, "--examples", help="Images in the report's explanation grid."),
 ) -> None:
-    """Accuracy, agreement, explanation similarity and per-group accuracy of MODEL on shards."""
-    import torch
+    """acc@1/5, agreement, explanation similarity, groups, F1/mAP, EPG/IoU, shift test (torchrun for many processes)."""
+    from gte.evaluate import EvalOptions, eval_command
 
-    from gte.config import DataConfig
-    from gte.evaluate import evaluate
-    from gte.models import freeze, load_model
-
-    student = load_model(model, arch=arch)
-    t = freeze(load_model(teacher)) if teacher else None
-    cfg = DataConfig(image_size=image_size, eval_resize=eval_resize, num_workers=2)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    if t is not None:
-        t.to(device)
-    metrics = evaluate(student.to(device), data, data=cfg, teacher=t, batch_size=batch_size, device=device)
-    text = json.dumps(metrics, indent=2)
-    if json_out:
-        tmp = json_out.with_name(json_out.name + ".tmp")
-        tmp.write_text(text)
-        os.replace(tmp, json_out)
-    Console().print_json(text)
+    if batch_size < 1 or shift_max < 0 or shift_samples < 1 or examples < 0:
+        raise GteError("--batch-size and --shift-samples must be positive, --shift-max and --examples not negative")
+    opts = EvalOptions(batch_size=batch_size, waterbirds=waterbirds, shift=shift, shift_max=shift_max,
+                       shift_samples=shift_samples, examples=examples if report else 0)
+    eval_command(model, data, teacher_path=teacher, arch=arch, teacher_arch=teacher_arch, image_size=image_size,
+                 eval_resize=eval_resize, options=opts, json_out=json_out, report=str(report) if report else None)
 
 
-def _not_yet(what: str) -> None:
-    raise GteError(f"`gte {what}` is not yet available in this version of gte")
+@app.command()
+def explain(
+    images: List[str] = typer.Argument(..., help="Image files (PNG, JPEG, WebP, …)."),
+    model: str = typer.Option(..., "--model", "-m", help="A gte .safetensors, or a .pth with --arch."),
+    teacher: Optional[str] = typer.Option(None, "--teacher", help="Also explain with a teacher, side by side; "
+                                          "both explain the teacher's top-1 class."),
+    class_: Optional[int] = typer.Option(None, "--class", help="Explain class K (default: top-1)."),
+    out: Path = typer.Option(Path("explain.png"), "--out", "-o", help="The PNG to write."),
+    arch: Optional[str] = typer.Option(None, "--arch", help="Architecture of a .pth MODEL."),
+    teacher_arch: Optional[str] = typer.Option(None, "--teacher-arch", help="Architecture of a .pth teacher."),
+    image_size: Optional[int] = typer.Option(None, "--image-size", help="Crop size (default 32 for cifar_* "
+                                             "archs, else 224)."),
+    eval_resize: int = typer.Option(0, "--eval-resize", help="Resize before the centre crop (0 = size/0.875)."),
+    classes: Optional[str] = typer.Option(None, "--classes", help="JSON list of class names."),
+) -> None:
+    """Pictures of explanations: B-cos W(x) and contributions, or GradCAM; prints the top-5."""
+    from gte.render import explain_images
+
+    explain_images(images, model, teacher=teacher, cls=class_, out=out, arch=arch, teacher_arch=teacher_arch,
+                   image_size=image_size, eval_resize=eval_resize, classes_file=classes)
 
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def explain() -> None:
-    """Pictures of explanations (not yet available)."""
-    _not_yet("explain")
+@app.command("fetch-teachers")
+def fetch_teachers(
+    names: Optional[List[str]] = typer.Argument(None, help="Catalog names (default: the whole catalog)."),
+    list_: bool = typer.Option(False, "--list", help="Show the catalog and what is cached, download nothing."),
+    mirror: Optional[str] = typer.Option(None, "--mirror", help="URL prefix, or local directory, with the release "
+                                         "file names (air-gapped clusters)."),
+    dest: Optional[Path] = typer.Option(None, "--dest", help="Cache directory (default: $GTE_HOME/teachers)."),
+) -> None:
+    """Download B-cos v2 / torchvision teachers, verify their SHA-256 and cache them as safetensors."""
+    from gte import teachers
 
-
-@app.command("fetch-teachers", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def fetch_teachers() -> None:
-    """Verified downloads of B-cos v2 and torchvision teachers (not yet available)."""
-    _not_yet("fetch-teachers")
+    if list_:
+        Console().print(teachers.catalog_table(dest))
+        return
+    entries = [teachers.get(n) for n in names or teachers.CATALOG]  # unknown names fail before any download
+    for t in entries:
+        teachers.fetch(t, dest=dest, mirror=mirror, console=err)
 
 
 def main() -> None:
@@ -122,4 +146,4 @@ def main() -> None:
         if os.environ.get("GTE_DEBUG"):
             raise
         print(f"gte: error: {e}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(getattr(e, "exit_code", 2))

@@ -49,7 +49,8 @@ class OptimConfig:
     lr: float = 1e-3
     weight_decay: float = 0.0
     epochs: int = 250
-    batch_size: int = 32          # per process
+    batch_size: int = 32          # per process; global batch = batch_size × processes × grad_accum
+    grad_accum: int = 1           # micro-batches per optimiser step
     warmup_epochs: float = 5.0
     warmup_decay: float = 0.01    # the first step runs at lr · warmup_decay
     clip: str = "auto"            # "auto" (agc for B-cos students, norm otherwise) | "agc" | "norm" | "none"
@@ -62,6 +63,10 @@ class RunConfig:
     seed: int = 42
     mixed_precision: str = "no"   # "no" | "bf16" | "fp16"
     log_every: int = 10           # steps between metrics.jsonl lines
+    checkpoint_every: int = 0     # optimiser steps between checkpoints (0 = only at epoch ends)
+    keep_checkpoints: int = 2     # newest checkpoints kept in OUT/checkpoints
+    resume: bool = True           # continue from OUT/checkpoints when it holds a checkpoint of this recipe
+    trackers: list[str] = field(default_factory=list)  # Accelerate trackers: "tensorboard", "wandb", …
 
 
 @dataclass

@@ -21,11 +21,7 @@ from gte.config import Recipe
 from gte.data import demo as demo_data
 from gte.evaluate import evaluate
 from gte.models import freeze, load_model
-
-
-def gte_home() -> Path:
-    """Cache root: ``$GTE_HOME`` or ``~/.cache/gte``."""
-    return Path(os.environ.get("GTE_HOME") or Path.home() / ".cache" / "gte").expanduser()
+from gte.paths import gte_home  # defined there so light commands need not import this module
 
 
 def _cache_dir(recipe: Recipe) -> Path:

@@ -166,7 +166,10 @@ def build_model(name: str, num_classes: int, weights: str | None = None) -> nn.M
                 m.logit_bias = -math.log(num_classes - 1)
     model.gte_info = ModelInfo(arch=name, num_classes=num_classes, bcos=is_bcos, gradcam_layer=cam_layer)
     if weights is not None:
-        load_weights(model, weights)
+        from gte.teachers import resolve
+
+        # A teacher catalog name (weights="bcos_resnet34") means its cached download; an existing file path wins.
+        load_weights(model, weights if Path(weights).exists() else (resolve(weights) or weights))
     return model
 
 
@@ -252,10 +255,15 @@ def save_model(model: nn.Module, path: str | os.PathLike, **extra: str) -> None:
 
 
 def load_model(path_or_name: str, arch: str | None = None, num_classes: int | None = None) -> nn.Module:
-    """Build and load a model from a gte ``.safetensors`` (self-describing) or a ``.pth`` given ``arch``."""
+    """Build and load a model from a gte ``.safetensors`` (self-describing), a ``.pth`` given ``arch``, or a teacher
+    catalog name that ``gte fetch-teachers`` has cached."""
+    from gte.teachers import resolve
+
     p = Path(path_or_name)
     if not p.exists():
-        raise GteError(f"model not found: {path_or_name} (expected a .safetensors/.pth file)")
+        p = resolve(path_or_name) or p  # GteError for a catalog name that is not downloaded
+    if not p.exists():
+        raise GteError(f"model not found: {path_or_name} (expected a .safetensors/.pth file or a teacher name)")
     state, meta = read_state_dict(p)
     arch = arch or meta.get("arch")
     if arch is None:

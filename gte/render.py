@@ -1,0 +1,295 @@
+"""Pictures of explanations (`gte explain`): images in, one PNG and a printed top-5 table out.
+
+B-cos models are drawn with the official renderers of the ``bcos`` package (``gradient_to_image`` for the colour
+explanation, the ``plot_contribution_map`` convention for Σ x·W(x)); standard models with GradCAM overlaid the way
+pytorch-grad-cam's ``show_cam_on_image`` does it (OpenCV's JET table reproduced here, so cv2 is not a dependency).
+Images are decoded (and rejected) before torch is imported: a bad file costs a fraction of a second, not a model load.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Sequence
+
+import numpy as np
+from PIL import Image, ImageFile, UnidentifiedImageError
+
+from gte.errors import GteError
+
+if TYPE_CHECKING:
+    import torch
+    import torch.nn as nn
+    from rich.console import Console
+
+DEFAULT_MAX_PIXELS = 64_000_000  # a 8000×8000 photo still loads; a 1 kB PNG declaring 400 MP does not
+TOP_K = 5
+
+# OpenCV's COLORMAP_JET as RGB: channel c is clip(1.5 − |4x − (3, 2, 1)_c|) at x = i/255, rounded half to even.
+_i = np.arange(256.0)[:, None]
+JET = np.rint(np.clip(382.5 - np.abs(4 * _i - 255 * np.array([3.0, 2.0, 1.0])), 0, 255)).astype(np.uint8)
+JET[159, 2] = 1  # OpenCV's float table lands just below this one exact .5 tie (checked against cv2 4.x)
+del _i
+
+
+# --------------------------------------------------------------------------------------------- loading
+def max_pixels() -> int:
+    """The decompression-bomb limit: ``GTE_MAX_IMAGE_PIXELS`` or 64 MP."""
+    raw = os.environ.get("GTE_MAX_IMAGE_PIXELS", "")
+    try:
+        return int(raw) if raw else DEFAULT_MAX_PIXELS
+    except ValueError:
+        raise GteError(f"GTE_MAX_IMAGE_PIXELS must be an integer, got '{raw}'") from None
+
+
+def load_image(path: str | os.PathLike, limit: int | None = None) -> Image.Image:
+    """Decode an image file fully to RGB; bombs, non-images and unreadable files raise a one-line GteError."""
+    p, limit = Path(path), limit or max_pixels()
+    saved = Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES
+    # PIL only warns between 1× and 2× its limit; make every size over the limit an error, and never accept a
+    # truncated file as a half-grey picture (another library may have flipped the global).
+    Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES = limit, False
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(p) as im:
+                im.load()  # decode now, so truncation surfaces here and not inside a transform
+                return im.convert("RGB")
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise GteError(f"{p}: refused, more than {limit} pixels (a decompression bomb?); "
+                       "raise GTE_MAX_IMAGE_PIXELS to allow it") from None
+    except FileNotFoundError:
+        raise GteError(f"image not found: {p}") from None
+    except UnidentifiedImageError:
+        raise GteError(f"{p}: not an image file (or a format Pillow cannot read)") from None
+    except (IsADirectoryError, PermissionError) as e:
+        raise GteError(f"{p}: cannot read the file ({e.strerror})") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as e:  # Pillow's ways of saying "corrupt"
+        raise GteError(f"{p}: corrupt or truncated image ({' '.join(str(e).split())})") from None
+    finally:
+        Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES = saved
+
+
+def preprocess(image: Image.Image, size: int, resize: int = 0) -> torch.Tensor:
+    """gte's eval geometry (as in ``gte eval``): Resize(size/0.875) + CenterCrop(size), 3×H×W in [0, 1]."""
+    import torch
+    from torchvision.transforms import v2
+
+    pipe = v2.Compose([v2.PILToTensor(), v2.Resize(resize or round(size / 0.875), antialias=True),
+                       v2.CenterCrop(size), v2.ToDtype(torch.float32, scale=True)])
+    return pipe(image)
+
+
+def class_names(num_classes: int, classes_file: str | None = None, model_files: Sequence[str] = ()) -> list[str]:
+    """Names from ``--classes`` (a JSON list), else a model's safetensors ``class_names``, else ImageNet's (1000)."""
+    sources: list[tuple[str, str]] = []
+    if classes_file:
+        try:
+            sources.append((classes_file, Path(classes_file).read_text(encoding="utf-8")))
+        except OSError as e:
+            raise GteError(f"{classes_file}: cannot read the class names ({e.strerror})") from None
+    for f in model_files:
+        if f.endswith(".safetensors"):
+            from safetensors import safe_open
+
+            with safe_open(f, framework="pt") as sf:  # readable: load_model has opened it already
+                if "class_names" in (sf.metadata() or {}):
+                    sources.append((f"{f} (metadata class_names)", sf.metadata()["class_names"]))
+    if sources:
+        where, text = sources[0]
+        try:
+            names = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise GteError(f"{where}: not JSON ({e.msg} at line {e.lineno})") from None
+        if not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
+            raise GteError(f"{where}: expected a JSON list of class-name strings")
+        if len(names) != num_classes:
+            raise GteError(f"{where}: {len(names)} class names, the model has {num_classes} classes")
+        return names
+    if num_classes == 1000:
+        import torchvision
+
+        return list(torchvision.models.ResNet50_Weights.IMAGENET1K_V2.meta["categories"])  # offline metadata
+    return [f"class {k}" for k in range(num_classes)]
+
+
+# --------------------------------------------------------------------------------------------- pictures
+def cam_overlay(image: np.ndarray, cam: np.ndarray, image_weight: float = 0.5) -> np.ndarray:
+    """pytorch-grad-cam's ``show_cam_on_image(image, cam, use_rgb=True)``: H×W×3 float [0,1] + H×W [0,1] → uint8."""
+    heatmap = JET[np.uint8(255 * cam)].astype(np.float32) / 255
+    out = (1 - image_weight) * heatmap + image_weight * image.astype(np.float32)
+    return np.uint8(255 * (out / np.max(out)))  # their convention: rescale by the max, then truncate
+
+
+def normalise_cam(cam: np.ndarray) -> np.ndarray:
+    """pytorch-grad-cam's per-image min-max scaling (same epsilon), so maps compare with theirs."""
+    cam = cam - cam.min()
+    return (cam / (1e-7 + cam.max())).astype(np.float32)
+
+
+@dataclass
+class Panel:
+    """One model's explanation of one image."""
+
+    role: str  # "model", "teacher" or "student"
+    arch: str
+    bcos: bool
+    explained: int  # the class explained
+    prob: float  # this model's probability for it (sigmoid for B-cos, softmax otherwise)
+    maps: torch.Tensor  # raw explanation: W(x) 6×H×W (B-cos) or GradCAM 1×H×W
+    picture: np.ndarray  # gradient_to_image RGBA H×W×4 float (B-cos) or the CAM overlay H×W×3 uint8
+    heat: np.ndarray  # Σ x·W(x) (B-cos) or the min-max-normalised CAM, H×W
+    top: list[tuple[int, float]]  # top-5 (class, probability)
+
+
+@dataclass
+class Row:
+    """One image and its panels (teacher first)."""
+
+    path: str
+    image: torch.Tensor  # 3×H×W in [0, 1], as the models saw it
+    explained: int
+    panels: list[Panel]
+
+
+def explain_panel(model: nn.Module, image: torch.Tensor, cls: int | None, role: str) -> Panel:
+    """Explain ``cls`` (None: the model's top-1) for one preprocessed image with the model's own explainer."""
+    import torch
+
+    from gte.explain import contribution_map, explain_with_logits
+    from gte.models import info, to_model_input
+
+    mi = info(model)
+    device = next(model.parameters()).device
+    x = to_model_input(mi, image[None].to(device))
+    classes = None if cls is None else torch.tensor([cls])
+    maps, logits = explain_with_logits(model, x, classes, mi.explainer)
+    explained = int(logits.argmax(1)) if cls is None else cls
+    # B-cos heads are trained with BCE on one-hot targets: their calibrated per-class score is the sigmoid.
+    probs = (torch.sigmoid(logits) if mi.bcos else torch.softmax(logits, 1))[0].float().cpu()
+    top = torch.topk(probs, min(TOP_K, probs.numel()))
+    if mi.bcos:
+        from bcos.common import gradient_to_image
+
+        picture = gradient_to_image(x[0].cpu(), maps[0].cpu(), smooth=15, alpha_percentile=99.5)
+        heat = contribution_map(x, maps)[0].cpu().numpy()
+    else:
+        heat = normalise_cam(maps[0, 0].float().cpu().numpy())
+        picture = cam_overlay(image.permute(1, 2, 0).numpy(), heat)
+    return Panel(role, mi.arch, mi.bcos, explained, float(probs[explained]), maps[0].cpu(), picture, heat,
+                 [(int(k), float(p)) for p, k in zip(top.values, top.indices)])
+
+
+def explain_rows(images: Sequence[tuple[str, torch.Tensor]], model: nn.Module, teacher: nn.Module | None = None,
+                 cls: int | None = None) -> list[Row]:
+    """Explain each image: with a teacher, both models explain the teacher's top-1 class (or ``cls``), as in e2KD."""
+    rows = []
+    for path, image in images:
+        panels = []
+        if teacher is not None:
+            panels.append(explain_panel(teacher, image, cls, "teacher"))
+            cls_here: int | None = panels[0].explained
+        else:
+            cls_here = cls
+        panels.append(explain_panel(model, image, cls_here, "student" if teacher is not None else "model"))
+        rows.append(Row(path, image, panels[0].explained, panels))
+    return rows
+
+
+def render(rows: Sequence[Row], names: Sequence[str], out: str | os.PathLike, dpi: int = 100) -> Path:
+    """Draw image | explanation | contribution (or CAM) per model, one row per image; write the PNG atomically."""
+    from bcos.common import plot_contribution_map
+    from matplotlib.figure import Figure  # no pyplot: no global backend or figure state
+
+    ncols = 1 + 2 * len(rows[0].panels)
+    fig = Figure(figsize=(2.4 * ncols, 3.1 * len(rows) + 0.5), dpi=dpi)
+    axes = fig.subplots(len(rows), ncols, squeeze=False)
+    for r, row in enumerate(rows):
+        ax = axes[r, 0]
+        ax.imshow(row.image.permute(1, 2, 0).numpy())
+        ax.set_title(Path(row.path).name[-28:], fontsize=8)
+        for j, p in enumerate(row.panels):
+            ax_e, ax_h = axes[r, 1 + 2 * j], axes[r, 2 + 2 * j]
+            if p.bcos:
+                ax_e.set_facecolor("black")  # the RGBA's transparent (unimportant) parts recede into black
+                ax_e.imshow(p.picture)
+                plot_contribution_map(p.heat, ax=ax_h)  # bwr, symmetric, 99.5-percentile cut-off
+                ax_h.set_title("contribution Σ x·W(x)", fontsize=8)
+            else:
+                ax_e.imshow(p.picture)
+                ax_h.imshow(JET[np.uint8(255 * p.heat)])
+                ax_h.set_title("GradCAM (min-max)", fontsize=8)
+            ax_e.set_title(f"{p.role} {p.arch}\n{names[p.explained][:24]} p={p.prob:.2f}", fontsize=8)
+            ax_e.set_xlabel("\n".join(f"{names[k][:20]} {q:.2f}" for k, q in p.top), fontsize=6, loc="left")
+        for ax in axes[r]:
+            ax.set_xticks([])
+            ax.set_yticks([])
+    fig.text(0.01, 0.005, "Under each explanation: the model's top-5. Probabilities are sigmoids for B-cos models "
+             "(trained with BCE) and softmax for standard models.", fontsize=7)
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    try:
+        fig.savefig(tmp, format="png", dpi=dpi)
+        os.replace(tmp, out)  # a reader never sees half a PNG
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise GteError(f"{out}: cannot write the picture ({e.strerror})") from None
+    return out
+
+
+def print_top(rows: Sequence[Row], names: Sequence[str], console: Console) -> None:
+    """The top-5 of every model for every image as one rich table."""
+    from rich.table import Table
+
+    table = Table(title="top-5 (sigmoid for B-cos models, softmax for standard ones)")
+    for col in ("image", "model", "rank", "class", "name", "p"):
+        table.add_column(col, justify="right" if col in ("rank", "class", "p") else "left")
+    for row in rows:
+        for p in row.panels:
+            for rank, (k, q) in enumerate(p.top, 1):
+                mark = " *" if k == row.explained else ""
+                table.add_row(Path(row.path).name, f"{p.role} {p.arch}", str(rank), str(k), names[k] + mark, f"{q:.3f}")
+    console.print(table)
+    console.print("* = the class explained in the picture")
+
+
+# --------------------------------------------------------------------------------------------- the command
+def explain_images(paths: Sequence[str], model: str, *, teacher: str | None = None, cls: int | None = None,
+                   out: str | os.PathLike = "explain.png", arch: str | None = None, teacher_arch: str | None = None,
+                   image_size: int | None = None, eval_resize: int = 0, classes_file: str | None = None,
+                   console: Console | None = None) -> list[Row]:
+    """`gte explain`: decode, explain with each model, print the top-5 table, write the PNG; returns the rows."""
+    if not paths:
+        raise GteError("no images given")
+    pictures = [load_image(p) for p in paths]  # all inputs checked before any model is loaded
+    import torch
+    from rich.console import Console
+
+    from gte.models import freeze, info, load_model
+
+    student = freeze(load_model(model, arch=arch))
+    t = freeze(load_model(teacher, arch=teacher_arch)) if teacher else None
+    first = info(t if t is not None else student)
+    n = first.num_classes
+    if info(student).num_classes != n:
+        raise GteError(f"teacher has {n} classes, the model {info(student).num_classes}")
+    if cls is not None and not 0 <= cls < n:
+        raise GteError(f"--class {cls} is out of range: the model has {n} classes (0..{n - 1})")
+    names = class_names(n, classes_file, [f for f in (teacher, model) if f])
+    # Small-input archs were trained at 32 px, the ImageNet ones at 224; the weights do not record the size.
+    size = image_size or (32 if "cifar" in first.arch else 224)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    for m in (student, t):
+        if m is not None:
+            m.to(device)
+    images = [(str(p), preprocess(im, size, eval_resize)) for p, im in zip(paths, pictures)]
+    rows = explain_rows(images, student, t, cls)
+    print_top(rows, names, console or Console())
+    written = render(rows, names, out)
+    Console(stderr=True).print(f"explanations written to {written}")
+    return rows

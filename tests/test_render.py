@@ -1,0 +1,227 @@
+"""`gte explain` pictures (gte.render): real tiny models saved with save_model, real PNG/JPEG files.
+
+Oracles: the bcos package's own ``model.explain`` (W(x), contribution map and ``gradient_to_image`` rendering),
+pytorch-grad-cam's ``show_cam_on_image`` (overlay) and ``GradCAM`` (normalised map), and an independent forward pass
+for the teacher's top-1 class. User errors are checked through the real console script (exit 2, one stderr line).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import struct
+import subprocess
+import sys
+import warnings
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+from PIL import Image
+
+from gte.errors import GteError
+from gte.models import build_model, info, load_model, save_model, to_model_input
+from gte.render import (JET, cam_overlay, class_names, explain_images, explain_rows, load_image, preprocess)
+
+NAMES = ["heron", "puffin", "osprey", "wren"]
+SIZE = 32
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors: one intra-op thread is as fast and does not fight the other processes for the 2 cores."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def calibrated(name: str, seed: int) -> nn.Module:
+    """A 4-class model whose BN running stats come from one random batch (momentum 1), so outputs are not flat."""
+    torch.manual_seed(seed)
+    model = build_model(name, len(NAMES))
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    for m in norms:
+        m.momentum = 1.0
+    model.train()
+    with torch.no_grad():
+        model(to_model_input(info(model), torch.rand(16, 3, SIZE, SIZE)))
+    for m in norms:
+        m.momentum = 0.1
+    return model.eval()
+
+
+def picture(seed: int, size: tuple[int, int] = (48, 40)) -> Image.Image:
+    """A smooth colour gradient plus a bright square, so crops and explanations have structure."""
+    rng = np.random.default_rng(seed)
+    h, w = size[1], size[0]
+    yy, xx = np.mgrid[0:h, 0:w] / max(h, w)
+    img = np.stack([xx, yy, 1 - xx * yy], -1) * rng.uniform(0.5, 1, 3)
+    y0, x0 = rng.integers(0, h - 12), rng.integers(0, w - 12)
+    img[y0:y0 + 12, x0:x0 + 12] = rng.uniform(0, 1, 3)
+    return Image.fromarray(np.uint8(255 * img))
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("render")
+    save_model(calibrated("bcos_cifar_resnet20", 0), root / "bcos.safetensors",
+               class_names=json.dumps(["m0", "m1", "m2", "m3"]))
+    save_model(calibrated("cifar_resnet20", 1), root / "std.safetensors")
+    picture(0).save(root / "img.png")
+    picture(1).save(root / "img.jpg", quality=90)
+    (root / "classes.json").write_text(json.dumps(NAMES))
+    (root / "notes.png").write_text("not an image at all\n")
+    data = (root / "img.jpg").read_bytes()
+    (root / "cut.jpg").write_bytes(data[: len(data) // 2])
+    (root / "bomb.png").write_bytes(png_declaring(20000, 20000))
+    return root
+
+
+def png_declaring(width: int, height: int) -> bytes:
+    """A valid 1×1 PNG whose IHDR claims width×height (CRC fixed): a decompression bomb's header, in 70 bytes."""
+    buf = io.BytesIO()
+    Image.new("RGB", (1, 1)).save(buf, format="PNG")
+    raw = bytearray(buf.getvalue())
+    assert raw[12:16] == b"IHDR"
+    raw[16:24] = struct.pack(">II", width, height)
+    raw[29:33] = struct.pack(">I", zlib.crc32(bytes(raw[12:29])))
+    return bytes(raw)
+
+
+def run_gte(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("GTE_DEBUG", "GTE_MAX_IMAGE_PIXELS")}
+    env.update(OMP_NUM_THREADS="1", COLUMNS="200", NO_COLOR="1")
+    return subprocess.run([sys.executable, "-m", "gte", *args], capture_output=True, text=True, env=env, cwd=cwd,
+                          timeout=120)
+
+
+def rows_for(ws: Path, model: str, teacher: str | None = None, cls: int | None = None):
+    images = [(str(ws / f), preprocess(load_image(ws / f), SIZE)) for f in ("img.png", "img.jpg")]
+    t = load_model(str(ws / teacher)).eval() if teacher else None
+    return explain_rows(images, load_model(str(ws / model)).eval(), t, cls)
+
+
+# ------------------------------------------------------------------------------------------ (1) + (7) the CLI
+def test_cli_writes_png_and_prints_class_names(ws):
+    res = run_gte(["explain", "img.png", "--model", "bcos.safetensors", "--classes", "classes.json",
+                   "--out", "out/x.png"], ws)
+    assert res.returncode == 0, res.stderr[-3000:]
+    with Image.open(ws / "out" / "x.png") as im:
+        assert im.format == "PNG" and im.width > 0 and im.height > 0
+        im.load()
+    for name in NAMES:  # a 4-class top-5 lists every class, by the names from --classes (not the metadata's)
+        assert name in res.stdout
+    assert "m0" not in res.stdout and "sigmoid" in res.stdout
+    assert not list((ws / "out").glob("*.tmp"))
+
+
+def test_class_names_sources(ws):
+    assert class_names(4, None, [str(ws / "bcos.safetensors")]) == ["m0", "m1", "m2", "m3"]  # metadata
+    assert class_names(4, str(ws / "classes.json"), [str(ws / "bcos.safetensors")]) == NAMES
+    assert class_names(4, None, [str(ws / "std.safetensors")]) == [f"class {k}" for k in range(4)]
+    assert class_names(1000)[:2] == ["tench", "goldfish"]  # torchvision's offline ImageNet metadata
+    (ws / "three.json").write_text(json.dumps(NAMES[:3]))
+    with pytest.raises(GteError, match="3 class names"):
+        class_names(4, str(ws / "three.json"))
+
+
+# ------------------------------------------------------------------------------------------ (2) the class matters
+@pytest.mark.parametrize("model", ["bcos.safetensors", "std.safetensors"])
+def test_explanations_of_two_classes_differ(ws, model):
+    (r0,), (r1,) = ([rows_for(ws, model, cls=k)[0]] for k in (0, 1))
+    p0, p1 = r0.panels[0], r1.panels[0]
+    assert (p0.explained, p1.explained) == (0, 1)
+    scale = p0.maps.abs().max()
+    assert scale > 0 and (p0.maps - p1.maps).abs().max() > 1e-3 * scale
+    assert np.abs(p0.picture.astype(float) - p1.picture.astype(float)).max() > 0.01
+
+
+# ------------------------------------------------------------------------------------------ (3) teacher / student
+def test_teacher_student_explain_the_teachers_top1(ws):
+    rows = explain_images([str(ws / "img.png"), str(ws / "img.jpg")], str(ws / "std.safetensors"),
+                          teacher=str(ws / "bcos.safetensors"), out=ws / "pair.png")
+    teacher, student = (load_model(str(ws / f)).eval() for f in ("bcos.safetensors", "std.safetensors"))
+    disagree = 0
+    for row in rows:
+        with torch.no_grad():
+            top1 = int(teacher(to_model_input(info(teacher), row.image[None])).argmax(1))
+            disagree += int(student(to_model_input(info(student), row.image[None])).argmax(1)) != top1
+        assert row.explained == top1
+        assert [p.role for p in row.panels] == ["teacher", "student"]
+        assert [p.explained for p in row.panels] == [top1, top1]
+    assert disagree  # these seeds make the student's own top-1 differ, so the check above has teeth
+    with Image.open(ws / "pair.png") as im:  # image + 2 × (explanation, contribution/CAM) columns at 2.4 in × 100 dpi
+        assert im.width >= 5 * 200
+
+
+# ------------------------------------------------------------------------------------------ (4) B-cos oracle
+def test_bcos_rendering_equals_bcos_explain(ws):
+    model = load_model(str(ws / "bcos.safetensors")).eval()
+    for row in rows_for(ws, "bcos.safetensors", cls=2):
+        panel = row.panels[0]
+        x = to_model_input(info(model), row.image[None]).clone().requires_grad_(True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            theirs = model.explain(x, idx=2)  # the package's own W(x) and gradient_to_image(smooth=15, 99.5)
+        np.testing.assert_allclose(panel.maps.numpy(), theirs["dynamic_linear_weights"][0].numpy(), rtol=1e-5,
+                                   atol=1e-7)
+        np.testing.assert_allclose(panel.picture, theirs["explanation"], atol=1e-5)
+        np.testing.assert_allclose(panel.heat, theirs["contribution_map"][0].detach().numpy(), rtol=1e-5, atol=1e-7)
+        assert panel.picture.shape == (SIZE, SIZE, 4)
+
+
+# ------------------------------------------------------------------------------------------ (5) GradCAM oracle
+def test_gradcam_overlay_equals_show_cam_on_image(ws):
+    from pytorch_grad_cam import GradCAM
+    from pytorch_grad_cam.utils.image import show_cam_on_image
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    rng = np.random.default_rng(0)
+    image = rng.uniform(0, 1, (16, 16, 3)).astype(np.float32)
+    cam = np.linspace(0, 1, 256, dtype=np.float32).reshape(16, 16)  # every JET entry
+    np.testing.assert_array_equal(cam_overlay(image, cam), show_cam_on_image(image, cam, use_rgb=True))
+    assert JET.shape == (256, 3) and JET.dtype == np.uint8
+
+    model = load_model(str(ws / "std.safetensors")).eval()
+    for row in rows_for(ws, "std.safetensors", cls=3):
+        panel = row.panels[0]
+        img = row.image.permute(1, 2, 0).numpy()
+        ref = show_cam_on_image(img, panel.heat, use_rgb=True)
+        assert np.abs(panel.picture.astype(int) - ref.astype(int)).max() <= 1
+        with GradCAM(model=model, target_layers=[model.layer3]) as gc:
+            theirs = gc(to_model_input(info(model), row.image[None]), targets=[ClassifierOutputTarget(3)])[0]
+        # Theirs min-max scales before the resize, ours after: here they agree to ~1e-5; a wrong class is ~0.7 off.
+        np.testing.assert_allclose(panel.heat, theirs, atol=1e-3)
+
+
+# ------------------------------------------------------------------------------------------ (6) bad input files
+@pytest.mark.parametrize("name,needle", [("notes.png", "not an image"), ("cut.jpg", "truncated"),
+                                         ("bomb.png", "decompression bomb")])
+def test_bad_image_is_one_line_exit_2(ws, name, needle):
+    res = run_gte(["explain", name, "--model", "bcos.safetensors", "--out", "bad.png"], ws)
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    report = f"rc={res.returncode}\n{res.stderr[-3000:]}"
+    assert res.returncode == 2 and len(lines) == 1 and "Traceback" not in res.stderr, report
+    assert lines[0].startswith("gte: error: ") and name in lines[0] and needle in lines[0], report
+    assert not (ws / "bad.png").exists()
+
+
+def test_limits_and_other_user_errors(ws, monkeypatch):
+    Image.new("RGB", (100, 100)).save(ws / "big.png")
+    with pytest.raises(GteError, match="decompression bomb"):  # 1–2× the limit is only a warning in PIL
+        load_image(ws / "big.png", limit=6000)
+    monkeypatch.setenv("GTE_MAX_IMAGE_PIXELS", "9999")
+    with pytest.raises(GteError, match="big.png"):
+        load_image(ws / "big.png")
+    monkeypatch.delenv("GTE_MAX_IMAGE_PIXELS")
+    assert load_image(ws / "big.png").size == (100, 100)
+    with pytest.raises(GteError, match="image not found"):
+        load_image(ws / "missing.png")
+    with pytest.raises(GteError, match="out of range"):
+        explain_images([str(ws / "img.png")], str(ws / "bcos.safetensors"), cls=4, out=ws / "never.png")
+    assert not (ws / "never.png").exists()
