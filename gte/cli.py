@@ -19,6 +19,7 @@ err = Console(stderr=True)
 RecipeOpt = typer.Option("demo", "--recipe", "-r", help="Shipped recipe name or a TOML file.")
 SetOpt = typer.Option(None, "--set", "-s", help="Override a recipe key: --set optim.lr=1e-4 (repeatable).")
 OutOpt = typer.Option(None, "--out", "-o", help="Output directory (overrides run.out).")
+DryRunOpt = typer.Option(False, "--dry-run", help="Print the resolved recipe, check data and weights, exit.")
 
 
 @app.callback()
@@ -37,9 +38,15 @@ def _recipe(name: str, overrides: Optional[List[str]], out: Optional[Path]):
 
 
 @app.command()
-def distill(recipe: str = RecipeOpt, set_: Optional[List[str]] = SetOpt, out: Optional[Path] = OutOpt) -> None:
-    """Distil a student from a teacher (no arguments: the embedded CPU demo, KD vs e2KD)."""
+def distill(recipe: str = RecipeOpt, set_: Optional[List[str]] = SetOpt, out: Optional[Path] = OutOpt,
+            dry_run: bool = DryRunOpt) -> None:
+    """Distil a student from a teacher (no arguments: the embedded CPU demo, KD vs e2KD).
+
+    Multi-process: `torchrun --nproc_per_node N -m gte distill …` or `accelerate launch --multi_gpu -m gte distill …`.
+    """
     r = _recipe(recipe, set_, out)
+    if dry_run:
+        return _dry_run(r)
     if r.demo.enabled:
         from gte.demo import run_demo
 
@@ -55,14 +62,37 @@ def distill(recipe: str = RecipeOpt, set_: Optional[List[str]] = SetOpt, out: Op
 
 @app.command()
 def train(recipe: str = typer.Option(..., "--recipe", "-r", help="Shipped recipe name or a TOML file."),
-          set_: Optional[List[str]] = SetOpt, out: Optional[Path] = OutOpt) -> None:
+          set_: Optional[List[str]] = SetOpt, out: Optional[Path] = OutOpt, dry_run: bool = DryRunOpt) -> None:
     """Label-only training (baseline students, teachers)."""
     from gte.train import train as run_train
 
     r = _recipe(recipe, set_, out)
     r.distill.method = "ce"
+    if dry_run:
+        return _dry_run(r)
     result = run_train(r, err)
     err.print(f"model written to {result.out / 'model.safetensors'}")
+
+
+def _dry_run(r) -> None:
+    from gte.train import validate
+
+    if r.demo.enabled:  # the demo makes its own shards and teacher on the first run
+        Console().print(r.to_toml(), markup=False, highlight=False)
+        err.print("dry run: the demo generates its data and teacher under $GTE_HOME when run")
+        return
+    validate(r)
+    Console().print(r.to_toml(), markup=False, highlight=False)
+    err.print("dry run: recipe, data paths and weights are valid")
+
+
+@app.command()
+def recipes() -> None:
+    """List the shipped recipes (use one with --recipe NAME)."""
+    from gte.config import shipped_recipes
+
+    for name, summary in shipped_recipes().items():
+        Console().print(f"[bold]{name:<24}[/] {summary}")
 
 
 @app.command("eval")
@@ -136,6 +166,12 @@ def fetch_teachers(
     entries = [teachers.get(n) for n in names or teachers.CATALOG]  # unknown names fail before any download
     for t in entries:
         teachers.fetch(t, dest=dest, mirror=mirror, console=err)
+
+
+# `gte data …` (shard converters, few-shot subsets, shard info, loader benchmark) lives in gte/data/cli.py
+from gte.data.cli import data_app  # noqa: E402
+
+app.add_typer(data_app, name="data")
 
 
 def main() -> None:

@@ -163,6 +163,16 @@ def recipe_path(name_or_path: str) -> Path:
     raise GteError(f"recipe '{name_or_path}' not found (a file path or one of: {', '.join(known)})")
 
 
+def shipped_recipes() -> dict[str, str]:
+    """Shipped recipe names and the first line of each file's header comment."""
+    out = {}
+    for f in sorted(resources.files("gte.recipes").iterdir(), key=lambda f: f.name):
+        if f.name.endswith(".toml"):
+            first = next((x for x in f.read_text().splitlines() if x.startswith("#")), "#")
+            out[f.name[:-5]] = first.lstrip("# ").strip()
+    return out
+
+
 def load_recipe(name_or_path: str, overrides: list[str] | None = None) -> Recipe:
     """Read a recipe and apply ``--set`` overrides; every key is checked."""
     path = recipe_path(name_or_path)

@@ -80,6 +80,13 @@ def validate(recipe: Recipe) -> None:
         check_arch(recipe.teacher.arch)
         if not recipe.teacher.weights:
             raise GteError("teacher.weights is empty: a distillation teacher must be trained")
+        if not Path(recipe.teacher.weights).is_file():
+            from gte.teachers import resolve
+
+            if resolve(recipe.teacher.weights) is None:  # raises for a catalog name that is not downloaded
+                raise GteError(f"teacher.weights: no such file or teacher name: {recipe.teacher.weights}")
+    if recipe.student.weights and not Path(recipe.student.weights).is_file():
+        raise GteError(f"student.weights: no such file: {recipe.student.weights}")
     if d.explainer not in ("auto", "bcos", "gradcam"):
         raise GteError(f"unknown distill.explainer '{d.explainer}' (known: auto, bcos, gradcam)")
     if d.guided_every < 1:
