@@ -25,6 +25,7 @@ class DataConfig:
     train_size: int = 0           # samples per epoch; 0 = count the shards' members once
     num_workers: int = 4
     shuffle_buffer: int = 2000
+    max_bad_fraction: float = 0.01  # stop when more of an epoch's share is unreadable (corrupt data, wrong path)
 
 
 @dataclass

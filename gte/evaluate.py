@@ -1,18 +1,59 @@
-"""Evaluation: accuracy, agreement with a teacher, explanation similarity, per-group accuracy."""
+"""Evaluation (``gte eval``): accuracy, teacher agreement, explanation similarity, groups, multi-label and
+localisation metrics, the shift test — single-process or under torchrun (every sample counted once).
+
+Each rank streams its part of the shards and keeps sums and counts; at the end the sums are all-reduced (float64) and
+the per-sample lists mAP needs are gathered with ``all_gather_object``, so every rank returns the global metrics.
+Metric definitions are in :mod:`gte.metrics`.
+"""
 
 from __future__ import annotations
 
 from collections import defaultdict
+from dataclasses import dataclass, field
 
+import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from gte import metrics as M
 from gte.config import DataConfig
 from gte.data.shards import make_loader
 from gte.errors import GteError
-from gte.explain import explain_with_logits
+from gte.explain import contribution_map, explain, explain_with_logits
 from gte.models import info, to_model_input
+
+
+@dataclass
+class EvalOptions:
+    """What to compute beyond the always-on metrics."""
+
+    batch_size: int = 64
+    waterbirds: bool | None = None  # None: detect (groups {0,1,2,3} and a 2-class model)
+    localisation: bool = True  # EPG / IoU where the samples have boxes
+    shift: bool = False  # the architectural-prior shift test
+    shift_max: int = 16
+    shift_samples: int = 256  # samples per run used by the shift test (split evenly over ranks)
+    examples: int = 0  # images kept (rank 0) for the report grid
+
+
+@dataclass
+class Example:
+    """One test image kept for the report's grid."""
+
+    key: str
+    image: torch.Tensor  # 3×H×W in [0, 1], as the models saw it
+    label: int
+    group: int
+
+
+@dataclass
+class EvalOutput:
+    """The JSON-able metrics and the images kept for the report."""
+
+    metrics: dict
+    examples: list[Example] = field(default_factory=list)
 
 
 def _explainer(student: nn.Module, teacher: nn.Module) -> str:
@@ -23,70 +64,335 @@ def _explainer(student: nn.Module, teacher: nn.Module) -> str:
     return s.explainer
 
 
-@torch.no_grad()
-def evaluate(
-    model: nn.Module,
-    spec: str,
-    *,
-    data: DataConfig,
-    teacher: nn.Module | None = None,
-    batch_size: int = 64,
-    device: torch.device | str = "cpu",
-) -> dict:
-    """Metrics of ``model`` on the shards ``spec`` (eval transform), optionally against ``teacher``.
+# --------------------------------------------------------------------------------------------- distributed
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
 
-    Returns ``n, acc1, acc5`` and, with a teacher, ``agreement`` and ``explanation_similarity`` (mean cosine of both
-    models' explanations of the teacher's top-1 class); with ``json.group`` present, ``groups`` ({group: acc}),
-    ``group_agreement`` and ``worst_group_acc``.
-    """
+
+def _gather(obj: object) -> list:
+    """``[obj of rank 0, obj of rank 1, …]`` (``[obj]`` in a single process)."""
+    if _world()[1] == 1:
+        return [obj]
+    out: list = [None] * _world()[1]
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _reduce(sums: dict[str, float]) -> dict[str, float]:
+    """Sum ``sums`` over ranks (keys may differ between ranks: a group seen by one rank only)."""
+    if _world()[1] == 1:
+        return dict(sums)
+    keys = sorted(set().union(*_gather(sorted(sums))))
+    vec = torch.tensor([float(sums.get(k, 0.0)) for k in keys], dtype=torch.float64)
+    if dist.get_backend() == "nccl":
+        vec = vec.cuda()
+    dist.all_reduce(vec)
+    return dict(zip(keys, vec.cpu().tolist()))
+
+
+# --------------------------------------------------------------------------------------------- per batch
+def _class_stats(sums: dict[str, float], p: str, logits: torch.Tensor, labels: torch.Tensor, groups: list[int]) -> None:
+    hit1, hit5 = M.topk_hits(logits, labels, 5)
+    sums[f"{p}/correct1"] += int(hit1.sum())
+    sums[f"{p}/correct5"] += int(hit5.sum())
+    for j, g in enumerate(groups):
+        if g >= 0:
+            sums[f"{p}/g/{g}/correct"] += int(hit1[j])
+
+
+def _attribution(model: nn.Module, x: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+    """N×H×W map for EPG/IoU: Σ x·W(x) (B-cos) or the GradCAM map."""
+    method = info(model).explainer
+    maps = explain(model, x, classes, method)
+    return contribution_map(x, maps) if method == "bcos" else maps[:, 0]
+
+
+def _box_pairs(batch: dict) -> list[tuple[int, int, list]]:
+    """(sample index, ground-truth class, that class's boxes) for every sample with boxes."""
+    pairs = []
+    all_box_labels = batch.get("box_labels") or []
+    for i, boxes in enumerate(batch.get("boxes") or []):
+        if not boxes:
+            continue
+        box_labels = all_box_labels[i] if i < len(all_box_labels) and all_box_labels[i] else None
+        box_labels = box_labels or [int(batch["label"][i])] * len(boxes)  # no box_labels: boxes of the cls label
+        for c in sorted(set(box_labels)):
+            pairs.append((i, int(c), [b for b, bl in zip(boxes, box_labels) if bl == c]))
+    return pairs
+
+
+def _localisation(sums: dict[str, float], p: str, model: nn.Module, x: torch.Tensor, pairs: list) -> None:
+    idx = torch.tensor([i for i, _, _ in pairs], device=x.device)
+    classes = torch.tensor([c for _, c, _ in pairs], device=x.device)
+    attr = _attribution(model, x[idx], classes).float().cpu()
+    h, w = attr.shape[-2:]
+    for a, (_, _, boxes) in zip(attr, pairs):
+        mask = M.box_mask(boxes, h, w)
+        if mask.any():  # a box cropped away by the centre crop says nothing about this image
+            sums[f"{p}/epg"] += M.energy_pointing_game(a, mask)
+            sums[f"{p}/iou"] += M.box_iou(a, mask)
+            sums[f"{p}/loc_n"] += 1
+
+
+def _shift(sums: dict[str, float], p: str, model: nn.Module, images: torch.Tensor, classes: torch.Tensor,
+           shift_max: int) -> None:
+    mi = info(model)
+    ref = explain(model, to_model_input(mi, images), classes, mi.explainer)
+    for t in range(shift_max + 1):
+        moved = ref if t == 0 else explain(model, to_model_input(mi, M.shift_images(images, t)), classes, mi.explainer)
+        sums[f"{p}/shift/{t}"] += float(M.overlap_cosine(ref, moved, t).sum())
+
+
+# --------------------------------------------------------------------------------------------- main loop
+@torch.no_grad()
+def run_eval(model: nn.Module, spec: str, *, data: DataConfig, teacher: nn.Module | None = None,
+             device: torch.device | str = "cpu", options: EvalOptions | None = None) -> EvalOutput:
+    """Evaluate ``model`` (and ``teacher``) on the shards ``spec`` with the eval transform; see :func:`evaluate`."""
+    o = options or EvalOptions()
+    rank, world = _world()
     was_training = model.training
     model.eval()
     mi = info(model)
     if teacher is not None and info(teacher).num_classes != mi.num_classes:
         raise GteError(f"teacher has {info(teacher).num_classes} classes, the model {mi.num_classes}")
-    method = _explainer(model, teacher) if teacher is not None else None
-    k = min(5, mi.num_classes)
-    n = correct1 = correct5 = agree = 0
-    cos_sum = 0.0
-    g_n: dict[int, int] = defaultdict(int)
-    g_correct: dict[int, int] = defaultdict(int)
-    g_agree: dict[int, int] = defaultdict(int)
+    method = _explainer(model, teacher) if teacher is not None else mi.explainer
+    sums: dict[str, float] = defaultdict(float)
+    ml: dict[str, list[np.ndarray]] = defaultdict(list)  # multi-label scores/targets for mAP
+    kept: dict[int, list[Example]] = defaultdict(list)
+    shift_left = -(-o.shift_samples // world) if o.shift else 0
     loader = make_loader(spec, train=False, image_size=data.image_size, eval_resize=data.eval_resize,
-                         batch_size=batch_size, num_workers=min(data.num_workers, 2))
-    for batch in loader:
-        images = batch["image"].to(device)
-        labels = batch["label"].to(device)
-        if teacher is None:
-            logits = model(to_model_input(mi, images))
-        else:
-            t_maps, t_logits = explain_with_logits(teacher, to_model_input(info(teacher), images), None, method)
-            t_top = t_logits.argmax(1)
-            s_maps, logits = explain_with_logits(model, to_model_input(mi, images), t_top, method)
-            cos_sum += F.cosine_similarity(s_maps.flatten(1).float(), t_maps.flatten(1).float(), dim=1).sum().item()
-            agree_mask = logits.argmax(1) == t_top
-            agree += int(agree_mask.sum())
-        top = logits.topk(k, dim=1).indices
-        hit1 = top[:, 0] == labels
-        correct1 += int(hit1.sum())
-        correct5 += int((top == labels[:, None]).any(1).sum())
-        n += labels.numel()
-        for j, g in enumerate(batch["group"].tolist()):
-            if g >= 0:
-                g_n[g] += 1
-                g_correct[g] += int(hit1[j])
-                if teacher is not None:
-                    g_agree[g] += int(agree_mask[j])
-    model.train(was_training)
-    if n == 0:
+                         batch_size=o.batch_size, num_workers=min(data.num_workers, 2), world_size=world, rank=rank)
+    try:
+        for batch in loader:
+            sums["skipped"] += int(batch.get("skipped", 0))  # reported by loaders that count unreadable samples
+            images, labels = batch["image"].to(device), batch["label"].to(device)
+            groups = [int(g) for g in batch["group"].tolist()]
+            x_s = to_model_input(mi, images)
+            runs = [("s", model, x_s)]
+            if teacher is None:
+                logits = model(x_s)
+                explained = logits.argmax(1)
+            else:
+                x_t = to_model_input(info(teacher), images)
+                runs.append(("t", teacher, x_t))
+                t_maps, t_logits = explain_with_logits(teacher, x_t, None, method)
+                explained = t_logits.argmax(1)
+                s_maps, logits = explain_with_logits(model, x_s, explained, method)
+                cos = F.cosine_similarity(s_maps.flatten(1).float(), t_maps.flatten(1).float(), dim=1)
+                sums["cos"] += cos.sum().item()
+                agree = logits.argmax(1) == explained
+                sums["agree"] += int(agree.sum())
+                _class_stats(sums, "t", t_logits, labels, groups)
+                for j, g in enumerate(groups):
+                    if g >= 0:
+                        sums[f"g/{g}/agree"] += int(agree[j])
+            sums["n"] += labels.numel()
+            _class_stats(sums, "s", logits, labels, groups)
+            for g in groups:
+                if g >= 0:
+                    sums[f"g/{g}/n"] += 1
+
+            multi = [i for i, lab in enumerate(batch.get("labels") or []) if lab is not None]
+            if multi:
+                targets = torch.from_numpy(np.stack([M.multi_hot(batch["labels"][i], mi.num_classes) for i in multi]))
+                sums["ml_n"] += len(multi)
+                for p, lg in (("s", logits), ("t", t_logits if teacher is not None else None)):
+                    if lg is not None:
+                        scores = lg[multi].float().cpu()
+                        for name, v in zip(("tp", "fp", "fn"), M.multilabel_counts(scores, targets)):
+                            sums[f"{p}/{name}"] += v
+                        ml[p].append(scores.numpy())
+                ml["targets"].append(targets.numpy())
+
+            pairs = _box_pairs(batch) if o.localisation else []
+            if pairs:
+                for p, m, x in runs:
+                    _localisation(sums, p, m, x, pairs)
+
+            if shift_left > 0:
+                k = min(shift_left, labels.numel())
+                shift_left -= k
+                sums["shift_n"] += k
+                for p, m, _ in runs:
+                    _shift(sums, p, m, images[:k], explained[:k], o.shift_max)
+
+            if rank == 0 and o.examples:
+                for j, g in enumerate(groups):
+                    if len(kept[g]) < o.examples:
+                        kept[g].append(Example(batch["key"][j], batch["image"][j].clone(), int(labels[j]), g))
+    finally:
+        model.train(was_training)
+
+    total = _reduce(sums)
+    if total.get("n", 0) == 0:
         raise GteError(f"no samples could be read from {spec}")
-    result: dict = {"n": n, "acc1": correct1 / n, "acc5": correct5 / n}  # top-min(5, C)
-    if teacher is not None:
-        result["agreement"] = agree / n
-        result["explanation_similarity"] = cos_sum / n
-    if g_n:
-        result["groups"] = {str(g): g_correct[g] / g_n[g] for g in sorted(g_n)}
-        result["group_counts"] = {str(g): g_n[g] for g in sorted(g_n)}
-        result["worst_group_acc"] = min(result["groups"].values())
-        if teacher is not None:
-            result["group_agreement"] = {str(g): g_agree[g] / g_n[g] for g in sorted(g_n)}
-    return result
+    scores = {p: np.concatenate([a for part in _gather(ml.get(p, [])) for a in part] or [np.zeros((0, 1))])
+              for p in ("s", "t", "targets")} if total.get("ml_n") else {}
+    metrics = _finalise(total, scores, teacher is not None, mi.num_classes, o)
+    metrics["explainer"] = method
+    metrics["world_size"] = world
+    examples = [e for row in _round_robin(kept) for e in row][: o.examples]
+    return EvalOutput(metrics, examples)
+
+
+def _round_robin(kept: dict[int, list[Example]]) -> list[list[Example]]:
+    """Interleave the kept images group by group, so the grid shows every group."""
+    lists = [kept[g] for g in sorted(kept)]
+    return [[lst[i] for lst in lists if i < len(lst)] for i in range(max((len(x) for x in lists), default=0))]
+
+
+def _model_metrics(t: dict[str, float], p: str, scores: dict, groups: list[int], waterbirds: bool) -> dict:
+    """Metrics of one model (prefix ``p``: "s" student, "t" teacher) from the reduced sums."""
+    n = t["n"]
+    out: dict = {"acc1": t.get(f"{p}/correct1", 0) / n, "acc5": t.get(f"{p}/correct5", 0) / n}
+    if groups:
+        counts = {g: t[f"g/{g}/n"] for g in groups}
+        correct = {g: t.get(f"{p}/g/{g}/correct", 0) for g in groups}
+        out["groups"] = {str(g): correct[g] / counts[g] for g in groups}
+        out["group_counts"] = {str(g): int(counts[g]) for g in groups}
+        out["worst_group_acc"] = min(out["groups"].values())
+        if waterbirds:
+            out["id_acc"] = M.pooled_accuracy(correct, counts, M.WATERBIRDS_ID_GROUPS)
+            out["ood_acc"] = M.pooled_accuracy(correct, counts, M.WATERBIRDS_OOD_GROUPS)
+    if t.get("ml_n"):
+        out["f1"] = M.micro_f1(t.get(f"{p}/tp", 0), t.get(f"{p}/fp", 0), t.get(f"{p}/fn", 0))
+        out["map"] = M.mean_average_precision(scores[p], scores["targets"])
+        out["multilabel_n"] = int(t["ml_n"])
+    if t.get(f"{p}/loc_n"):
+        out["epg"] = t[f"{p}/epg"] / t[f"{p}/loc_n"]
+        out["iou"] = t[f"{p}/iou"] / t[f"{p}/loc_n"]
+        out["localisation_n"] = int(t[f"{p}/loc_n"])
+    return out
+
+
+def _finalise(t: dict[str, float], scores: dict, has_teacher: bool, num_classes: int, o: EvalOptions) -> dict:
+    n = t["n"]
+    groups = sorted(int(k.split("/")[1]) for k in t if k.startswith("g/") and k.endswith("/n"))
+    waterbirds = M.is_waterbirds(groups, num_classes) if o.waterbirds is None else o.waterbirds
+    if waterbirds and not set(M.WATERBIRDS_OOD_GROUPS) <= set(groups):
+        raise GteError("--waterbirds needs json.group = 2·label + place with groups 1 and 2 present")
+    student = _model_metrics(t, "s", scores, groups, waterbirds)
+    out: dict = {"n": int(n), "acc1": student.pop("acc1"), "acc5": student.pop("acc5")}
+    if has_teacher:
+        out["agreement"] = t.get("agree", 0) / n
+        out["explanation_similarity"] = t.get("cos", 0) / n
+    if groups:
+        out["groups"] = student.pop("groups")
+        out["group_counts"] = student.pop("group_counts")
+        out["worst_group_acc"] = student.pop("worst_group_acc")
+        if has_teacher:
+            out["group_agreement"] = {str(g): t.get(f"g/{g}/agree", 0) / t[f"g/{g}/n"] for g in groups}
+        if waterbirds:
+            out["waterbirds"] = True
+            if has_teacher:
+                for name, gs in (("id", M.WATERBIRDS_ID_GROUPS), ("ood", M.WATERBIRDS_OOD_GROUPS)):
+                    agree = {g: t.get(f"g/{g}/agree", 0) for g in groups}
+                    out[f"{name}_agreement"] = M.pooled_accuracy(agree, {g: t[f"g/{g}/n"] for g in groups}, gs)
+    out.update(student)
+    if t.get("shift_n"):
+        ts = list(range(o.shift_max + 1))
+        out["shift"] = {"t": ts, "n": int(t["shift_n"]),
+                        "student": [t[f"s/shift/{k}"] / t["shift_n"] for k in ts]}
+        if has_teacher:
+            out["shift"]["teacher"] = [t[f"t/shift/{k}"] / t["shift_n"] for k in ts]
+    out["skipped"] = int(t.get("skipped", 0))
+    if has_teacher:
+        out["teacher"] = _model_metrics(t, "t", scores, groups, waterbirds)
+    return out
+
+
+def evaluate(model: nn.Module, spec: str, *, data: DataConfig, teacher: nn.Module | None = None,
+             batch_size: int = 64, device: torch.device | str = "cpu", **options: object) -> dict:
+    """Metrics of ``model`` on the shards ``spec`` (eval transform), optionally against ``teacher``.
+
+    Always ``n, acc1, acc5`` (top-min(5, C)) and ``skipped``. With a teacher: ``agreement`` (top-1), and
+    ``explanation_similarity`` (mean cosine of both models' explanations of the teacher's top-1 class, B-cos W(x) or
+    GradCAM), and a ``teacher`` dict with the teacher's own metrics. With ``json.group``: ``groups`` ({group: acc}),
+    ``group_counts``, ``worst_group_acc``, ``group_agreement``; for Waterbirds (see :class:`EvalOptions`) ``id_acc``,
+    ``ood_acc`` (OOD = groups 1 and 2). With ``json.labels``: ``f1`` (micro, logit > 0), ``map``. With
+    ``json.boxes``: ``epg``, ``iou``. With ``shift=True``: ``shift`` ({t, student, teacher}). ``options`` are
+    :class:`EvalOptions` fields. Under torch.distributed every rank must call this; all get the global result.
+    """
+    opts = EvalOptions(batch_size=batch_size, **options)  # type: ignore[arg-type]
+    return run_eval(model, spec, data=data, teacher=teacher, device=device, options=opts).metrics
+
+
+# --------------------------------------------------------------------------------------------- command line
+def default_geometry(model_path: str, arch: str) -> tuple[int, int]:
+    """(image_size, eval_resize) for ``gte eval`` without ``--image-size``: the ``[data]`` of a ``recipe.toml`` next
+    to the model (what gte wrote when training it), else 32 for ``*cifar_*`` archs, else 224 (resize 0 = size/0.875)."""
+    import tomllib
+    from pathlib import Path
+
+    recipe = Path(model_path).with_name("recipe.toml")
+    if recipe.is_file():
+        try:
+            d = tomllib.loads(recipe.read_text()).get("data", {})
+            return int(d.get("image_size", 224)), int(d.get("eval_resize", 0))
+        except (tomllib.TOMLDecodeError, ValueError, TypeError, OSError):
+            pass
+    return (32 if "cifar_" in arch else 224), 0
+
+
+def eval_command(model_path: str, spec: str, *, teacher_path: str | None, arch: str | None, teacher_arch: str | None,
+                 image_size: int | None, eval_resize: int, options: EvalOptions, json_out: str | None,
+                 report: str | None) -> dict:
+    """``gte eval``: load, evaluate (torchrun-aware: gloo process group from the env), write JSON/report on rank 0."""
+    import json
+    import os
+    from pathlib import Path
+
+    from rich.console import Console
+
+    from gte.models import freeze, load_model
+
+    started = False
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group("gloo")  # the collectives here are a few small CPU tensors
+        started = True
+    try:
+        rank = _world()[0]
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
+        student = load_model(model_path, arch=arch).to(device)
+        teacher = freeze(load_model(teacher_path, arch=teacher_arch)).to(device) if teacher_path else None
+        if image_size is None:
+            image_size, resize = default_geometry(model_path, info(student).arch)
+            eval_resize = eval_resize or resize
+        data = DataConfig(image_size=image_size, eval_resize=eval_resize, num_workers=2)
+        out = run_eval(student, spec, data=data, teacher=teacher, device=device, options=options)
+        if rank != 0:
+            return out.metrics
+        m = {**out.metrics, "image_size": image_size, "eval_resize": eval_resize or round(image_size / 0.875)}
+        text = json.dumps(m, indent=2)
+        if json_out == "-":
+            print(text)
+        else:
+            from gte.report import print_summary
+
+            print_summary(m, Console())
+            if json_out:
+                tmp = Path(json_out).with_name(Path(json_out).name + ".tmp")
+                tmp.write_text(text)
+                os.replace(tmp, json_out)
+        if report:
+            from gte.render import class_names
+            from gte.report import write_report
+
+            shard_dir = Path(spec.split("::")[0]).parent
+            classes = shard_dir / "classes.json"
+            try:  # the demo's shards carry a classes.json; one that does not fit is ignored
+                names = class_names(info(student).num_classes, str(classes) if classes.is_file() else None,
+                                    [model_path])
+            except GteError:
+                names = class_names(info(student).num_classes, None, [model_path])
+            about = {"model": model_path, "data": spec, **({"teacher": teacher_path} if teacher_path else {}),
+                     "explainer": m["explainer"], "processes": str(m["world_size"])}
+            page = write_report(report, m, examples=out.examples, student=student, teacher=teacher, names=names,
+                                about=about)
+            Console(stderr=True).print(f"report written to {page}")
+        return m
+    finally:
+        if started:
+            dist.destroy_process_group()

@@ -108,7 +108,12 @@ def validate(recipe: Recipe) -> None:
 def make_accelerator(recipe: Recipe):
     """An Accelerator for this launch; refuses launches whose processes did not join one process group."""
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
 
+    # Several trainings in one process (the demo, the tests) each set their own precision; the process group
+    # (PartialState) is kept.
+    AcceleratorState._reset_state()
+    GradientState._reset_state()
     kwargs: dict[str, Any] = {}
     if recipe.run.trackers:
         kwargs = {"log_with": recipe.run.trackers, "project_dir": recipe.run.out}
@@ -288,9 +293,9 @@ def train(recipe: Recipe, console: Console | None = None) -> TrainResult:
                 student.train()
                 loader = make_loader(d.train, train=True, image_size=d.image_size, batch_size=o.batch_size,
                                      crop_scale=tuple(d.crop_scale), num_workers=d.num_workers,
-                                     shuffle_buffer=d.shuffle_buffer, seed=r.seed, epoch=epoch)
-                for _ in range(first * o.grad_accum):  # exact resume: replay the stream up to the saved batch
-                    next(loader)
+                                     shuffle_buffer=d.shuffle_buffer, seed=r.seed, epoch=epoch,
+                                     train_size=d.train_size, max_bad_fraction=d.max_bad_fraction,
+                                     start_batch=first * o.grad_accum)  # resume: skips without decoding
                 sums: dict[str, torch.Tensor] = {}
                 t_epoch = time.time()
                 for i in range(first, steps_per_epoch):
@@ -302,13 +307,15 @@ def train(recipe: Recipe, console: Console | None = None) -> TrainResult:
                     ips = (i + 1 - first) * per_step / max(time.time() - t_epoch, 1e-9)
                     if step % r.log_every == 0 or i == steps_per_epoch - 1:
                         record = {"step": step, "epoch": epoch, "lr": scheduler.get_last_lr()[0],
-                                  "img_per_s": round(ips, 1), **{k: round(float(v), 6) for k, v in logs.items()}}
+                                  "img_per_s": round(ips, 1), "skipped": loader.skipped,
+                                  **{k: round(float(v), 6) for k, v in logs.items()}}
                         log.write(json.dumps(record) + "\n")
                         log.flush()
                         if r.trackers:
                             accelerator.log(record, step=step)
                         stats = " ".join(f"{k} {v:.4f}" for k, v in record.items() if k in logs)
-                        progress.update(task, stats=f"ep {epoch + 1}/{o.epochs} {stats} {ips:.0f} img/s")
+                        bad = f" {loader.skipped} skipped" if loader.skipped else ""
+                        progress.update(task, stats=f"ep {epoch + 1}/{o.epochs} {stats} {ips:.0f} img/s{bad}")
                     progress.update(task, advance=1)
                     if stop:
                         save_checkpoint(epoch, i + 1, epoch_rng)
@@ -317,7 +324,9 @@ def train(recipe: Recipe, console: Console | None = None) -> TrainResult:
                     if r.checkpoint_every and step % r.checkpoint_every == 0 and i + 1 < steps_per_epoch:
                         save_checkpoint(epoch, i + 1, epoch_rng)
                 n = max(1, steps_per_epoch - first)
+                skipped = int(accelerator.reduce(torch.tensor(loader.skipped, device=accelerator.device), "sum"))
                 epoch_record = {"epoch": epoch, "step": step, "time_s": round(time.time() - t0, 2),
+                                "train_skipped": skipped,
                                 **{f"train_{k}": round(float(v) / n, 6) for k, v in sums.items()}}
                 if d.val:
                     from gte.evaluate import evaluate

@@ -1,0 +1,160 @@
+"""Loader benchmark (``gte data bench``, ``benchmarks/loader.py``): decode + augment img/s per DataLoader worker.
+
+Writes synthetic photo-like JPEGs (500×375, quality 90, ~70–80 kB: smooth colour fields, shapes, grain — JPEG
+entropy like a natural photo, unlike noise) into shards, then streams them through the real training loader
+(RandomResizedCrop + flip to ``image_size``², float batches) for each decoder and worker count. For comparison it
+times what one training process consumes: forward + backward + Adam step of a model on random input of the same
+size, on the same machine, with torch's default threads.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def realistic_jpeg(rng: np.random.Generator, width: int = 500, height: int = 375, quality: int = 90) -> bytes:
+    from PIL import Image, ImageDraw, ImageFilter
+
+    small = rng.integers(0, 256, (height // 25 + 2, width // 25 + 2, 3), dtype=np.uint8)
+    img = Image.fromarray(small).resize((width, height), Image.BICUBIC)
+    draw = ImageDraw.Draw(img)
+    for _ in range(12):
+        x0, y0 = int(rng.integers(0, width)), int(rng.integers(0, height))
+        x1, y1 = x0 + int(rng.integers(10, 200)), y0 + int(rng.integers(10, 200))
+        draw.ellipse([x0, y0, x1, y1], fill=tuple(int(v) for v in rng.integers(0, 256, 3)))
+    a = np.asarray(img.filter(ImageFilter.GaussianBlur(1.2))).astype(np.float32)
+    texture = rng.normal(0, 1, ((height + 1) // 2, (width + 1) // 2, 1)).repeat(2, 0).repeat(2, 1)[:height, :width]
+    a = np.clip(a + 10 * texture + rng.normal(0, 5, a.shape), 0, 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(a).save(buf, "JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def write_bench_shards(directory: Path, n: int, shards: int = 4, seed: int = 0) -> tuple[str, float]:
+    """``n`` JPEG samples in ``shards`` shards; returns (spec, mean JPEG kB)."""
+    import webdataset as wds
+
+    rng = np.random.default_rng(seed)
+    sizes = []
+    per = -(-n // shards)
+    for s in range(shards):
+        with wds.TarWriter(str(directory / f"bench-{s:06d}.tar"), encoder=False, mtime=0) as sink:
+            for i in range(s * per, min(n, (s + 1) * per)):
+                jpg = realistic_jpeg(rng)
+                sizes.append(len(jpg))
+                sink.write({"__key__": f"{i:08d}", "jpg": jpg, "cls": str(i % 1000).encode()})
+    return str(directory / f"bench-{{000000..{shards - 1:06d}}}.tar"), float(np.mean(sizes)) / 1e3
+
+
+def decode_only(spec: str, decoder: str, limit: int = 100) -> float:
+    """Single-thread decode-only img/s (no geometry) of the first ``limit`` JPEGs."""
+    import warnings
+
+    import torch
+    from PIL import Image
+
+    from gte.data.tario import expand_spec, iter_samples
+
+    from torchvision.io import decode_jpeg
+
+    blobs = [s["jpg"] for s in iter_samples(expand_spec(spec)[0]) if isinstance(s, dict)][:limit]
+
+    def decode(b: bytes) -> None:
+        if decoder == "pil":
+            with Image.open(io.BytesIO(b)) as im:
+                im.load()
+        else:
+            decode_jpeg(torch.frombuffer(bytearray(b), dtype=torch.uint8))
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        decode(blobs[0])  # warm-up (imports, first-call set-up)
+        t0 = time.perf_counter()
+        for b in blobs:
+            decode(b)
+        return len(blobs) / (time.perf_counter() - t0)
+
+
+def loader_rate(spec: str, *, workers: int, decoder: str, image_size: int, batch_size: int) -> dict:
+    """Steady-state img/s of the training loader (from the first batch on, so worker start-up is excluded)."""
+    from gte.data.shards import make_loader
+
+    loader = make_loader(spec, train=True, image_size=image_size, batch_size=batch_size, num_workers=workers,
+                         shuffle_buffer=64, seed=0, decoder=decoder)
+    t_start = time.perf_counter()
+    it = iter(loader)
+    next(it)
+    t_first = time.perf_counter()
+    n = 0
+    for batch in it:
+        n += batch["image"].shape[0]
+    dt = time.perf_counter() - t_first
+    rate = n / dt if dt > 0 else float("nan")
+    return {"workers": workers, "decoder": decoder, "img_per_s": round(rate, 1),
+            "img_per_s_per_worker": round(rate / max(1, workers), 1), "startup_s": round(t_first - t_start, 2)}
+
+
+def training_rate(model_name: str, image_size: int, batch_size: int, steps: int = 3) -> dict:
+    """img/s one training process consumes: fwd + bwd + Adam step (CE) on random input, after one warm-up step."""
+    import torch
+
+    from gte.models import build_model, info, to_model_input
+
+    model = build_model(model_name, 1000)
+    model.train()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+    x = torch.rand(batch_size, 3, image_size, image_size)
+    y = torch.randint(0, 1000, (batch_size,))
+    mi = info(model)
+
+    def step() -> None:
+        loss = torch.nn.functional.cross_entropy(model(to_model_input(mi, x)), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    step()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    rate = steps * batch_size / (time.perf_counter() - t0)
+    return {"model": model_name, "batch_size": batch_size, "threads": torch.get_num_threads(),
+            "img_per_s": round(rate, 1)}
+
+
+def run_bench(*, workers: list[int], images: int = 256, image_size: int = 224, batch_size: int = 32,
+              decoders: list[str] = ("pil", "torchvision"), model: str | None = "bcos_resnet18",
+              console=None) -> dict:
+    result: dict = {"cpu_count": os.cpu_count(), "image_size": image_size, "batch_size": batch_size}
+    with tempfile.TemporaryDirectory(prefix="gte-bench-") as tmp:
+        spec, kb = write_bench_shards(Path(tmp), images)
+        result["jpeg"] = {"width": 500, "height": 375, "quality": 90, "mean_kB": round(kb, 1), "images": images}
+        result["decode_only_img_per_s_1_thread"] = {d: round(decode_only(spec, d), 1) for d in decoders}
+        result["loader"] = [loader_rate(spec, workers=w, decoder=d, image_size=image_size, batch_size=batch_size)
+                            for d in decoders for w in workers]
+    if model:
+        result["training"] = training_rate(model, image_size, min(batch_size, 16))
+    if console is not None:
+        from rich.table import Table
+
+        t = Table(title=f"loader: {images} JPEGs 500×375 q90 ({kb:.0f} kB) → RandomResizedCrop {image_size}², "
+                        f"{os.cpu_count()} CPUs")
+        for c in ("decoder", "workers", "img/s", "img/s per worker", "worker start-up s"):
+            t.add_column(c, justify="right")
+        for r in result["loader"]:
+            t.add_row(r["decoder"], str(r["workers"]), str(r["img_per_s"]), str(r["img_per_s_per_worker"]),
+                      str(r["startup_s"]))
+        console.print(t)
+        console.print("decode only, 1 thread (img/s): " + ", ".join(
+            f"{k} {v}" for k, v in result["decode_only_img_per_s_1_thread"].items()))
+        if model:
+            tr = result["training"]
+            console.print(f"one training process ({tr['model']}, batch {tr['batch_size']}, {tr['threads']} threads, "
+                          f"fwd+bwd+step): {tr['img_per_s']} img/s")
+    return result

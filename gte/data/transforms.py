@@ -1,0 +1,203 @@
+"""Decode one raw sample and apply the train or eval geometry (image and boxes together).
+
+Train: RandomResizedCrop (torchvision's sampling rule: 10 tries of area ∈ ``crop_scale``, log-uniform aspect ratio in
+[3/4, 4/3], else the central crop of clamped ratio) + horizontal flip p = 0.5, done as one PIL ``resize(box=…)``
+(crop and antialiased bilinear resize from the full-resolution image). The random numbers of a sample come from its
+own generator seeded by (seed, epoch, pass, key): a sample's augmentation does not depend on ranks, workers or the
+order it is read in, and the training process's global RNGs are never touched.
+Eval: Resize the short side to ``eval_resize`` (PIL bilinear, antialiased) + CenterCrop ``image_size`` — the
+torchvision reference pipeline.
+
+Boxes (``json.boxes``, ``[x0, y0, x1, y1]`` image pixels, x1/y1 exclusive) follow the same geometry and are clamped
+to the output; a box that ends up outside has zero area and is kept (its index matches ``box_labels``).
+
+Decoder: PIL (libjpeg-turbo) by default; ``decoder="torchvision"`` decodes JPEGs with ``torchvision.io.decode_jpeg``
+(about 1.4× faster decode on its own, deprecated by torchvision 0.29 in favour of TorchCodec); see the README's loader
+benchmark for what each gives end to end.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import zlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from gte.data.tario import IMAGE_EXTS
+
+Image.MAX_IMAGE_PIXELS = 200_000_000  # decompression-bomb guard stays on, above any real dataset image
+
+
+class BadSample(Exception):
+    """A sample that cannot be used (corrupt image, missing member, bad json); it is skipped and counted."""
+
+
+def sample_rng(seed: int, epoch: int, repeat: int, key: str) -> np.random.Generator:
+    return np.random.default_rng([seed & 0xFFFFFFFF, epoch, repeat, zlib.crc32(key.encode())])
+
+
+def rrc_params(width: int, height: int, scale: tuple[float, float], ratio: tuple[float, float],
+               rng: np.random.Generator) -> tuple[int, int, int, int]:
+    """(left, top, w, h) of a RandomResizedCrop, torchvision's algorithm with an explicit generator."""
+    area = width * height
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w = int(round(math.sqrt(target * aspect)))
+        h = int(round(math.sqrt(target / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(rng.integers(0, height - h + 1))
+            left = int(rng.integers(0, width - w + 1))
+            return left, top, w, h
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        w, h = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        h, w = height, int(round(height * max(ratio)))
+    else:
+        w, h = width, height
+    return (width - w) // 2, (height - h) // 2, w, h
+
+
+def _map_boxes(boxes: list, sx: float, sy: float, dx: float, dy: float, out: int, flip: bool) -> list[list[float]]:
+    """x' = x·sx − dx, y' = y·sy − dy, clamped to [0, out]; then mirrored if ``flip``."""
+    mapped = []
+    out = float(out)
+    for b in boxes:
+        x0, y0, x1, y1 = (float(v) for v in b)
+        x0, x1 = (min(max(x * sx - dx, 0.0), out) for x in (x0, x1))
+        y0, y1 = (min(max(y * sy - dy, 0.0), out) for y in (y0, y1))
+        if flip:
+            x0, x1 = out - x1, out - x0
+        mapped.append([x0, y0, x1, y1])
+    return mapped
+
+
+@dataclass
+class SampleTransform:
+    """Raw sample dict → ``{"image": uint8 3×S×S, "label", "group", "key", "labels", "boxes", "box_labels", …}``."""
+
+    train: bool
+    image_size: int
+    eval_resize: int = 0
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    seed: int = 0
+    epoch: int = 0
+    decoder: str = "pil"
+    members: tuple[str, ...] = ()   # extra numeric members (``.npy``) to decode and return
+    _resize: int = field(init=False, default=0)
+
+    def __post_init__(self) -> None:
+        self._resize = self.eval_resize or round(self.image_size / 0.875)
+        if self.decoder not in ("pil", "torchvision"):
+            raise ValueError(f"decoder must be 'pil' or 'torchvision', got {self.decoder!r}")
+
+    # -- decoding -------------------------------------------------------------------------------------------------
+    def decode(self, sample: dict[str, Any]) -> tuple[Image.Image | torch.Tensor, str]:
+        ext = next((e for e in IMAGE_EXTS if e in sample), None)
+        if ext is None:
+            raise BadSample("no image member (jpg/jpeg/png/webp)")
+        data = sample[ext]
+        try:
+            if self.decoder == "torchvision" and ext in ("jpg", "jpeg"):
+                import warnings
+
+                from torchvision.io import ImageReadMode, decode_jpeg
+
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8),
+                                       mode=ImageReadMode.RGB), ext
+            with Image.open(io.BytesIO(data)) as im:
+                im.load()  # decodes fully: a truncated or corrupt image fails here, not later
+                return (im if im.mode == "RGB" else im.convert("RGB")), ext
+        except (OSError, ValueError, SyntaxError, RuntimeError, Image.DecompressionBombError) as e:
+            raise BadSample(f"undecodable {ext} ({e})") from None
+
+    # -- geometry -------------------------------------------------------------------------------------------------
+    def _geometry(self, width: int, height: int, key: str, repeat: int):
+        """(box in source pixels (l, t, r, b), flip) for train; for eval (resized size, crop offset)."""
+        rng = sample_rng(self.seed, self.epoch, repeat, key)
+        left, top, w, h = rrc_params(width, height, tuple(self.crop_scale), tuple(self.ratio), rng)
+        return (left, top, left + w, top + h), bool(rng.random() < 0.5)
+
+    def _eval_size(self, width: int, height: int) -> tuple[int, int]:
+        r = self._resize  # torchvision Resize(int): short side to r, long side truncated
+        if width <= height:
+            return r, int(r * height / width)
+        return int(r * width / height), r
+
+    def __call__(self, sample: dict[str, Any], repeat: int = 0) -> dict[str, Any]:
+        key = sample.get("__key__", "")
+        if "cls" not in sample:
+            raise BadSample("no cls member")
+        try:
+            label = int(sample["cls"])
+        except ValueError:
+            raise BadSample(f"cls is not an integer: {sample['cls'][:20]!r}") from None
+        try:
+            meta = json.loads(sample["json"]) if "json" in sample else {}
+            if not isinstance(meta, dict):
+                meta = {}
+        except (ValueError, UnicodeDecodeError):
+            raise BadSample("json member is not valid JSON") from None
+        img, _ = self.decode(sample)
+        s = self.image_size
+        if isinstance(img, Image.Image):
+            width, height = img.size
+        else:
+            height, width = img.shape[-2:]
+        boxes = meta.get("boxes")
+        if self.train:
+            (l, t, r, b), flip = self._geometry(width, height, key, repeat)
+            if isinstance(img, Image.Image):
+                out = img.resize((s, s), Image.BILINEAR, box=(l, t, r, b))
+                if flip:
+                    out = out.transpose(Image.FLIP_LEFT_RIGHT)
+                pixels = torch.from_numpy(np.array(out, dtype=np.uint8)).permute(2, 0, 1)
+            else:
+                from torchvision.transforms.v2 import functional as TF
+
+                pixels = TF.resized_crop(img, t, l, b - t, r - l, [s, s], antialias=True)
+                if flip:
+                    pixels = pixels.flip(-1)
+            if boxes:
+                sx, sy = s / (r - l), s / (b - t)
+                boxes = _map_boxes(boxes, sx, sy, l * sx, t * sy, s, flip)
+        else:
+            rw, rh = self._eval_size(width, height)
+            dx, dy = int(round((rw - s) / 2.0)), int(round((rh - s) / 2.0))
+            if isinstance(img, Image.Image):
+                out = img.resize((rw, rh), Image.BILINEAR).crop((dx, dy, dx + s, dy + s))  # PIL pads outside
+                pixels = torch.from_numpy(np.array(out, dtype=np.uint8)).permute(2, 0, 1)
+            else:
+                from torchvision.transforms.v2 import functional as TF
+
+                pixels = TF.center_crop(TF.resize(img, [rh, rw], antialias=True), [s, s])
+            if boxes:
+                boxes = _map_boxes(boxes, rw / width, rh / height, dx, dy, s, False)
+        out_sample = {
+            "image": pixels,
+            "label": label,
+            "group": int(meta.get("group", -1)),
+            "key": key,
+            "labels": meta.get("labels"),
+            "boxes": boxes if boxes else meta.get("boxes"),
+            "box_labels": meta.get("box_labels"),
+        }
+        for name in self.members:
+            if name not in sample:
+                raise BadSample(f"no {name} member")
+            try:
+                out_sample[name] = torch.from_numpy(np.load(io.BytesIO(sample[name]), allow_pickle=False))
+            except (ValueError, OSError) as e:
+                raise BadSample(f"{name} is not a numeric .npy array ({e})") from None
+        return out_sample

@@ -1,0 +1,209 @@
+"""Reports of ``gte eval``: a rich table in the terminal, and ``--report DIR`` with Markdown and one self-contained
+HTML page (metric tables, per-group bars, a grid of images with teacher and student explanations, the shift curve).
+
+``DIR/report.md`` links the PNGs written next to it (``DIR/*.png``); ``DIR/report.html`` embeds the same PNGs as
+``data:image/png;base64`` URIs and loads nothing else, so it can be mailed or archived as one file.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Sequence
+
+from gte.errors import GteError
+
+if TYPE_CHECKING:
+    import torch.nn as nn
+    from rich.console import Console
+
+    from gte.evaluate import Example
+
+# (key, label) of the headline metrics; percentages unless noted
+ROWS = (("acc1", "acc@1"), ("acc5", "acc@5"), ("agreement", "top-1 agreement"),
+        ("explanation_similarity", "explanation similarity (cos)"), ("worst_group_acc", "worst-group acc"),
+        ("id_acc", "Waterbirds ID acc"), ("ood_acc", "Waterbirds OOD acc"), ("f1", "micro-F1 (logit > 0)"),
+        ("map", "mAP"), ("epg", "EPG"), ("iou", "IoU"))
+
+
+def _pct(v: object) -> str:
+    return f"{100 * v:.1f}" if isinstance(v, (int, float)) else "—"
+
+
+def metric_rows(metrics: dict) -> list[list[str]]:
+    """[label, student, teacher] for every headline metric present (percent, one decimal)."""
+    teacher = metrics.get("teacher", {})
+    return [[label, _pct(metrics.get(k)), _pct(teacher.get(k))] for k, label in ROWS if k in metrics or k in teacher]
+
+
+def group_rows(metrics: dict) -> list[list[str]]:
+    """[group, n, acc, agreement, teacher acc] per group."""
+    t = metrics.get("teacher", {}).get("groups", {})
+    agree = metrics.get("group_agreement", {})
+    return [[g, str(metrics["group_counts"][g]), _pct(acc), _pct(agree.get(g)), _pct(t.get(g))]
+            for g, acc in metrics.get("groups", {}).items()]
+
+
+def shift_rows(metrics: dict) -> list[list[str]]:
+    """[t, student cos, teacher cos] of the shift curve."""
+    s = metrics.get("shift", {})
+    teacher = s.get("teacher", [None] * len(s.get("t", [])))
+    return [[str(t), f"{a:.3f}", f"{b:.3f}" if b is not None else "—"] for t, a, b in zip(s.get("t", []),
+                                                                                         s.get("student", []), teacher)]
+
+
+def print_summary(metrics: dict, console: Console, title: str = "gte eval") -> None:
+    """The metric tables in the terminal (rich)."""
+    from rich.table import Table
+
+    def table(name: str, header: Sequence[str], rows: list[list[str]]) -> None:
+        if rows:
+            tab = Table(title=name)
+            for i, h in enumerate(header):
+                tab.add_column(h, justify="left" if i == 0 else "right")
+            for row in rows:
+                tab.add_row(*row)
+            console.print(tab)
+
+    table(f"{title}: {metrics['n']} samples (%)", ["metric", "student", "teacher"], metric_rows(metrics))
+    table("per group (%)", ["group", "n", "acc", "agreement", "teacher acc"], group_rows(metrics))
+    table("shift test: cosine to the unshifted explanation", ["shift px", "student", "teacher"], shift_rows(metrics))
+
+
+# --------------------------------------------------------------------------------------------- figures
+def _png(fig: object) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)  # type: ignore[attr-defined]
+    return buf.getvalue()
+
+
+def group_figure(metrics: dict) -> bytes:
+    """Bars per group: student accuracy, teacher accuracy, agreement."""
+    from matplotlib.figure import Figure
+
+    groups = list(metrics["groups"])
+    series = [("student acc", metrics["groups"])]
+    if "teacher" in metrics:
+        series += [("teacher acc", metrics["teacher"]["groups"]), ("agreement", metrics["group_agreement"])]
+    fig = Figure(figsize=(1.2 + 0.9 * len(groups) * len(series) / 2, 3.2))
+    ax = fig.subplots()
+    width = 0.8 / len(series)
+    for i, (name, vals) in enumerate(series):
+        ax.bar([j + i * width for j in range(len(groups))], [100 * vals[g] for g in groups], width, label=name)
+    ax.set_xticks([j + width * (len(series) - 1) / 2 for j in range(len(groups))], [f"group {g}" for g in groups])
+    ax.set_ylim(0, 118)  # head room for the legend above the bars
+    ax.set_yticks(range(0, 101, 20))
+    ax.set_ylabel("%")
+    ax.legend(fontsize=7, loc="upper center", ncol=len(series), frameon=False)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def shift_figure(metrics: dict) -> bytes:
+    """The shift curve: cosine to the unshifted explanation vs diagonal shift."""
+    from matplotlib.figure import Figure
+
+    s = metrics["shift"]
+    fig = Figure(figsize=(5, 3.2))
+    ax = fig.subplots()
+    ax.plot(s["t"], s["student"], "o-", label="student")
+    if "teacher" in s:
+        ax.plot(s["t"], s["teacher"], "s--", label="teacher")
+    ax.set_xlabel("diagonal shift (px)")
+    ax.set_ylabel("cosine over the overlap")
+    ax.set_xticks(s["t"][::2])
+    ax.legend()
+    fig.tight_layout()
+    return _png(fig)
+
+
+def grid_figure(examples: Sequence[Example], student: nn.Module, teacher: nn.Module | None,
+                names: Sequence[str], path: Path) -> None:
+    """Images with the teacher's and the student's explanations side by side (gte explain's renderer)."""
+    from gte.render import explain_rows, render
+
+    rows = explain_rows([(f"{e.key} (y={e.label}, g={e.group})", e.image) for e in examples], student, teacher)
+    render(rows, names, path)
+
+
+# --------------------------------------------------------------------------------------------- documents
+def _md_table(header: Sequence[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header), *("| " + " | ".join(r) + " |" for r in rows)]
+
+
+def _html_table(header: Sequence[str], rows: list[list[str]]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+CSS = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
+       "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:.3em .7em;text-align:right}"
+       "td:first-child,th:first-child{text-align:left}img{max-width:100%;border:1px solid #eee}"
+       "code{background:#f4f4f4;padding:0 .2em}")
+
+
+def write_report(out_dir: str | os.PathLike, metrics: dict, *, examples: Sequence[Example] = (),
+                 student: nn.Module | None = None, teacher: nn.Module | None = None,
+                 names: Sequence[str] | None = None, about: dict[str, str] | None = None) -> Path:
+    """Write ``report.md``, ``report.html``, ``metrics.json`` and the PNGs into ``out_dir``; return the HTML path."""
+    out = Path(out_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise GteError(f"{out}: cannot create the report directory ({e.strerror})") from None
+    images: dict[str, bytes] = {}
+    if metrics.get("groups"):
+        images["groups.png"] = group_figure(metrics)
+    if metrics.get("shift"):
+        images["shift.png"] = shift_figure(metrics)
+    if examples and student is not None:
+        grid = out / "grid.png"
+        from gte.models import info
+
+        names = names or [f"class {k}" for k in range(info(student).num_classes)]
+        grid_figure(examples, student, teacher, names, grid)
+        images["grid.png"] = grid.read_bytes()
+    for name, data in images.items():
+        (out / name).write_bytes(data)
+
+    sections: list[tuple[str, Sequence[str], list[list[str]], str | None, str]] = [
+        ("Metrics (%)", ["metric", "student", "teacher"], metric_rows(metrics), None, ""),
+        ("Per group (%)", ["group", "n", "acc", "agreement", "teacher acc"], group_rows(metrics), "groups.png",
+         "Worst-group accuracy is the lowest of these; Waterbirds OOD = groups 1 and 2 (group = 2·label + place)."),
+        ("Teacher and student explanations", [], [], "grid.png",
+         "Both models explain the teacher's top-1 class (the model's own top-1 without a teacher)."),
+        ("Shift test", ["shift px", "student", "teacher"], shift_rows(metrics), "shift.png",
+         "Cosine of the explanation of the diagonally shifted image with the unshifted one, over the overlap."),
+    ]
+    about = {"samples": str(metrics["n"]), **(about or {})}
+    md = ["# gte eval report", "", *(f"- **{k}**: `{v}`" for k, v in about.items()), ""]
+    body = [f"<h1>gte eval report</h1><ul>" + "".join(f"<li><b>{html.escape(k)}</b>: <code>{html.escape(v)}</code>"
+                                                      "</li>" for k, v in about.items()) + "</ul>"]
+    for title, header, rows, image, note in sections:
+        if not rows and image not in images:
+            continue
+        md += [f"## {title}", ""]
+        body.append(f"<h2>{html.escape(title)}</h2>")
+        if note:
+            md += [note, ""]
+            body.append(f"<p>{html.escape(note)}</p>")
+        if rows:
+            md += [*_md_table(header, rows), ""]
+            body.append(_html_table(header, rows))
+        if image in images:
+            md += [f"![{title}]({image})", ""]
+            uri = "data:image/png;base64," + base64.b64encode(images[image]).decode("ascii")
+            body.append(f'<img alt="{html.escape(title)}" src="{uri}">')
+    page = ("<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>gte eval report</title>"
+            f"<style>{CSS}</style></head><body>{''.join(body)}</body></html>\n")
+    for name, text in (("report.md", "\n".join(md)), ("report.html", page),
+                       ("metrics.json", json.dumps(metrics, indent=2))):
+        tmp = out / f".{name}.tmp"
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, out / name)
+    return out / "report.html"

@@ -1,0 +1,278 @@
+"""The shard loader: exact evaluation coverage over ranks × workers, equal training steps, bad data, no unpickling."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import pickle
+import random
+import subprocess
+import sys
+import tarfile
+import warnings
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+
+from gte.data import plan
+from gte.data.shards import DataWarning, make_loader, train_steps
+from gte.data.tario import expand_spec, scan_shard, shard_counts
+from gte.data.testing import corrupt_images, truncate_tar, write_jpeg_shards
+from gte.data.transforms import SampleTransform
+from gte.errors import GteError
+
+SIZES = [23, 7, 31, 0, 12]  # uneven, one empty tar
+
+
+@pytest.fixture(autouse=True)
+def _home(tmp_path, monkeypatch):
+    monkeypatch.setenv("GTE_HOME", str(tmp_path / "home"))  # shard-count cache per test
+
+
+@pytest.fixture(scope="module")
+def uneven(tmp_path_factory):
+    d = tmp_path_factory.mktemp("uneven")
+    return write_jpeg_shards(d, SIZES)
+
+
+def _keys(loader) -> list[str]:
+    return [k for b in loader for k in b["key"]]
+
+
+# ------------------------------------------------------------------------------------------------ plans (pure)
+
+
+def _materialise(plans, counts):
+    """(shard, index) of every sample each slot's pieces select."""
+    out = []
+    for pieces in plans:
+        got = []
+        for p in pieces:
+            j = int(p.url)
+            stop = counts[j] if p.stop is None else p.stop
+            got += [(j, i) for i in range(p.start, stop) if i % p.stride == p.offset]
+            assert p.size() is None or p.size() == len([i for i in range(p.start, stop) if i % p.stride == p.offset])
+        out.append(got)
+    return out
+
+
+@pytest.mark.parametrize("counts", [[23, 7, 31, 0, 12], [5], [0, 3], [100, 1, 1, 1, 1, 1, 1, 50], [2, 2]])
+@pytest.mark.parametrize("world,workers", [(1, 1), (2, 2), (3, 4), (8, 1)])
+def test_eval_plans_partition_the_samples(counts, world, workers):
+    urls = [str(j) for j in range(len(counts))]
+    everything = sorted((j, i) for j, c in enumerate(counts) for i in range(c))
+    for known in (counts, None):
+        slots = _materialise(plan.eval_plan(urls, known, world, workers), counts)
+        assert len(slots) == world * workers
+        flat = [s for slot in slots for s in slot]
+        assert sorted(flat) == everything  # every sample once: none lost, no duplicates
+        if known is not None:  # counted: slot sizes within one sample
+            sizes = [len(s) for s in slots]
+            assert max(sizes) - min(sizes) <= 1
+
+
+@pytest.mark.parametrize("counts,world,workers,batch", [([23, 7, 31, 0, 12], 2, 2, 4), ([40] * 5, 3, 2, 8),
+                                                        ([7, 9], 2, 3, 1), ([100], 4, 4, 2)])
+def test_train_plans_equal_steps_and_disjoint_ranges(counts, world, workers, batch):
+    urls = [str(j) for j in range(len(counts))]
+    n = sum(counts)
+    steps = plan.train_steps(n, batch, world)
+    quotas = plan.train_quotas(steps, batch, world, workers)
+    for r in range(world):  # every rank delivers steps · batch samples
+        assert sum(quotas[r * workers:(r + 1) * workers]) == steps * batch
+    for epoch in range(3):
+        slots = _materialise(plan.train_plan(urls, counts, steps=steps, batch_size=batch, world_size=world,
+                                             workers=workers, seed=1, epoch=epoch), counts)
+        flat = [s for slot in slots for s in slot]
+        assert len(flat) == len(set(flat)) == n  # ranges partition the data
+        assert all(len(s) >= q for s, q in zip(slots, quotas))  # no slot needs to repeat when data is clean
+    assert plan.epoch_order(10, 1, 0) != plan.epoch_order(10, 1, 1)  # new shard order every epoch
+
+
+# ---------------------------------------------------------------------------------------------- single process
+
+
+def test_counts_from_headers(uneven):
+    spec, keys = uneven
+    counts = shard_counts(expand_spec(spec))
+    assert [c.n for c in counts] == SIZES and not any(c.truncated for c in counts)
+    assert train_steps(spec, batch_size=8, world_size=2) == sum(SIZES) // 16
+
+
+@pytest.mark.parametrize("world,workers", [(2, 0), (3, 2)])  # 3 × 2 slots > 4 non-empty shards
+def test_eval_reads_everything_once_in_simulated_ranks(uneven, world, workers):
+    spec, keys = uneven
+    seen = []
+    for rank in range(world):
+        loader = make_loader(spec, train=False, image_size=16, batch_size=5, num_workers=workers,
+                             world_size=world, rank=rank)
+        got = _keys(loader)
+        assert loader.batches <= len(loader)
+        seen += got
+    assert sorted(seen) == sorted(keys) and len(seen) == len(set(seen))
+
+
+def test_train_epoch_is_exact_seeded_and_changes_per_epoch(uneven):
+    spec, keys = uneven
+    n, b = len(keys), 8
+
+    def epoch(e, workers=2, rank=0, world=1):
+        loader = make_loader(spec, train=True, image_size=16, batch_size=b, num_workers=workers, seed=3, epoch=e,
+                             shuffle_buffer=20, world_size=world, rank=rank)
+        batches = list(loader)
+        assert len(batches) == len(loader) == n // (b * world)
+        assert all(x["image"].shape == (b, 3, 16, 16) for x in batches)
+        return [k for x in batches for k in x["key"]]
+
+    e0, e1 = epoch(0), epoch(1)
+    assert len(set(e0)) == len(e0) == (n // b) * b  # distinct samples: all but the < batch remainder
+    assert e0 == epoch(0)  # seeded
+    assert e0 != e1  # and reshuffled per epoch
+    two = [epoch(0, rank=r, world=2) for r in range(2)]
+    assert len(two[0]) == len(two[1])  # same number of steps per rank
+    assert not set(two[0]) & set(two[1])
+
+
+def test_resume_mid_epoch_continues_the_same_stream(uneven):
+    spec, _ = uneven
+    kw = dict(train=True, image_size=16, batch_size=4, num_workers=2, seed=5, epoch=2, shuffle_buffer=10)
+    full = [b["key"] for b in make_loader(spec, **kw)]
+    tail = [b["key"] for b in make_loader(spec, start_batch=5, **kw)]
+    assert tail == full[5:]
+
+
+def test_images_boxes_and_groups(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    # 40×20 image, box on the right half; eval: resize short side 20 → 10, centre crop 10 → x offset 5
+    buf = io.BytesIO()
+    Image.fromarray(np.zeros((20, 40, 3), np.uint8)).save(buf, "PNG")
+    sample = {"__key__": "k", "png": buf.getvalue(), "cls": b"3",
+              "json": json.dumps({"group": 1, "boxes": [[20, 0, 40, 20]], "box_labels": [3], "labels": [3]}).encode()}
+    out = SampleTransform(False, 10, eval_resize=10)(sample)
+    assert out["image"].shape == (3, 10, 10) and out["label"] == 3 and out["group"] == 1
+    assert out["boxes"] == [[5.0, 0.0, 10.0, 10.0]] and out["labels"] == [3] and out["box_labels"] == [3]
+    tr = SampleTransform(True, 8, crop_scale=(1.0, 1.0), ratio=(2.0, 2.0), seed=0)(sample)
+    x0, y0, x1, y1 = tr["boxes"][0]
+    assert (y0, y1) == (0.0, 8.0) and x1 - x0 == pytest.approx(4.0)  # whole image kept, half of it is the box
+
+
+# --------------------------------------------------------------------------------------------------- bad data
+
+
+def test_bad_data_is_skipped_counted_and_bounded(tmp_path):
+    spec, keys = write_jpeg_shards(tmp_path, [90, 70, 100, 60, 81])  # 401 samples
+    bad = {keys[95], keys[100], keys[265], keys[300]}  # 1 % of the 400 usable ones
+    corrupt_images(tmp_path / "data-000001.tar", {keys[95], keys[100]})
+    corrupt_images(tmp_path / "data-000003.tar", {keys[265], keys[300]})
+    truncate_tar(tmp_path / "data-000004.tar")  # cuts the last sample
+    (tmp_path / "data-000005.tar").write_bytes(b"")  # a 0-byte shard is harmless
+    spec = str(tmp_path / "data-{000000..000005}.tar")
+    assert scan_shard(str(tmp_path / "data-000004.tar")).truncated
+    with pytest.warns(DataWarning, match="data-000004.tar"):
+        loader = make_loader(spec, train=False, image_size=16, batch_size=16, num_workers=2)
+    seen = _keys(loader)
+    assert sorted(seen) == sorted(set(keys[:400]) - bad)
+    assert loader.skipped == 4 and loader.stats()["bad_fraction"] == 0.01
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DataWarning)
+        train = make_loader(spec, train=True, image_size=16, batch_size=16, num_workers=2)
+        assert len(list(train)) == 25 and train.skipped == 4  # 1 %: not more than the limit, training goes on
+        corrupt_images(tmp_path / "data-000002.tar", set(keys[160:190]))  # now 34 of 400 (8.5 %)
+        with pytest.raises(GteError, match=r"unreadable, more than data.max_bad_fraction = 1 %.*000\d+"):
+            list(make_loader(spec, train=True, image_size=16, batch_size=16, num_workers=2))
+        assert len(list(make_loader(spec, train=True, image_size=16, batch_size=16, max_bad_fraction=0.1))) == 25
+
+
+def test_unexpected_truncation_while_reading(tmp_path):
+    """A shard cut after it was counted (stale cache) ends with a warning; the missing samples count as skipped."""
+    spec, keys = write_jpeg_shards(tmp_path, [20, 20])
+    shard_counts(expand_spec(spec))  # counted while whole
+    path = tmp_path / "data-000001.tar"
+    with tarfile.open(path) as tar:
+        cut = [m for m in tar][30].offset_data + 5  # inside sample 10 of that shard
+    with open(path, "r+b") as f:
+        f.truncate(cut)
+    from gte.data import tario
+
+    st = os.stat(path)
+    tario._mem_cache[(str(path), st.st_size, st.st_mtime_ns)] = tario.ShardCount(20)  # a stale count
+    with pytest.warns(DataWarning, match="truncated"):
+        loader = make_loader(spec, train=False, image_size=16, batch_size=8, max_bad_fraction=1.0)
+        seen = _keys(loader)
+    assert sorted(seen) == sorted(keys[:30]) and loader.skipped == 10
+
+
+def test_missing_and_empty_specs_fail_in_one_line(tmp_path):
+    write_jpeg_shards(tmp_path, [3])
+    with pytest.raises(GteError, match=r"shard file not found: \S*data-000001.tar$"):
+        make_loader(str(tmp_path / "data-{000000..000001}.tar"), train=False, image_size=16, batch_size=2)
+    with pytest.raises(GteError, match="matches no files"):
+        expand_spec(str(tmp_path / "*.tgz"))
+    assert expand_spec(str(tmp_path)) == [str(tmp_path / "data-000000.tar")]  # a directory: its *.tar
+    (tmp_path / "z-000000.tar").write_bytes(b"")
+    with pytest.raises(GteError, match="no samples"):
+        make_loader(str(tmp_path / "z-000000.tar"), train=True, image_size=16, batch_size=2)
+
+
+class _Bomb:
+    def __reduce__(self):
+        return (os.system, (f"touch {os.environ['GTE_BOMB']}",))
+
+
+def test_pth_members_are_never_unpickled(tmp_path, monkeypatch):
+    flag = tmp_path / "unpickled"
+    monkeypatch.setenv("GTE_BOMB", str(flag))
+    spec, keys = write_jpeg_shards(tmp_path, [6], extra={"logits.pth": pickle.dumps(_Bomb())})
+    assert len(_keys(make_loader(spec, train=False, image_size=16, batch_size=4))) == 6
+    assert len(_keys(make_loader(spec, train=True, image_size=16, batch_size=2, num_workers=2))) == 6
+    assert not flag.exists()
+    with pytest.raises(GteError, match="never"):
+        make_loader(spec, train=False, image_size=16, batch_size=4, members=("logits.pth",))
+    assert os.environ.get("WDS_PYTORCH_WEIGHTS_ONLY") == "1"
+    # numeric members come back as tensors, loaded without pickle
+    import numpy as np
+
+    buf = io.BytesIO()
+    np.save(buf, np.arange(3, dtype=np.float16))
+    spec2, _ = write_jpeg_shards(tmp_path / "npy", [4], extra={"logits.npy": buf.getvalue()})
+    batch = next(make_loader(spec2, train=False, image_size=16, batch_size=4, members=("logits.npy",)))
+    assert batch["logits.npy"].shape == (4, 3) and batch["logits.npy"].dtype == torch.float16
+
+
+# ------------------------------------------------------------------------------------------- real multi-process
+
+
+def test_torchrun_two_ranks_two_workers_exact_eval_and_equal_train_steps(tmp_path, uneven):
+    spec, keys = uneven
+    torchrun = str(Path(sys.executable).parent / "torchrun")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    results = {}
+    for mode, spec_ in (("eval", spec), ("train", spec)):
+        out = tmp_path / mode
+        out.mkdir()
+        cmd = [torchrun, "--nproc_per_node", "2", "--master_port", str(random.randint(20000, 40000)),
+               "-m", "gte.data.testing", spec_, str(out), mode, "2", "4", "1"]
+        res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+        assert res.returncode == 0, res.stderr[-3000:]
+        results[mode] = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+    ev = results["eval"]
+    seen = ev[0]["keys"] + ev[1]["keys"]
+    assert sorted(seen) == sorted(keys)  # the union is the shard set's keys ...
+    assert not [k for k, c in Counter(seen).items() if c > 1]  # ... with no duplicates
+    tr = results["train"]
+    steps = len(keys) // (2 * 4)
+    assert [r["batches"] for r in tr] == [steps, steps] == [r["len"] for r in tr]
+    both = tr[0]["keys"] + tr[1]["keys"]
+    assert len(both) == len(set(both)) == steps * 8
+
+
+def test_bench_smoke(tmp_path):
+    from gte.data.bench import run_bench
+
+    r = run_bench(workers=[1], images=12, image_size=32, batch_size=4, decoders=["pil"], model=None)
+    assert r["jpeg"]["width"] == 500 and r["loader"][0]["img_per_s"] > 0

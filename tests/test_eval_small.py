@@ -1,0 +1,160 @@
+"""gte.evaluate on tiny constructed sets with known answers: agreement, (worst-)group accuracy, Waterbirds ID/OOD,
+multi-label F1/mAP, EPG/IoU through the loader (boxes follow Resize + CenterCrop)."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import webdataset as wds
+from PIL import Image
+
+from gte import metrics as M
+from gte.config import DataConfig
+from gte.evaluate import EvalOptions, evaluate, run_eval
+from gte.models import IMAGENET_MEAN, IMAGENET_STD, ModelInfo
+
+STEP = 20  # sample i is a flat grey image of value i·STEP, so a model can tell the samples apart
+
+
+def write_shards(path: Path, metas: list[dict], size: int = 8, per_shard: int = 1000,
+                 labels: list[int] | None = None, image_size: tuple[int, int] | None = None) -> str:
+    """Write sample i as a flat image of value i·STEP with ``cls`` and ``json`` = metas[i]; return the spec."""
+    path.mkdir(parents=True, exist_ok=True)
+    n, urls = len(metas), []
+    for s in range(-(-n // per_shard)):
+        url = str(path / f"s-{s:06d}.tar")
+        urls.append(url)
+        with wds.TarWriter(url) as sink:
+            for i in range(s * per_shard, min(n, (s + 1) * per_shard)):
+                buf = io.BytesIO()
+                Image.new("RGB", image_size or (size, size), (i * STEP,) * 3).save(buf, format="PNG")
+                label = labels[i] if labels else metas[i].get("y", 0)
+                sink.write({"__key__": f"{i:06d}", "png": buf.getvalue(), "cls": str(label).encode(),
+                            "json": json.dumps(metas[i]).encode()})
+    return urls[0] if len(urls) == 1 else str(path / f"s-{{000000..{len(urls) - 1:06d}}}.tar")
+
+
+class Lookup(nn.Module):
+    """A standard (GradCAM) "model" whose logits for sample i are ``table[i]``, decoded from the grey value."""
+
+    def __init__(self, table: list[list[float]]):
+        super().__init__()
+        self.table = torch.tensor(table)
+        self.feat = nn.Conv2d(3, 1, 1)  # the GradCAM layer
+        self.gte_info = ModelInfo("lookup", self.table.shape[1], False, "feat")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        raw = x * torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) + torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+        idx = (raw.mean(dim=(1, 2, 3)) * 255 / STEP).round().long()
+        return self.table[idx] + 0 * self.feat(x).mean(dim=(1, 2, 3))[:, None]
+
+
+def one_hot_logits(preds: list[int], num_classes: int) -> list[list[float]]:
+    """Top-1 = the prediction; the other classes strictly ordered by index (no ties for top-k)."""
+    return [[(1.0 if k == p else 0.0) - 0.01 * k for k in range(num_classes)] for p in preds]
+
+
+DATA = DataConfig(image_size=8, eval_resize=8, num_workers=0)
+
+
+def test_agreement_and_group_accuracy_known_answers(tmp_path):
+    labels = [0, 1, 2, 0, 1, 2]
+    groups = [0, 0, 0, 1, 1, 1]
+    spec = write_shards(tmp_path, [{"group": g} for g in groups], labels=labels)
+    student_preds, teacher_preds = [0, 1, 2, 1, 2, 2], [0, 1, 2, 0, 1, 1]
+    s_table = one_hot_logits(student_preds, 6)
+    s_table[5] = [5.0, 4.0, 0.0, 3.0, 2.0, 1.0]  # sample 5 (label 2): top-1 is 0 and the label is ranked last
+    m = evaluate(Lookup(s_table), spec, data=DATA, teacher=Lookup(one_hot_logits(teacher_preds, 6)), batch_size=4)
+    assert m["n"] == 6 and m["acc1"] == pytest.approx(3 / 6) and m["acc5"] == pytest.approx(5 / 6)
+    assert m["groups"] == {"0": 1.0, "1": pytest.approx(0.0)}  # sample 4 -> 2 (label 1), sample 5 -> 0
+    assert m["worst_group_acc"] == 0.0 and m["group_counts"] == {"0": 3, "1": 3}
+    assert m["agreement"] == pytest.approx(3 / 6)  # [0,1,2,1,2,0] vs [0,1,2,0,1,1]
+    assert m["group_agreement"] == {"0": 1.0, "1": 0.0}
+    assert m["teacher"]["acc1"] == pytest.approx(5 / 6) and m["teacher"]["groups"]["1"] == pytest.approx(2 / 3)
+    assert m["explainer"] == "gradcam" and m["skipped"] == 0 and "waterbirds" not in m
+
+
+@pytest.mark.parametrize("flag", [None, True])
+def test_waterbirds_id_ood(tmp_path, flag):
+    # group = 2·y + place; OOD = landbird on water (1) and waterbird on land (2)
+    ys, places = [0, 0, 0, 1, 1, 1, 0, 1], [0, 1, 1, 0, 0, 1, 0, 1]
+    preds = [0, 1, 0, 0, 1, 1, 0, 0]  # right: 0, 2, 4, 5, 6 ; OOD samples 1, 2, 3, 4 -> 2 of 4 right
+    spec = write_shards(tmp_path, [{"group": 2 * y + p} for y, p in zip(ys, places)], labels=ys)
+    m = evaluate(Lookup(one_hot_logits(preds, 2)), spec, data=DATA, waterbirds=flag)
+    assert m["waterbirds"] is True
+    assert m["ood_acc"] == pytest.approx(2 / 4) and m["id_acc"] == pytest.approx(3 / 4)
+    assert m["groups"] == {"0": 1.0, "1": 0.5, "2": 0.5, "3": 0.5}
+    m2 = evaluate(Lookup(one_hot_logits(preds, 2)), spec, data=DATA, waterbirds=False)
+    assert "ood_acc" not in m2
+
+
+def test_multilabel_f1_map_through_evaluate(tmp_path):
+    from sklearn.metrics import average_precision_score, f1_score
+
+    rng = np.random.default_rng(0)
+    n, c = 12, 5
+    label_sets = [sorted(set(rng.choice(c, size=rng.integers(1, 3), replace=False).tolist())) for _ in range(n)]
+    table = np.round(rng.normal(size=(n, c)), 2).tolist()
+    spec = write_shards(tmp_path, [{"labels": ls} for ls in label_sets], labels=[ls[0] for ls in label_sets])
+    m = evaluate(Lookup(table), spec, data=DATA, batch_size=5)
+    targets = np.stack([M.multi_hot(ls, c) for ls in label_sets])
+    scores = np.asarray(table, dtype=np.float32)
+    keep = targets.sum(0) > 0
+    assert m["f1"] == pytest.approx(f1_score(targets, scores > 0, average="micro"))
+    assert m["map"] == pytest.approx(average_precision_score(targets[:, keep], scores[:, keep]), abs=1e-6)
+    assert m["multilabel_n"] == n
+
+
+def test_boxes_follow_resize_and_centre_crop(tmp_path):
+    from gte.data.shards import make_loader
+
+    # 40×20 image -> Resize(short 10) = 20×10 -> CenterCrop(8): x offset round(6) = 6, y offset 1
+    spec = write_shards(tmp_path, [{"boxes": [[12, 2, 28, 18], [0, 0, 4, 4]], "box_labels": [1, 0]}],
+                        image_size=(40, 20))
+    batch = next(make_loader(spec, train=False, image_size=8, eval_resize=10, batch_size=1))
+    assert batch["image"].shape == (1, 3, 8, 8)
+    assert batch["boxes"][0][0] == pytest.approx([0.0, 0.0, 8.0, 8.0])  # [6, 1, 14, 9] - offset [6, 1, 6, 1]
+    assert batch["boxes"][0][1] == pytest.approx([0.0, 0.0, 0.0, 1.0])  # [0, 0, 2, 2] - offset, clamped
+    assert batch["box_labels"] == [[1, 0]] and batch["labels"] == [None]
+
+
+def test_epg_iou_through_evaluate_match_direct_computation(tmp_path):
+    from gte.explain import contribution_map, explain
+    from gte.models import build_model, to_model_input
+
+    torch.manual_seed(0)
+    model = build_model("bcos_cifar_resnet20", 3).eval()
+    boxes = [[[1, 1, 5, 6]], [[2, 0, 8, 3], [0, 5, 3, 8]], [[0, 0, 8, 8]]]
+    metas = [{"boxes": b, "box_labels": [i % 3] * len(b)} for i, b in enumerate(boxes)]
+    spec = write_shards(tmp_path, metas, labels=[0, 1, 2])
+    out = run_eval(model, spec, data=DATA, options=EvalOptions(batch_size=2))
+    images = torch.stack([torch.full((3, 8, 8), i * STEP / 255) for i in range(3)])
+    x = to_model_input(model.gte_info, images)
+    attr = contribution_map(x, explain(model, x, torch.tensor([0, 1, 2]), "bcos"))
+    masks = [M.box_mask(b, 8, 8) for b in boxes]
+    epg = np.mean([M.energy_pointing_game(a, mk) for a, mk in zip(attr, masks)])
+    iou = np.mean([M.box_iou(a, mk) for a, mk in zip(attr, masks)])
+    assert out.metrics["localisation_n"] == 3
+    assert out.metrics["epg"] == pytest.approx(epg, abs=1e-5) and out.metrics["iou"] == pytest.approx(iou, abs=1e-6)
+
+
+def test_shift_curve_and_examples(tmp_path):
+    from gte.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("bcos_cifar_resnet20", 2).eval()
+    spec = write_shards(tmp_path, [{"group": i % 2} for i in range(5)], size=16)
+    data = DataConfig(image_size=16, eval_resize=16, num_workers=0)
+    out = run_eval(model, spec, data=data, teacher=model,
+                   options=EvalOptions(batch_size=2, shift=True, shift_max=3, shift_samples=3, examples=2))
+    s = out.metrics["shift"]
+    assert s["t"] == [0, 1, 2, 3] and s["n"] == 3 and s["student"][0] == pytest.approx(1.0)
+    assert s["student"] == pytest.approx(s["teacher"])  # the same network
+    assert out.metrics["explanation_similarity"] == pytest.approx(1.0) and out.metrics["agreement"] == 1.0
+    assert [e.group for e in out.examples] == [0, 1] and out.examples[0].image.shape == (3, 16, 16)

@@ -1,0 +1,124 @@
+"""``gte eval --report``: Markdown + self-contained HTML whose images decode (Python parser) and render (headless
+Chromium, when installed), and the terminal tables. The HTML helpers here are reused by tests/test_eval_demo.py."""
+
+from __future__ import annotations
+
+import base64
+import io
+import re
+import shutil
+import subprocess
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+
+
+class _Refs(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.images: list[str] = []
+        self.external: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        a = dict(attrs)
+        if tag == "img":
+            self.images.append(a.get("src") or "")
+        elif a.get("src") or a.get("href"):  # scripts, stylesheets, frames, links: nothing may be loaded
+            self.external.append(f"<{tag}> {a}")
+
+
+def check_html_images(path: Path) -> list[tuple[int, int]]:
+    """Every <img> is a decodable ``data:image/png;base64`` URI and nothing external is referenced; → image sizes."""
+    parser = _Refs()
+    parser.feed(path.read_text(encoding="utf-8"))
+    assert parser.images, "no images in the report"
+    assert not parser.external, parser.external
+    sizes = []
+    for src in parser.images:
+        assert src.startswith("data:image/png;base64,"), src[:60]
+        with Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1], validate=True))) as im:
+            im.load()
+            sizes.append(im.size)
+    return sizes
+
+
+def chromium_loaded_images(path: Path, tmp: Path) -> tuple[int, int, list[str]]:
+    """Open a copy of the page (plus a probe script) in headless Chromium: (images loaded, images, natural sizes)."""
+    probe = ("<script>addEventListener('load',()=>{const i=[...document.images];const p=document.createElement('pre');"
+             "p.textContent='GTE-PROBE '+i.filter(x=>x.complete&&x.naturalWidth>0).length+' '+i.length+' '+"
+             "i.map(x=>x.naturalWidth+'x'+x.naturalHeight).join(',');document.body.appendChild(p);});</script>")
+    page = tmp / "probe.html"
+    page.write_text(path.read_text(encoding="utf-8").replace("</body>", probe + "</body>"), encoding="utf-8")
+    res = subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=5000",
+                          f"--user-data-dir={tmp / 'chrome-profile'}", "--dump-dom", page.as_uri()],
+                         capture_output=True, text=True, timeout=120)
+    found = re.search(r"GTE-PROBE (\d+) (\d+) ([\dx,]*)", res.stdout)
+    assert found, f"Chromium printed no probe result: {res.stderr[-2000:]}"
+    return int(found.group(1)), int(found.group(2)), found.group(3).split(",")
+
+
+METRICS = {
+    "n": 6, "acc1": 0.5, "acc5": 1.0, "agreement": 0.5, "explanation_similarity": 0.84,
+    "groups": {"0": 1.0, "1": 0.25}, "group_counts": {"0": 2, "1": 4}, "worst_group_acc": 0.25,
+    "group_agreement": {"0": 1.0, "1": 0.5}, "epg": 0.6, "iou": 0.2,
+    "shift": {"t": [0, 1, 2], "n": 6, "student": [1.0, 0.8, 0.7], "teacher": [1.0, 0.9, 0.85]},
+    "teacher": {"acc1": 1.0, "acc5": 1.0, "groups": {"0": 1.0, "1": 1.0}, "epg": 0.7, "iou": 0.3},
+}
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    import torch
+
+    from gte.evaluate import Example
+    from gte.models import build_model
+    from gte.report import write_report
+
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("report")
+    student, teacher = build_model("bcos_cifar_resnet20", 2).eval(), build_model("bcos_cifar_resnet20", 2).eval()
+    examples = [Example(f"{i:06d}", torch.rand(3, 16, 16), i % 2, i % 2) for i in range(2)]
+    page = write_report(out, METRICS, examples=examples, student=student, teacher=teacher, names=["cat", "dog"],
+                        about={"model": "s.safetensors"})
+    return out, page
+
+
+def test_report_files_and_markdown(report):
+    out, page = report
+    assert page == out / "report.html"
+    for name in ("report.md", "metrics.json", "groups.png", "shift.png", "grid.png"):
+        assert (out / name).is_file(), name
+    md = (out / "report.md").read_text()
+    assert "| acc@1 | 50.0 | 100.0 |" in md and "| worst-group acc | 25.0 | — |" in md
+    assert "| 1 | 4 | 25.0 | 50.0 | 100.0 |" in md  # group 1: n, acc, agreement, teacher acc
+    assert "| 2 | 0.700 | 0.850 |" in md  # the shift curve
+    for image in ("groups.png", "shift.png", "grid.png"):
+        assert f"]({image})" in md
+
+
+def test_report_html_is_self_contained(report):
+    _, page = report
+    sizes = check_html_images(page)
+    assert len(sizes) == 3 and all(w > 100 and h > 100 for w, h in sizes)
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="no headless Chromium installed (apt-get install chromium)")
+def test_report_renders_in_headless_chromium(report, tmp_path):
+    _, page = report
+    loaded, total, sizes = chromium_loaded_images(page, tmp_path)
+    assert (loaded, total) == (3, 3) and "0x0" not in sizes
+
+
+def test_terminal_tables():
+    from rich.console import Console
+
+    from gte.report import print_summary
+
+    console = Console(file=io.StringIO(), width=120, color_system=None)
+    print_summary(METRICS, console)
+    text = console.file.getvalue()
+    assert "explanation similarity" in text and "84.0" in text and "0.850" in text and "25.0" in text
