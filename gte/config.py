@@ -42,6 +42,7 @@ class DistillConfig:
     lambda_exp: float = 1.0
     ce_weight: float = 0.0
     guided_every: int = 1         # explanation term on every K-th step only
+    multilabel: bool = False      # multi-label data (VOC): binary KD per class, labels from json.labels
 
 
 @dataclass

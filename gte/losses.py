@@ -21,8 +21,23 @@ def explanation_loss(student_maps: torch.Tensor, teacher_maps: torch.Tensor) -> 
     return (1.0 - F.cosine_similarity(s, t, dim=1, eps=1e-8)).mean()
 
 
+def multilabel_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Multi-label KD (VOC): T² · Σ_classes KL(Bernoulli(σ(t/T)) ‖ Bernoulli(σ(s/T))), averaged over the batch."""
+    t = temperature
+    s, q = student_logits.float() / t, teacher_logits.float() / t
+    p_t = torch.sigmoid(q)
+    # log σ(z) = -softplus(-z), log(1 - σ(z)) = -softplus(z): stable for large |z|
+    kl = p_t * (F.softplus(-s) - F.softplus(-q)) + (1 - p_t) * (F.softplus(s) - F.softplus(q))
+    return t * t * kl.sum(1).mean()
+
+
 def classification_loss(logits: torch.Tensor, labels: torch.Tensor, bcos: bool) -> torch.Tensor:
-    """Label loss: BCE-with-logits on one-hot targets for B-cos models (their convention), cross-entropy otherwise."""
+    """Label loss: BCE-with-logits on one-hot targets for B-cos models (their convention), cross-entropy otherwise.
+
+    ``labels`` of shape N×C (multi-hot, multi-label data) always take BCE.
+    """
+    if labels.ndim == 2:
+        return F.binary_cross_entropy_with_logits(logits.float(), labels.float())
     if bcos:
         onehot = F.one_hot(labels.long(), logits.shape[1]).to(logits.dtype)
         return F.binary_cross_entropy_with_logits(logits.float(), onehot.float())  # mean over N·C, as bcos

@@ -353,6 +353,18 @@ def train(recipe: Recipe, console: Console | None = None) -> TrainResult:
     return TrainResult(out=out, model=model, metrics=epoch_record)
 
 
+def multi_hot(batch: dict, num_classes: int, source: str) -> torch.Tensor:
+    """N×C targets from each sample's ``json.labels`` (multi-label data such as VOC)."""
+    out = torch.zeros(len(batch["labels"]), num_classes)
+    for i, labels in enumerate(batch["labels"]):
+        if labels is None:
+            raise GteError(f"distill.multilabel is set but a sample in {source} has no json.labels")
+        if any(not 0 <= c < num_classes for c in labels):
+            raise GteError(f"label {max(labels)} in {source}, but data.num_classes = {num_classes}")
+        out[i, list(labels)] = 1.0
+    return out
+
+
 def apply_update(accelerator, student: nn.Module, optimizer, scheduler, clip: str, clip_value: float) -> None:
     """Clip the (synchronised) gradients, step optimiser and schedule, clear the gradients."""
     if clip == "agc":
@@ -380,10 +392,11 @@ def accumulate_gradients(accelerator, method, student, loader, recipe: Recipe, s
         except StopIteration:
             raise GteError(f"{d.train} ran out of samples before the epoch's last step "
                            "(data.train_size larger than the shards?)") from None
-        if batch["label"].min() < 0 or batch["label"].max() >= d.num_classes:
-            raise GteError(f"label {int(batch['label'].max())} in {d.train}, but data.num_classes = {d.num_classes}")
+        labels = multi_hot(batch, d.num_classes, d.train) if recipe.distill.multilabel else batch["label"]
+        if labels.ndim == 1 and (labels.min() < 0 or labels.max() >= d.num_classes):
+            raise GteError(f"label {int(labels.max())} in {d.train}, but data.num_classes = {d.num_classes}")
         images = batch["image"].to(accelerator.device, non_blocking=True)
-        labels = batch["label"].to(accelerator.device, non_blocking=True)
+        labels = labels.to(accelerator.device, non_blocking=True)
         sync = contextlib.nullcontext() if j == accum - 1 else accelerator.no_sync(student)
         with sync:
             with accelerator.autocast():

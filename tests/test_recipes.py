@@ -19,7 +19,7 @@ PAPER = [name for name in shipped_recipes() if name != "demo"]
 def test_recipes_are_listed_with_a_summary():
     listed = shipped_recipes()
     assert {"demo", "imagenet", "imagenet-fewshot", "imagenet-fewshot-200", "imagenet-fewshot-std", "imagenet-vit",
-            "waterbirds"} <= set(listed)
+            "waterbirds", "voc"} <= set(listed)
     assert all(len(summary) > 20 for summary in listed.values())
 
 
