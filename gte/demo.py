@@ -63,13 +63,14 @@ def prepare(recipe: Recipe, console: Console) -> Recipe:
 
 
 ROWS = (("acc1", "acc"), ("aligned", "aligned acc"), ("conflicting", "conflicting acc"),
-        ("agreement", "agreement"), ("explanation_similarity", "expl. sim."))
+        ("agreement", "agreement"), ("explanation_similarity", "expl. sim."), ("epg", "EPG"))
 
 
 def _row(metrics: dict) -> dict[str, float]:
     g = metrics.get("groups", {})
     return {"acc1": metrics["acc1"], "aligned": g.get("0", float("nan")), "conflicting": g.get("1", float("nan")),
-            "agreement": metrics.get("agreement", 1.0), "explanation_similarity": metrics.get("explanation_similarity", 1.0)}
+            "agreement": metrics.get("agreement", 1.0), "explanation_similarity": metrics.get("explanation_similarity", 1.0),
+            "epg": metrics.get("epg", float("nan"))}
 
 
 def run_demo(recipe: Recipe, console: Console) -> dict[str, dict[str, float]]:
