@@ -24,13 +24,7 @@ NUM_CLASSES = 10
 CLASSES = torch.tensor([1, 4, 7])  # a different class for every sample
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one intra-op thread is as fast, and avoids 100x slowdowns from OpenMP spinning on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def calibrated(name: str, size: int, seed: int = 0) -> nn.Module:

@@ -31,13 +31,7 @@ NAMES = ["heron", "puffin", "osprey", "wren"]
 SIZE = 32
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one intra-op thread is as fast and does not fight the other processes for the 2 cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def calibrated(name: str, seed: int) -> nn.Module:
