@@ -149,6 +149,37 @@ def explain(
                    image_size=image_size, eval_resize=eval_resize, classes_file=classes)
 
 
+@app.command()
+def precompute(recipe: str = typer.Option(..., "--recipe", "-r", help="Shipped recipe name or a TOML file."),
+               set_: Optional[List[str]] = SetOpt,
+               out: Path = typer.Option(..., "--out", "-o", help="Directory for the new shards."),
+               map_scale: int = typer.Option(1, "--map-scale", help="Store maps at 1/1, 1/2 or 1/4 resolution."),
+               batch_size: int = typer.Option(0, "--batch-size", help="Teacher batch (0 = optim.batch_size).")) -> None:
+    """Run the teacher once over data.train and write shards with its logits and explanations (frozen e2KD).
+
+    Then train with `--set distill.frozen=true --set data.train='OUT/<shards>'`; torchrun splits shards over ranks.
+    """
+    from gte.precompute import precompute as run
+
+    if batch_size < 0:
+        raise GteError("--batch-size must not be negative")
+    run(_recipe(recipe, set_, None), out, map_scale=map_scale, batch_size=batch_size, console=err)
+
+
+@app.command()
+def bench(recipe: str = RecipeOpt, set_: Optional[List[str]] = SetOpt,
+          steps: int = typer.Option(10, "--steps", help="Timed steps per row (after warm-up)."),
+          batch: int = typer.Option(0, "--batch", help="Batch size (0 = optim.batch_size)."),
+          warmup: int = typer.Option(1, "--warmup", help="Untimed steps per row first."),
+          json_out: Optional[str] = typer.Option(None, "--json", help="Also write the results as JSON.")) -> None:
+    """Time one training step of CE, KD, e2KD live (K=1, K=16), e2KD frozen and a reference e2KD step."""
+    from gte.bench import bench_command
+
+    if steps < 1 or batch < 0 or warmup < 0:
+        raise GteError("--steps must be positive, --batch and --warmup not negative")
+    bench_command(_recipe(recipe, set_, None), steps=steps, batch=batch, warmup=warmup, json_out=json_out)
+
+
 @app.command("fetch-teachers")
 def fetch_teachers(
     names: Optional[List[str]] = typer.Argument(None, help="Catalog names (default: the whole catalog)."),

@@ -43,6 +43,7 @@ class DistillConfig:
     ce_weight: float = 0.0
     guided_every: int = 1         # explanation term on every K-th step only
     multilabel: bool = False      # multi-label data (VOC): binary KD per class, labels from json.labels
+    frozen: bool = False          # teacher-free: logits + map stored by `gte precompute` in data.train's shards
 
 
 @dataclass

@@ -76,7 +76,14 @@ def validate(recipe: Recipe) -> None:
     if d.method not in METHODS:
         raise GteError(f"unknown distill.method '{d.method}' (known: {', '.join(METHODS)})")
     check_arch(recipe.student.arch)
-    if METHODS[d.method].needs_teacher:
+    if d.frozen:
+        if not METHODS[d.method].needs_teacher:
+            raise GteError(f"distill.frozen needs method kd or e2kd, not '{d.method}' (frozen teaching replaces a "
+                           "teacher)")
+        from gte.precompute import check_frozen_shards
+
+        check_frozen_shards(recipe)
+    elif METHODS[d.method].needs_teacher:
         check_arch(recipe.teacher.arch)
         if not recipe.teacher.weights:
             raise GteError("teacher.weights is empty: a distillation teacher must be trained")
@@ -225,8 +232,8 @@ def train(recipe: Recipe, console: Console | None = None) -> TrainResult:
     main = accelerator.is_main_process
 
     student = build_model(recipe.student.arch, d.num_classes, recipe.student.weights or None)
-    teacher = None
-    if METHODS[recipe.distill.method].needs_teacher:
+    teacher = None  # frozen teaching: never built nor loaded, the shards carry its outputs
+    if METHODS[recipe.distill.method].needs_teacher and not recipe.distill.frozen:
         teacher = freeze(build_model(recipe.teacher.arch, d.num_classes, recipe.teacher.weights))
         teacher.to(accelerator.device)
     optimizer = build_optimizer(recipe, student.parameters())
@@ -295,7 +302,8 @@ def train(recipe: Recipe, console: Console | None = None) -> TrainResult:
                                      crop_scale=tuple(d.crop_scale), num_workers=d.num_workers,
                                      shuffle_buffer=d.shuffle_buffer, seed=r.seed, epoch=epoch,
                                      train_size=d.train_size, max_bad_fraction=d.max_bad_fraction,
-                                     start_batch=first * o.grad_accum)  # resume: skips without decoding
+                                     start_batch=first * o.grad_accum,  # resume: skips without decoding
+                                     **frozen_members(recipe))
                 sums: dict[str, torch.Tensor] = {}
                 t_epoch = time.time()
                 for i in range(first, steps_per_epoch):
@@ -353,6 +361,28 @@ def train(recipe: Recipe, console: Console | None = None) -> TrainResult:
     return TrainResult(out=out, model=model, metrics=epoch_record)
 
 
+def frozen_members(recipe: Recipe) -> dict[str, tuple[str, ...]]:
+    """``make_loader`` arguments that read the stored teacher outputs (frozen teaching), else none."""
+    if not recipe.distill.frozen:
+        return {}
+    from gte.precompute import LOGITS, MAP
+
+    members = (LOGITS, MAP) if recipe.distill.method == "e2kd" else (LOGITS,)
+    return {"members": members, "maps": (MAP,) if MAP in members else ()}
+
+
+def frozen_batch(batch: dict, device) -> dict[str, torch.Tensor] | None:
+    """The batch's stored teacher outputs as ``method.loss(…, frozen=…)`` takes them (None when not frozen)."""
+    from gte.precompute import LOGITS, MAP
+
+    if LOGITS not in batch:
+        return None
+    out = {"logits": batch[LOGITS].to(device, non_blocking=True)}
+    if MAP in batch:
+        out["map"] = batch[MAP].to(device, non_blocking=True)
+    return out
+
+
 def multi_hot(batch: dict, num_classes: int, source: str) -> torch.Tensor:
     """N×C targets from each sample's ``json.labels`` (multi-label data such as VOC)."""
     out = torch.zeros(len(batch["labels"]), num_classes)
@@ -400,7 +430,7 @@ def accumulate_gradients(accelerator, method, student, loader, recipe: Recipe, s
         sync = contextlib.nullcontext() if j == accum - 1 else accelerator.no_sync(student)
         with sync:
             with accelerator.autocast():
-                loss, logs = method.loss(images, labels, step)
+                loss, logs = method.loss(images, labels, step, frozen=frozen_batch(batch, accelerator.device))
             stop_any, bad = flags.agree(accelerator, loss)
             if bad:
                 raise GteError(f"non-finite loss at step {step}: stopped; the last good checkpoint is kept "

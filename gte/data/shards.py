@@ -377,6 +377,7 @@ def make_loader(
     start_batch: int = 0,
     decoder: str = "pil",
     members: tuple[str, ...] = (),
+    maps: tuple[str, ...] = (),
     float_images: bool = True,
     what: str = "",
 ) -> Loader:
@@ -385,7 +386,8 @@ def make_loader(
     ``world_size``/``rank`` default to torch.distributed (or RANK/WORLD_SIZE). ``train_size``: samples per epoch
     (0 = count them). ``start_batch``: resume a training epoch after that many batches (they are passed over
     without decoding). ``members``: extra ``.npy`` members to return as stacked tensors. ``float_images=False``
-    returns uint8 images (4× less inter-process traffic; convert on the device).
+    returns uint8 images (4× less inter-process traffic; convert on the device). ``maps``: members among
+    ``members`` holding maps of the eval view (frozen e2KD) that follow the image's crop and flip (C×S×S float32).
     """
     if batch_size < 1:
         raise GteError("batch size must be >= 1")
@@ -411,7 +413,7 @@ def make_loader(
                               DataWarning, stacklevel=2)
     what = what or ("the training data" if train else "the evaluation data")
     transform = SampleTransform(train, image_size, eval_resize, tuple(crop_scale), seed=seed, epoch=epoch,
-                                decoder=decoder, members=tuple(members))
+                                decoder=decoder, members=tuple(members), maps=tuple(maps))
     if train:
         n = train_size or (sum(counts) if counts is not None else 0)
         if not n:

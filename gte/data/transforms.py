@@ -93,6 +93,8 @@ class SampleTransform:
     epoch: int = 0
     decoder: str = "pil"
     members: tuple[str, ...] = ()   # extra numeric members (``.npy``) to decode and return
+    maps: tuple[str, ...] = ()      # members among ``members`` that are C×h×w maps of the EVAL view (frozen e2KD):
+                                    # they follow the sample's geometry and come out C×S×S float32
     _resize: int = field(init=False, default=0)
 
     def __post_init__(self) -> None:
@@ -197,7 +199,46 @@ class SampleTransform:
             if name not in sample:
                 raise BadSample(f"no {name} member")
             try:
-                out_sample[name] = torch.from_numpy(np.load(io.BytesIO(sample[name]), allow_pickle=False))
+                value = torch.from_numpy(np.load(io.BytesIO(sample[name]), allow_pickle=False))
             except (ValueError, OSError) as e:
                 raise BadSample(f"{name} is not a numeric .npy array ({e})") from None
+            if name in self.maps:
+                if value.ndim != 3:
+                    raise BadSample(f"{name} is not a C×h×w map (shape {tuple(value.shape)})")
+                box = (l, t, r, b) if self.train else None
+                value = self.follow(value, width, height, box, flip if self.train else False)
+            out_sample[name] = value
         return out_sample
+
+    def follow(self, stored: torch.Tensor, width: int, height: int, box: tuple[int, int, int, int] | None,
+               flip: bool) -> torch.Tensor:
+        """A map stored for the eval view (Resize + CenterCrop of the ``width``×``height`` image) → the C×S×S map of
+        this sample's view: for training the SAME crop box (source pixels) and flip as the image.
+
+        Equivalent to pasting the map (bilinearly resized) onto the source image where the eval crop lies and then
+        cropping it like the image, done as one bilinear ``grid_sample`` (no double resampling). Inside the stored
+        extent edges are clamped (as PIL does for the image); source pixels the eval crop never saw (trimmed by the
+        centre crop) get 0 — no stored explanation there.
+        """
+        import torch.nn.functional as F
+
+        m = stored.float()[None]
+        s = self.image_size
+        if box is None:  # eval view: the stored map covers exactly the output
+            if m.shape[-2:] != (s, s):
+                m = F.interpolate(m, size=(s, s), mode="bilinear", align_corners=False,
+                                  antialias=m.shape[-1] > s)
+            return m[0]
+        mh, mw = m.shape[-2:]
+        rw, rh = self._eval_size(width, height)
+        dx, dy = int(round((rw - s) / 2.0)), int(round((rh - s) / 2.0))
+        l, t, r, b = box
+        u = (torch.arange(s, dtype=torch.float32) + 0.5) / s
+        xs = (l + u * (r - l)) * rw / width - dx      # output pixel centres in eval-view pixels
+        ys = (t + u * (b - t)) * rh / height - dy
+        gx, gy = (2 * xs / s - 1), (2 * ys / s - 1)   # [-1, 1] over the stored extent (align_corners=False)
+        grid = torch.stack(torch.meshgrid(gy, gx, indexing="ij")[::-1], dim=-1)[None]
+        out = F.grid_sample(m, grid, mode="bilinear", padding_mode="border", align_corners=False)[0]
+        inside = ((xs >= 0) & (xs <= s))[None, :] & ((ys >= 0) & (ys <= s))[:, None]
+        out = out * inside
+        return out.flip(-1) if flip else out

@@ -19,11 +19,14 @@ METHODS: dict[str, type[Method]] = {"ce": LabelsOnly, "kd": KD, "e2kd": E2KD}
 
 
 def build_method(cfg: DistillConfig, student: nn.Module, teacher: nn.Module | None) -> Method:
-    """The method named by ``cfg.method``, wired to its (prepared) student and frozen teacher."""
+    """The method named by ``cfg.method``, wired to its (prepared) student and frozen teacher (None with
+    ``cfg.frozen``: the loop then passes each batch's stored teacher outputs to ``method.loss(…, frozen=…)``)."""
     if cfg.method not in METHODS:
         raise GteError(f"unknown distill.method '{cfg.method}' (known: {', '.join(METHODS)})")
     cls = METHODS[cfg.method]
-    if cls.needs_teacher and teacher is None:
+    if cfg.frozen and not cls.needs_teacher:
+        raise GteError(f"distill.frozen needs a distillation method (kd or e2kd), not '{cfg.method}'")
+    if cls.needs_teacher and teacher is None and not cfg.frozen:
         raise GteError(f"distill.method '{cfg.method}' needs a teacher (set teacher.arch and teacher.weights)")
     return cls(cfg, student, teacher)
 

@@ -25,8 +25,13 @@ class Method(ABC):
             raise GteError(f"teacher has {info(teacher).num_classes} classes, student {self.student_info.num_classes}")
 
     @abstractmethod
-    def loss(self, images: torch.Tensor, labels: torch.Tensor, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """The training loss of one batch and its logged terms."""
+    def loss(self, images: torch.Tensor, labels: torch.Tensor, step: int,
+             frozen: dict[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The training loss of one batch and its logged terms.
+
+        ``frozen`` (``distill.frozen``): the batch's stored teacher outputs, ``{"logits": N×C, "map": N×c×H×W}`` (the
+        map already cropped/flipped like ``images``); methods that use a teacher take them instead of running it.
+        """
 
     def student_input(self, images: torch.Tensor) -> torch.Tensor:
         return to_model_input(self.student_info, images)

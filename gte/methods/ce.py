@@ -10,7 +10,7 @@ from gte.methods.base import Method
 class LabelsOnly(Method):
     """Cross-entropy (BCE for B-cos) on the ground-truth labels."""
 
-    def loss(self, images: torch.Tensor, labels: torch.Tensor, step: int) -> tuple[torch.Tensor, dict]:
+    def loss(self, images: torch.Tensor, labels: torch.Tensor, step: int, frozen=None) -> tuple[torch.Tensor, dict]:
         logits = self.student(self.student_input(images))
         logs: dict[str, torch.Tensor] = {}
         loss = self.with_labels(logits.new_zeros(()), logs, logits, labels, 1.0)

@@ -17,6 +17,7 @@ from typing import Iterator
 import torch
 import torch.nn as nn
 
+from gte.errors import GteError
 from gte.explain import explain_with_logits
 from gte.losses import explanation_loss
 from gte.methods.kd import KD
@@ -42,11 +43,20 @@ class E2KD(KD):
         super().__init__(cfg, student, teacher)
         self.explainer = cfg.explainer if cfg.explainer != "auto" else self.student_info.explainer
 
-    def loss(self, images: torch.Tensor, labels: torch.Tensor, step: int) -> tuple[torch.Tensor, dict]:
+    def loss(self, images: torch.Tensor, labels: torch.Tensor, step: int, frozen=None) -> tuple[torch.Tensor, dict]:
         if step % self.cfg.guided_every:
-            return super().loss(images, labels, step)  # unguided step: no explanation work at all
-        # The teacher explains its own top-1 class on this augmented batch: one forward, no graph kept.
-        t_maps, t_logits = explain_with_logits(self.teacher, self.teacher_input(images), None, self.explainer)
+            return super().loss(images, labels, step, frozen)  # unguided step: no explanation work at all
+        if frozen is not None:  # frozen e2KD: the stored explanation of the stored top-1 class (un-augmented image)
+            t_logits = self.teacher_logits(images, frozen)
+            t_maps = frozen["map"].to(images.device, torch.float32)
+            want = 6 if self.explainer == "bcos" else 1
+            if t_maps.shape[1] != want or t_maps.shape[-2:] != images.shape[-2:]:
+                raise GteError(f"stored teacher maps are {tuple(t_maps.shape[1:])}, the '{self.explainer}' student "
+                               f"explanation is ({want}, {images.shape[-2]}, {images.shape[-1]}): precomputed with "
+                               "another explainer?")
+        else:
+            # The teacher explains its own top-1 class on this augmented batch: one forward, no graph kept.
+            t_maps, t_logits = explain_with_logits(self.teacher, self.teacher_input(images), None, self.explainer)
         classes = t_logits.argmax(1)
         xs = self.student_input(images)
         if self.explainer == "gradcam":
