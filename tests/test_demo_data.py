@@ -140,8 +140,8 @@ def test_render_rejects_bad_arguments() -> None:
 
 def test_multi_shard_spec_and_determinism(tmp_path: Path) -> None:
     a = demo.write_split(tmp_path / "a", "test", 50, seed=7, samples_per_shard=16)
-    b = demo.write_split(tmp_path / "b", "test", 50, seed=7, samples_per_shard=16)
-    c = demo.write_split(tmp_path / "c", "test", 50, seed=8, samples_per_shard=16)
+    demo.write_split(tmp_path / "b", "test", 50, seed=7, samples_per_shard=16)
+    demo.write_split(tmp_path / "c", "test", 50, seed=8, samples_per_shard=16)
     assert a == str(tmp_path / "a" / "test-{000000..000003}.tar")
     assert [r["key"] for r in _read(a)] == [f"{i:06d}" for i in range(50)]
     files = sorted(p.name for p in (tmp_path / "a").iterdir())
