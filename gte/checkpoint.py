@@ -1,4 +1,4 @@
-"""Resumable training state under ``OUT/checkpoints/step-XXXXXXXX/``, written atomically, never pickled.
+"""Resumable training state under ``OUT/checkpoints/step-<8-digit step>/``, written atomically, never pickled.
 
 A checkpoint holds the student (safetensors), optimizer and scheduler state dicts (tensors and plain Python values,
 read back with ``torch.load(weights_only=True)``), the loop position and every rank's RNG states. It is written into a

@@ -289,74 +289,19 @@ def iter_samples(url: str, start: int = 0, stop: int | None = None, stride: int 
         yield from _iter_stream(url, start, stop, stride, offset)
 
 
-def _iter_local(path: str, url: str, start: int, stop: int | None, stride: int, offset: int):
-    try:
-        size = os.path.getsize(path)
-        f = open(path, "rb")
-    except OSError as e:
-        yield ReadProblem(url, start, str(e))
-        return
-    if size == 0:
-        f.close()
-        return
+class _Truncated(Exception):
+    """A member's data runs past the end of the file."""
+
+
+def _select(members: Iterator[tarfile.TarInfo], read, url: str, start: int, stop: int | None, stride: int,
+            offset: int) -> Iterator[dict | ReadProblem]:
+    """Group tar members into samples by key and keep the selected ones; ``read(member)`` is only called for those.
+
+    Shared by the seeking (local) and the streaming reader; a read error ends the shard with a ReadProblem.
+    """
     index, key, sample = -1, None, None
     try:
-        try:
-            tar = tarfile.open(fileobj=f, mode="r:")
-        except _TAR_ERRORS as e:
-            yield ReadProblem(url, 0, f"not a readable tar ({e})")
-            return
-        while True:
-            m = tar.next()  # raises on data cut short; stops (None) at the end or at a zero/garbage header
-            if m is None:
-                break
-            tar.members.clear()
-            if not m.isreg():
-                continue
-            k, ext = split_name(m.name)
-            if k is None:
-                continue
-            if k != key:
-                if sample is not None:
-                    yield sample
-                    sample = None
-                key, index = k, index + 1
-                if stop is not None and index >= stop:
-                    return
-                if _in_piece(index, start, stop, stride, offset):
-                    sample = {"__key__": k, "__url__": url, "__index__": index}
-            if sample is None:
-                continue
-            if m.offset_data + m.size > size:
-                yield ReadProblem(url, index, f"tar is truncated inside {m.name}")
-                return
-            f.seek(m.offset_data)
-            data = f.read(m.size)
-            if len(data) != m.size:
-                yield ReadProblem(url, index, f"tar is truncated inside {m.name}")
-                return
-            sample[ext] = data
-        if sample is not None:
-            yield sample
-    except _TAR_ERRORS as e:
-        yield ReadProblem(url, max(index, 0), f"tar is truncated or corrupt ({e})")
-    finally:
-        f.close()
-
-
-def _iter_stream(url: str, start: int, stop: int | None, stride: int, offset: int):
-    from webdataset import gopen
-
-    index, key, sample = -1, None, None
-    try:
-        stream = gopen(url, "rb")
-    except Exception as e:  # noqa: BLE001 - any opener failure is a read problem of this shard
-        yield ReadProblem(url, start, str(e))
-        return
-    try:
-        tar = tarfile.open(fileobj=stream, mode="r|*")
-        for m in tar:
-            tar.members = []
+        for m in members:
             if not m.isreg():
                 continue
             k, ext = split_name(m.name)
@@ -372,11 +317,72 @@ def _iter_stream(url: str, start: int, stop: int | None, stride: int, offset: in
                 if _in_piece(index, start, stop, stride, offset):
                     sample = {"__key__": k, "__url__": url, "__index__": index}
             if sample is not None:
-                sample[ext] = tar.extractfile(m).read()
+                sample[ext] = read(m)
         if sample is not None:
             yield sample
+    except _Truncated as e:
+        yield ReadProblem(url, index, str(e))
     except _TAR_ERRORS as e:
         yield ReadProblem(url, max(index, 0), f"tar is truncated or corrupt ({e})")
+
+
+def _iter_local(path: str, url: str, start: int, stop: int | None, stride: int, offset: int):
+    try:
+        size = os.path.getsize(path)
+        f = open(path, "rb")
+    except OSError as e:
+        yield ReadProblem(url, start, str(e))
+        return
+    if size == 0:
+        f.close()
+        return
+    try:
+        try:
+            tar = tarfile.open(fileobj=f, mode="r:")
+        except _TAR_ERRORS as e:
+            yield ReadProblem(url, 0, f"not a readable tar ({e})")
+            return
+
+        def members() -> Iterator[tarfile.TarInfo]:
+            while (m := tar.next()) is not None:  # raises on data cut short; None at the end or a zero header
+                tar.members.clear()
+                yield m
+
+        def read(m: tarfile.TarInfo) -> bytes:  # seek straight to the member: unselected samples are never read
+            if m.offset_data + m.size > size:
+                raise _Truncated(f"tar is truncated inside {m.name}")
+            f.seek(m.offset_data)
+            data = f.read(m.size)
+            if len(data) != m.size:
+                raise _Truncated(f"tar is truncated inside {m.name}")
+            return data
+
+        yield from _select(members(), read, url, start, stop, stride, offset)
+    finally:
+        f.close()
+
+
+def _iter_stream(url: str, start: int, stop: int | None, stride: int, offset: int):
+    from webdataset import gopen
+
+    try:
+        stream = gopen(url, "rb")
+    except Exception as e:  # noqa: BLE001 - any opener failure is a read problem of this shard
+        yield ReadProblem(url, start, str(e))
+        return
+    try:
+        try:
+            tar = tarfile.open(fileobj=stream, mode="r|*")
+        except _TAR_ERRORS as e:
+            yield ReadProblem(url, 0, f"tar is truncated or corrupt ({e})")
+            return
+
+        def members() -> Iterator[tarfile.TarInfo]:
+            for m in tar:
+                tar.members = []
+                yield m
+
+        yield from _select(members(), lambda m: tar.extractfile(m).read(), url, start, stop, stride, offset)
     finally:
         try:
             stream.close()
