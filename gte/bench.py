@@ -1,14 +1,16 @@
 """``gte bench``: what a training step of each method costs, in one process, on the same models and batch.
 
-Rows: student only (CE), KD (live teacher), e2KD live at K = 1 and K = 16, e2KD frozen (stored logits + map), and a
+Rows: student only (CE), KD (live teacher), e2KD live and frozen (stored logits + map) at K = 1 and K = 16, a
 *reference* e2KD step written the straightforward way (teacher forward + ``autograd.grad`` for its map, student
 forward in explanation mode + ``autograd.grad(create_graph=True)``, KD on those same student logits, nothing else).
 
 A step = forward, backward and an Adam update of the student on one fixed random batch (models randomly initialised:
 the cost does not depend on the weights; no data loading is timed — for frozen e2KD the stored logits/map are
 computed once beforehand, as ``gte precompute`` would). Each row runs ``warmup`` untimed steps, then ``steps`` timed
-ones; the median step time gives img/s. K = 16 is derived, not timed: one guided step (the K = 1 time) and 15 unguided
-ones (plain KD) per 16 steps, ``(t_e2kd + 15·t_kd) / 16``; its memory is the guided step's.
+ones; the median step time gives img/s. K = 16 rows time one whole guided interval (steps 0..15: one guided step, 15
+plain KD steps) and report its mean step. The teacher rows (forward; forward + W(x)) give the floor the issue sets for
+live e2KD: KD + the teacher's input gradient + the student's double backward (frozen e2KD K=1 minus CE).
+``precision="bf16"`` runs every forward under ``torch.autocast(bfloat16)`` (CPUs with AMX/AVX512-BF16, GPUs).
 
 Memory: on GPU, ``torch.cuda.max_memory_allocated`` during the row's steps minus what was allocated before them (the
 step's transient tensors + optimizer state created in it). On CPU, the peak resident set size (``/proc/self/statm``,
@@ -120,13 +122,13 @@ def time_steps(step: Callable[[], None], steps: int, warmup: int, device: torch.
     return times, mem.peak
 
 
-def run_bench(recipe: Recipe, *, steps: int = 10, batch: int = 0, warmup: int = 1,
+def run_bench(recipe: Recipe, *, steps: int = 10, batch: int = 0, warmup: int = 1, precision: str = "fp32",
               console: Console | None = None) -> dict[str, Any]:
     """Time every row (see the module docstring); returns the JSON-able result."""
     from gte.methods.ce import LabelsOnly
     from gte.methods.e2kd import E2KD
     from gte.methods.kd import KD
-    from gte.models import build_model, check_arch, freeze, info
+    from gte.models import build_model, check_arch, freeze, info, to_model_input
     from gte.precompute import teacher_outputs
 
     console = console or Console(stderr=True)
@@ -135,6 +137,8 @@ def run_bench(recipe: Recipe, *, steps: int = 10, batch: int = 0, warmup: int = 
     if not recipe.teacher.arch:
         raise GteError("gte bench needs teacher.arch (weights are not needed: models are randomly initialised)")
     check_arch(recipe.teacher.arch)
+    if precision not in ("fp32", "bf16"):
+        raise GteError(f"--precision must be fp32 or bf16, not '{precision}'")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     b = batch or recipe.optim.batch_size
     torch.manual_seed(0)
@@ -144,6 +148,7 @@ def run_bench(recipe: Recipe, *, steps: int = 10, batch: int = 0, warmup: int = 
     labels = torch.randint(0, d.num_classes, (b,), device=device)
     optimizer = torch.optim.Adam(student.parameters(), lr=1e-6)
     explainer = recipe.distill.explainer if recipe.distill.explainer != "auto" else info(student).explainer
+    autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")  # noqa: E731
 
     def cfg(**kw) -> DistillConfig:
         c = DistillConfig(**{**recipe.distill.__dict__, "multilabel": False, "frozen": False})
@@ -155,73 +160,102 @@ def run_bench(recipe: Recipe, *, steps: int = 10, batch: int = 0, warmup: int = 
         t_logits, t_maps = teacher_outputs(teacher, images, explainer)  # what `gte precompute` would have stored
     frozen = {"logits": t_logits, "map": t_maps}
 
-    def method_step(method, step_index: int = 0, **kw) -> Callable[[], None]:
-        def step() -> None:
-            loss, _ = method.loss(images, labels, step_index, **kw)
+    def method_step(method, **kw) -> Callable[[int], None]:
+        def step(index: int) -> None:
+            with autocast():
+                loss, _ = method.loss(images, labels, index, **kw)
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         return step
 
-    def reference_step() -> None:
-        loss = reference_e2kd_loss(student, teacher, images, cfg(), explainer)
+    def reference_step(index: int) -> None:
+        with autocast():
+            loss = reference_e2kd_loss(student, teacher, images, cfg(), explainer)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    rows_spec: list[tuple[str, str, Callable[[], None]]] = [
-        ("ce", "student only (CE)", method_step(LabelsOnly(cfg(method="ce"), student))),
-        ("kd", "KD (live teacher)", method_step(KD(cfg(method="kd"), student, teacher))),
-        ("e2kd_frozen", "e2KD frozen", method_step(E2KD(cfg(frozen=True), student, None), frozen=frozen)),
-        ("e2kd_k1", "e2KD live K=1", method_step(E2KD(cfg(guided_every=1), student, teacher))),
-        ("reference", "e2KD reference (naive)", reference_step),
+    t_in = to_model_input(info(teacher), images)
+
+    def teacher_forward(index: int) -> None:
+        with torch.no_grad(), autocast():
+            teacher(t_in)
+
+    def teacher_explain(index: int) -> None:
+        from gte.explain import explain_with_logits
+        with autocast():
+            explain_with_logits(teacher, t_in, None, explainer)
+
+    k = 16
+    rows_spec: list[tuple[str, str, Callable[[int], None], int]] = [
+        ("ce", "student only (CE)", method_step(LabelsOnly(cfg(method="ce"), student)), 1),
+        ("kd", "KD (live teacher)", method_step(KD(cfg(method="kd"), student, teacher)), 1),
+        ("e2kd_k1", "e2KD live K=1", method_step(E2KD(cfg(guided_every=1), student, teacher)), 1),
+        (f"e2kd_k{k}", f"e2KD live K={k}", method_step(E2KD(cfg(guided_every=k), student, teacher)), k),
+        ("e2kd_frozen", "e2KD frozen K=1", method_step(E2KD(cfg(frozen=True, guided_every=1), student, None),
+                                                        frozen=frozen), 1),
+        (f"e2kd_frozen_k{k}", f"e2KD frozen K={k}", method_step(E2KD(cfg(frozen=True, guided_every=k), student,
+                                                                      None), frozen=frozen), k),
+        ("reference", "e2KD reference (naive)", reference_step, 1),
+        ("teacher_fwd", "teacher forward (no grad)", teacher_forward, 1),
+        ("teacher_explain", "teacher forward + W(x)", teacher_explain, 1),
     ]
     results: dict[str, dict[str, Any]] = {}
-    for _ in range(2):  # first steps pay one-off costs (allocator, kernels): not any row's
-        rows_spec[3][2]()
-    for key, label, step in rows_spec:
+    for i in range(2):  # first steps pay one-off costs (allocator, kernels): not any row's
+        rows_spec[2][2](i)
+    for key, label, step, cycle in rows_spec:
         console.print(f"bench: {label} …")
-        times, peak = time_steps(step, steps, warmup, device)
-        med = statistics.median(times)
+        if cycle == 1:
+            times, peak = time_steps(lambda: step(0), steps, warmup, device)
+            med = statistics.median(times)
+        else:  # one whole guided interval, steps 0..K-1 (step 0 guided), after the rows above warmed every path
+            times, peak = time_steps(lambda: [step(i) for i in range(cycle)], 1, 0, device)  # noqa: B023
+            times = [times[0] / cycle]
+            med = times[0]
         results[key] = {"name": label, "step_s": med, "img_per_s": b / med, "peak_mem_mib": peak / 2**20,
                         "times_s": times}
-    k1, kd = results["e2kd_k1"], results["kd"]
-    k16 = (k1["step_s"] + 15 * kd["step_s"]) / 16
-    results["e2kd_k16"] = {"name": "e2KD live K=16 (derived)", "step_s": k16, "img_per_s": b / k16,
-                           "peak_mem_mib": k1["peak_mem_mib"], "times_s": []}
-    order = ["ce", "kd", "e2kd_k1", "e2kd_k16", "e2kd_frozen", "reference"]
-    ce_t, ref_t = results["ce"]["step_s"], results["reference"]["step_s"]
-    rows = []
-    for key in order:
-        r = results[key]
-        rows.append({"key": key, **r, "x_ce": r["step_s"] / ce_t, "speedup_vs_reference": ref_t / r["step_s"]})
+    ce_t, kd_t, ref_t = (results[x]["step_s"] for x in ("ce", "kd", "reference"))
+    rows = [{"key": key, **r, "x_ce": r["step_s"] / ce_t, "x_kd": r["step_s"] / kd_t,
+             "speedup_vs_reference": ref_t / r["step_s"]} for key, r in results.items()]
+    # the issue's floor for live e2KD: a KD step + the teacher's input gradient + the student's double backward
+    floor = kd_t + (results["teacher_explain"]["step_s"] - results["teacher_fwd"]["step_s"]) + \
+        (results["e2kd_frozen"]["step_s"] - ce_t)
     return {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else
         f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads",
         "student": recipe.student.arch, "teacher": recipe.teacher.arch, "explainer": explainer,
-        "image_size": d.image_size, "batch": b, "steps": steps, "warmup": warmup,
+        "image_size": d.image_size, "batch": b, "steps": steps, "warmup": warmup, "precision": precision,
         "memory": ("torch.cuda.max_memory_allocated during the steps minus allocated before" if device.type == "cuda"
                    else "peak RSS (/proc/PID/statm sampled every 1 ms by a helper process) during the steps minus RSS before, after malloc_trim"),
         "torch": torch.__version__, "rows": rows,
+        "floor": {"step_s": floor, "x_kd": floor / kd_t,
+                  "formula": "KD + (teacher forward + W(x) - teacher forward) + (e2KD frozen K=1 - CE)"},
     }
 
 
 def table(result: dict[str, Any]) -> Table:
     t = Table(title=f"{result['student']} ← {result['teacher']}, {result['image_size']}², batch {result['batch']}, "
                     f"{result['device']}")
-    for col in ("method", "ms/step", "img/s", "peak MiB", "time × CE", "speed-up vs reference"):
+    for col in ("method", "ms/step", "img/s", "peak MiB", "× CE", "× KD", "speed-up vs reference"):
         t.add_column(col, justify="left" if col == "method" else "right")
     for r in result["rows"]:
         t.add_row(r["name"], f"{1000 * r['step_s']:.1f}", f"{r['img_per_s']:.1f}", f"{r['peak_mem_mib']:.0f}",
-                  f"{r['x_ce']:.2f}", f"{r['speedup_vs_reference']:.2f}")
+                  f"{r['x_ce']:.2f}", f"{r['x_kd']:.2f}", f"{r['speedup_vs_reference']:.2f}")
     return t
 
 
-def bench_command(recipe: Recipe, *, steps: int, batch: int, warmup: int, json_out: str | None) -> dict[str, Any]:
+def bench_command(recipe: Recipe, *, steps: int, batch: int, warmup: int, precision: str,
+                  json_out: str | None) -> dict[str, Any]:
     err = Console(stderr=True)
-    result = run_bench(recipe, steps=steps, batch=batch, warmup=warmup, console=err)
-    Console().print(table(result))
-    Console().print(f"memory: {result['memory']}", highlight=False)
+    result = run_bench(recipe, steps=steps, batch=batch, warmup=warmup, precision=precision, console=err)
+    out = Console()
+    out.print(table(result))
+    live, floor = next(r for r in result["rows"] if r["key"] == "e2kd_k1"), result["floor"]
+    out.print(f"floor for e2KD live K=1 ({floor['formula']}): {1000 * floor['step_s']:.1f} ms = "
+              f"{floor['x_kd']:.2f}× KD; measured {live['x_kd']:.2f}× KD, "
+              f"{100 * (live['step_s'] / floor['step_s'] - 1):+.0f} % over the floor", highlight=False)
+    out.print(f"memory: {result['memory']}", highlight=False)
     if json_out:
         with open(json_out, "w") as f:
             json.dump(result, f, indent=2)

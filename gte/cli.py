@@ -170,13 +170,15 @@ def bench(recipe: str = RecipeOpt, set_: Optional[List[str]] = SetOpt,
           steps: int = typer.Option(10, "--steps", help="Timed steps per row (after warm-up)."),
           batch: int = typer.Option(0, "--batch", help="Batch size (0 = optim.batch_size)."),
           warmup: int = typer.Option(1, "--warmup", help="Untimed steps per row first."),
+          precision: str = typer.Option("fp32", "--precision", help="fp32 or bf16 (autocast)."),
           json_out: Optional[str] = typer.Option(None, "--json", help="Also write the results as JSON.")) -> None:
-    """Time one training step of CE, KD, e2KD live (K=1, K=16), e2KD frozen and a reference e2KD step."""
+    """Time one training step of CE, KD, e2KD live and frozen (K=1, K=16) and a reference e2KD step."""
     from gte.bench import bench_command
 
     if steps < 1 or batch < 0 or warmup < 0:
         raise GteError("--steps must be positive, --batch and --warmup not negative")
-    bench_command(_recipe(recipe, set_, None), steps=steps, batch=batch, warmup=warmup, json_out=json_out)
+    bench_command(_recipe(recipe, set_, None), steps=steps, batch=batch, warmup=warmup, precision=precision,
+                  json_out=json_out)
 
 
 @app.command("fetch-teachers")

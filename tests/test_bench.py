@@ -24,12 +24,26 @@ def test_gte_bench_runs_all_rows(tmp_path):
                         "--json", str(out)], capture_output=True, text=True, env={**os.environ, "COLUMNS": "200",
                                                                                     "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr
-    for name in ("student only (CE)", "KD (live teacher)", "e2KD live K=1", "e2KD live K=16", "e2KD frozen",
-                 "e2KD reference"):
+    for name in ("student only (CE)", "KD (live teacher)", "e2KD live K=1", "e2KD live K=16", "e2KD frozen K=1",
+                 "e2KD frozen K=16", "e2KD reference", "teacher forward + W(x)", "floor for e2KD live K=1"):
         assert name in r.stdout, (name, r.stdout)
     res = json.loads(out.read_text())
     rows = {x["key"]: x for x in res["rows"]}
-    assert set(rows) == {"ce", "kd", "e2kd_k1", "e2kd_k16", "e2kd_frozen", "reference"}
+    assert set(rows) == {"ce", "kd", "e2kd_k1", "e2kd_k16", "e2kd_frozen", "e2kd_frozen_k16", "reference",
+                         "teacher_fwd", "teacher_explain"}
     assert res["batch"] == 4 and all(x["step_s"] > 0 and x["img_per_s"] > 0 for x in rows.values())
-    assert rows["ce"]["x_ce"] == 1.0 and rows["reference"]["speedup_vs_reference"] == 1.0
-    assert all(len(x["times_s"]) == 3 for k, x in rows.items() if k != "e2kd_k16")
+    assert rows["ce"]["x_ce"] == 1.0 and rows["kd"]["x_kd"] == 1.0 and rows["reference"]["speedup_vs_reference"] == 1.0
+    assert all(len(x["times_s"]) == (1 if k.endswith("k16") else 3) for k, x in rows.items())
+    f = res["floor"]
+    want = rows["kd"]["step_s"] + rows["teacher_explain"]["step_s"] - rows["teacher_fwd"]["step_s"] + \
+        rows["e2kd_frozen"]["step_s"] - rows["ce"]["step_s"]
+    assert abs(f["step_s"] - want) < 1e-12 and abs(f["x_kd"] - want / rows["kd"]["step_s"]) < 1e-12
+
+
+def test_gte_bench_rejects_unknown_precision(tmp_path):
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(tomli_w.dumps({"teacher": {"arch": "bcos_cifar_resnet20"},
+                                     "student": {"arch": "bcos_cifar_resnet20"}}))
+    r = subprocess.run([sys.executable, "-m", "gte", "bench", "--recipe", str(recipe), "--precision", "fp8"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "--precision must be fp32 or bf16" in r.stderr, r.stderr

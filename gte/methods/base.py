@@ -11,6 +11,7 @@ from gte.config import DistillConfig
 from gte.errors import GteError
 from gte.losses import classification_loss
 from gte.models import info, to_model_input
+from gte.onepass import fused_layers, supports_one_pass
 
 
 class Method(ABC):
@@ -21,6 +22,7 @@ class Method(ABC):
     def __init__(self, cfg: DistillConfig, student: nn.Module, teacher: nn.Module | None = None):
         self.cfg, self.student, self.teacher = cfg, student, teacher
         self.student_info = info(student)
+        self.fused = supports_one_pass(student)  # B-cos CNN students train through gte.onepass' fused layers
         if teacher is not None and info(teacher).num_classes != self.student_info.num_classes:
             raise GteError(f"teacher has {info(teacher).num_classes} classes, student {self.student_info.num_classes}")
 
@@ -35,6 +37,14 @@ class Method(ABC):
 
     def student_input(self, images: torch.Tensor) -> torch.Tensor:
         return to_model_input(self.student_info, images)
+
+    def student_logits(self, images: torch.Tensor) -> torch.Tensor:
+        """The student's training forward (first-order gradients)."""
+        xs = self.student_input(images)
+        if not self.fused:
+            return self.student(xs)
+        with fused_layers(self.student):
+            return self.student(xs)
 
     def with_labels(self, loss: torch.Tensor, logs: dict, logits: torch.Tensor, labels: torch.Tensor,
                     weight: float) -> torch.Tensor:

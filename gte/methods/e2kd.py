@@ -2,11 +2,12 @@
 
 L = T²·KL(p_T ‖ p_S) + λ · (1 − cos(E_T(x, ŷ_T), E_S(x, ŷ_T))), the explanation term on every K-th step only.
 
-Formulation for B-cos students (the cheapest that trains correctly): the KD logits come from a normal forward pass,
-and W(x) from a second forward in explanation mode with running-statistics updates suspended. Taking the KD logits from
-the explanation-mode pass instead (one forward fewer) back-propagates through detached normalisation and dynamic
-scaling, and the KD term stops fitting (see README, "Why two student passes"). GradCAM students need one pass: the
-logits and the CAM come from the same forward.
+B-cos students: the KD term needs the logits' true parameter gradient, W(x) needs explanation mode (detached dynamic
+scaling and normalisation). Taking the KD logits from an explanation-mode pass back-propagates through those detached
+factors and the KD term stops fitting (README, "one student pass"). gte's B-cos CNNs get both from ONE forward
+(:mod:`gte.onepass`); other B-cos students (the ViT) use a normal forward for the logits plus a second forward in
+explanation mode with running-statistics updates suspended — the same gradient, one forward dearer. GradCAM students
+need one pass: the logits and the CAM come from the same forward.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from gte.errors import GteError
 from gte.explain import explain_with_logits
 from gte.losses import explanation_loss
 from gte.methods.kd import KD
+from gte.onepass import logits_and_explanation
 
 
 @contextlib.contextmanager
@@ -42,6 +44,7 @@ class E2KD(KD):
     def __init__(self, cfg, student, teacher):
         super().__init__(cfg, student, teacher)
         self.explainer = cfg.explainer if cfg.explainer != "auto" else self.student_info.explainer
+        self.one_pass = self.explainer == "bcos" and self.fused
 
     def loss(self, images: torch.Tensor, labels: torch.Tensor, step: int, frozen=None) -> tuple[torch.Tensor, dict]:
         if step % self.cfg.guided_every:
@@ -61,6 +64,8 @@ class E2KD(KD):
         xs = self.student_input(images)
         if self.explainer == "gradcam":
             s_maps, s_logits = explain_with_logits(self.student, xs, classes, "gradcam", create_graph=True)
+        elif self.one_pass:
+            s_logits, s_maps = logits_and_explanation(self.student, xs, classes)
         else:
             s_logits = self.student(xs)
             with running_stats_frozen(self.student):

@@ -20,7 +20,7 @@ class KD(Method):
 
     def loss(self, images: torch.Tensor, labels: torch.Tensor, step: int, frozen=None) -> tuple[torch.Tensor, dict]:
         t_logits = self.teacher_logits(images, frozen)
-        s_logits = self.student(self.student_input(images))
+        s_logits = self.student_logits(images)
         return self.logit_terms(s_logits, t_logits, labels)
 
     def teacher_logits(self, images: torch.Tensor, frozen: dict | None) -> torch.Tensor:
