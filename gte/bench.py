@@ -12,10 +12,11 @@ plain KD steps) and report its mean step. The teacher rows (forward; forward + W
 live e2KD: KD + the teacher's input gradient + the student's double backward (frozen e2KD K=1 minus CE).
 ``precision="bf16"`` runs every forward under ``torch.autocast(bfloat16)`` (CPUs with AMX/AVX512-BF16, GPUs).
 
-Memory: on GPU, ``torch.cuda.max_memory_allocated`` during the row's steps minus what was allocated before them (the
-step's transient tensors + optimizer state created in it). On CPU, the peak resident set size (``/proc/self/statm``,
-sampled every millisecond by a helper process) during the row's steps minus the RSS just before them, after ``malloc_trim`` —
-an approximation: the allocator may reuse memory freed by an earlier row, so small differences are noise.
+Memory is measured after all timing, one step per row after a warm one: on GPU, ``torch.cuda.max_memory_allocated``
+during the step minus what was allocated before it (the step's transient tensors). On CPU, the peak resident set size
+(``/proc/PID/statm``, sampled every millisecond by a helper process) during the step minus the RSS just before it,
+with glibc's mmap threshold fixed at 64 KiB (``mallopt``) so that freed tensors leave the RSS at once — with glibc's
+default adaptive threshold, freed blocks stay in the heap and a row's figure depended on the rows before it (±40 %).
 """
 
 from __future__ import annotations
@@ -108,23 +109,39 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_steps(step: Callable[[], None], steps: int, warmup: int, device: torch.device) -> tuple[list[float], int]:
+def time_steps(step: Callable[[], None], steps: int, warmup: int, device: torch.device) -> list[float]:
     for _ in range(warmup):
         step()
     _sync(device)
     times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        step()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def peak_memory(step: Callable[[], None], device: torch.device) -> int:
+    """Peak extra memory (bytes) of one step after a warm one (see the module docstring)."""
+    step()
     with PeakMemory(device) as mem:
-        for _ in range(steps):
-            t0 = time.perf_counter()
-            step()
-            _sync(device)
-            times.append(time.perf_counter() - t0)
-    return times, mem.peak
+        step()
+    return mem.peak
+
+
+def exact_cpu_rss() -> None:
+    """Make RSS follow live memory: every allocation of ≥ 64 KiB gets its own mapping, returned to the OS when freed
+    (glibc otherwise raises its mmap threshold after frees and keeps big blocks in the heap). Slower: not for timing."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD
 
 
 def run_bench(recipe: Recipe, *, steps: int = 10, batch: int = 0, warmup: int = 1, precision: str = "fp32",
               console: Console | None = None) -> dict[str, Any]:
-    """Time every row (see the module docstring); returns the JSON-able result."""
+    """Time every row (see the module docstring); returns the JSON-able result.
+
+    ``run.channels_last`` of the recipe applies (``--set run.channels_last=true``)."""
     from gte.methods.ce import LabelsOnly
     from gte.methods.e2kd import E2KD
     from gte.methods.kd import KD
@@ -144,11 +161,15 @@ def run_bench(recipe: Recipe, *, steps: int = 10, batch: int = 0, warmup: int = 
     torch.manual_seed(0)
     student = build_model(recipe.student.arch, d.num_classes).to(device).train()
     teacher = freeze(build_model(recipe.teacher.arch, d.num_classes)).to(device)
+    if recipe.run.channels_last:
+        student, teacher = (m.to(memory_format=torch.channels_last) for m in (student, teacher))
     images = torch.rand(b, 3, d.image_size, d.image_size, device=device)
     labels = torch.randint(0, d.num_classes, (b,), device=device)
     optimizer = torch.optim.Adam(student.parameters(), lr=1e-6)
     explainer = recipe.distill.explainer if recipe.distill.explainer != "auto" else info(student).explainer
-    autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")  # noqa: E731
+
+    def autocast() -> torch.autocast:
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
     def cfg(**kw) -> DistillConfig:
         c = DistillConfig(**{**recipe.distill.__dict__, "multilabel": False, "frozen": False})
@@ -207,14 +228,17 @@ def run_bench(recipe: Recipe, *, steps: int = 10, batch: int = 0, warmup: int = 
     for key, label, step, cycle in rows_spec:
         console.print(f"bench: {label} …")
         if cycle == 1:
-            times, peak = time_steps(lambda: step(0), steps, warmup, device)
+            times = time_steps(lambda: step(0), steps, warmup, device)  # noqa: B023
             med = statistics.median(times)
         else:  # one whole guided interval, steps 0..K-1 (step 0 guided), after the rows above warmed every path
-            times, peak = time_steps(lambda: [step(i) for i in range(cycle)], 1, 0, device)  # noqa: B023
-            times = [times[0] / cycle]
+            times = [time_steps(lambda: [step(i) for i in range(cycle)], 1, 0, device)[0] / cycle]  # noqa: B023
             med = times[0]
-        results[key] = {"name": label, "step_s": med, "img_per_s": b / med, "peak_mem_mib": peak / 2**20,
-                        "times_s": times}
+        results[key] = {"name": label, "step_s": med, "img_per_s": b / med, "times_s": times}
+    if device.type == "cpu":
+        exact_cpu_rss()
+    for key, label, step, _ in rows_spec:  # memory after all timing; a K row's peak is its guided step's
+        console.print(f"bench: memory of {label} …")
+        results[key]["peak_mem_mib"] = peak_memory(lambda: step(0), device) / 2**20  # noqa: B023
     ce_t, kd_t, ref_t = (results[x]["step_s"] for x in ("ce", "kd", "reference"))
     rows = [{"key": key, **r, "x_ce": r["step_s"] / ce_t, "x_kd": r["step_s"] / kd_t,
              "speedup_vs_reference": ref_t / r["step_s"]} for key, r in results.items()]
@@ -226,8 +250,10 @@ def run_bench(recipe: Recipe, *, steps: int = 10, batch: int = 0, warmup: int = 
         f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads",
         "student": recipe.student.arch, "teacher": recipe.teacher.arch, "explainer": explainer,
         "image_size": d.image_size, "batch": b, "steps": steps, "warmup": warmup, "precision": precision,
+        "channels_last": recipe.run.channels_last,
         "memory": ("torch.cuda.max_memory_allocated during the steps minus allocated before" if device.type == "cuda"
-                   else "peak RSS (/proc/PID/statm sampled every 1 ms by a helper process) during the steps minus RSS before, after malloc_trim"),
+                   else "peak RSS (/proc/PID/statm sampled every 1 ms by a helper process) during one step minus RSS "
+                        "before it, glibc mmap threshold fixed at 64 KiB"),
         "torch": torch.__version__, "rows": rows,
         "floor": {"step_s": floor, "x_kd": floor / kd_t,
                   "formula": "KD + (teacher forward + W(x) - teacher forward) + (e2KD frozen K=1 - CE)"},

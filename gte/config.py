@@ -70,6 +70,7 @@ class RunConfig:
     keep_checkpoints: int = 2     # newest checkpoints kept in OUT/checkpoints
     resume: bool = True           # continue from OUT/checkpoints when it holds a checkpoint of this recipe
     trackers: list[str] = field(default_factory=list)  # Accelerate trackers: "tensorboard", "wandb", …
+    channels_last: bool = False   # student and teacher in channels_last memory format (benchmarks/README.md)
 
 
 @dataclass

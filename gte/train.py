@@ -236,6 +236,10 @@ def train(recipe: Recipe, console: Console | None = None) -> TrainResult:
     if METHODS[recipe.distill.method].needs_teacher and not recipe.distill.frozen:
         teacher = freeze(build_model(recipe.teacher.arch, d.num_classes, recipe.teacher.weights))
         teacher.to(accelerator.device)
+    if r.channels_last:  # convolutions then run NHWC (inputs follow the weights' format)
+        for m in (student, teacher):
+            if m is not None:
+                m.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(recipe, student.parameters())
     n_train = d.train_size or count_samples(d.train)
     per_step = o.batch_size * accelerator.num_processes * o.grad_accum

@@ -86,3 +86,20 @@ def test_gte_eval_cli_json(tmp_path, shards, teacher_path):
     assert m["agreement"] == 1.0  # a model agrees with itself
     assert m["explanation_similarity"] == pytest.approx(1.0, abs=1e-5)
     assert set(m["groups"]) == {"0", "1"} and m["worst_group_acc"] == min(m["groups"].values())
+
+
+def test_channels_last_trains_like_nchw_and_saves(tmp_path, shards, teacher_path):
+    """run.channels_last: same training (up to convolution-algorithm rounding), checkpoints and model still save."""
+    results = []
+    for cl in (False, True):
+        recipe = _recipe(tmp_path / str(cl), shards, teacher_path, guided_every=1)
+        recipe.optim.epochs, recipe.run.channels_last, recipe.run.checkpoint_every = 1, cl, 2
+        results.append(train(recipe))
+    nchw, nhwc = results
+    assert next(nhwc.model.parameters()).ndim == 4 and \
+        next(nhwc.model.parameters()).is_contiguous(memory_format=torch.channels_last)
+    reloaded = load_model(str(nhwc.out / "model.safetensors"))
+    for (k, a), b, c in zip(nhwc.model.state_dict().items(), reloaded.state_dict().values(),
+                            nchw.model.state_dict().values()):
+        assert torch.equal(a, b), k
+        torch.testing.assert_close(a, c, rtol=1e-3, atol=1e-4, msg=k)

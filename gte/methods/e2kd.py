@@ -4,7 +4,7 @@ L = T²·KL(p_T ‖ p_S) + λ · (1 − cos(E_T(x, ŷ_T), E_S(x, ŷ_T))), the ex
 
 B-cos students: the KD term needs the logits' true parameter gradient, W(x) needs explanation mode (detached dynamic
 scaling and normalisation). Taking the KD logits from an explanation-mode pass back-propagates through those detached
-factors and the KD term stops fitting (README, "one student pass"). gte's B-cos CNNs get both from ONE forward
+factors and the KD term stops fitting (README, "one pass, two derivatives"). gte's B-cos CNNs get both from ONE forward
 (:mod:`gte.onepass`); other B-cos students (the ViT) use a normal forward for the logits plus a second forward in
 explanation mode with running-statistics updates suspended — the same gradient, one forward dearer. GradCAM students
 need one pass: the logits and the CAM come from the same forward.
