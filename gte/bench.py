@@ -13,15 +13,17 @@ live e2KD: KD + the teacher's input gradient + the student's double backward (fr
 ``precision="bf16"`` runs every forward under ``torch.autocast(bfloat16)`` (CPUs with AMX/AVX512-BF16, GPUs).
 
 Memory is measured after all timing, one step per row after a warm one: on GPU, ``torch.cuda.max_memory_allocated``
-during the step minus what was allocated before it (the step's transient tensors). On CPU, the peak resident set size
-(``/proc/PID/statm``, sampled every millisecond by a helper process) during the step minus the RSS just before it,
-with glibc's mmap threshold fixed at 64 KiB (``mallopt``) so that freed tensors leave the RSS at once — with glibc's
-default adaptive threshold, freed blocks stay in the heap and a row's figure depended on the rows before it (±40 %).
+during the step minus what was allocated before it (the step's transient tensors). On CPU, in a second process started
+with glibc's mmap threshold fixed at 64 KiB (``MALLOC_MMAP_THRESHOLD_``), so that freed tensors leave the resident set
+at once: the peak RSS (``/proc/PID/statm``, sampled every millisecond by a helper process) during the step minus the
+RSS just before it. With glibc's default adaptive threshold freed blocks stay in the heap, and a row's figure depended
+on the rows before it (±40 %).
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import ctypes
 import json
 import os
@@ -130,25 +132,19 @@ def peak_memory(step: Callable[[], None], device: torch.device) -> int:
     return mem.peak
 
 
-def exact_cpu_rss() -> None:
-    """Make RSS follow live memory: every allocation of ≥ 64 KiB gets its own mapping, returned to the OS when freed
-    (glibc otherwise raises its mmap threshold after frees and keeps big blocks in the heap). Slower: not for timing."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD
+Row = tuple[str, str, Callable[[int], None], int]  # key, label, step(index), steps per timed unit (K)
 
 
-def run_bench(recipe: Recipe, *, steps: int = 10, batch: int = 0, warmup: int = 1, precision: str = "fp32",
-              console: Console | None = None) -> dict[str, Any]:
-    """Time every row (see the module docstring); returns the JSON-able result.
-
-    ``run.channels_last`` of the recipe applies (``--set run.channels_last=true``)."""
+def build_rows(recipe: Recipe, batch: int, precision: str, device: torch.device) -> tuple[list[Row], dict[str, Any]]:
+    """The models, the batch and one step function per row (``run.channels_last`` and ``run.compile_teacher`` of the
+    recipe apply, except to the reference step's teacher)."""
+    from gte.explain import explain_with_logits
     from gte.methods.ce import LabelsOnly
     from gte.methods.e2kd import E2KD
     from gte.methods.kd import KD
     from gte.models import build_model, check_arch, freeze, info, to_model_input
     from gte.precompute import teacher_outputs
 
-    console = console or Console(stderr=True)
     d = recipe.data
     check_arch(recipe.student.arch)
     if not recipe.teacher.arch:
@@ -156,16 +152,20 @@ def run_bench(recipe: Recipe, *, steps: int = 10, batch: int = 0, warmup: int = 
     check_arch(recipe.teacher.arch)
     if precision not in ("fp32", "bf16"):
         raise GteError(f"--precision must be fp32 or bf16, not '{precision}'")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     b = batch or recipe.optim.batch_size
     torch.manual_seed(0)
     student = build_model(recipe.student.arch, d.num_classes).to(device).train()
     teacher = freeze(build_model(recipe.teacher.arch, d.num_classes)).to(device)
+    ref_student, ref_teacher = student, teacher  # the reference step never gets gte's options below
     if recipe.run.channels_last:
+        ref_student, ref_teacher = copy.deepcopy(student), copy.deepcopy(teacher)
         student, teacher = (m.to(memory_format=torch.channels_last) for m in (student, teacher))
+    if recipe.run.compile_teacher:
+        teacher = torch.compile(teacher)
     images = torch.rand(b, 3, d.image_size, d.image_size, device=device)
     labels = torch.randint(0, d.num_classes, (b,), device=device)
     optimizer = torch.optim.Adam(student.parameters(), lr=1e-6)
+    ref_optimizer = torch.optim.Adam(ref_student.parameters(), lr=1e-6) if ref_student is not student else optimizer
     explainer = recipe.distill.explainer if recipe.distill.explainer != "auto" else info(student).explainer
 
     def autocast() -> torch.autocast:
@@ -180,36 +180,31 @@ def run_bench(recipe: Recipe, *, steps: int = 10, batch: int = 0, warmup: int = 
     with torch.no_grad():
         t_logits, t_maps = teacher_outputs(teacher, images, explainer)  # what `gte precompute` would have stored
     frozen = {"logits": t_logits, "map": t_maps}
+    t_in = to_model_input(info(teacher), images)
 
-    def method_step(method, **kw) -> Callable[[int], None]:
+    def train_step(loss_fn: Callable[[int], torch.Tensor], opt: torch.optim.Optimizer = optimizer
+                   ) -> Callable[[int], None]:
         def step(index: int) -> None:
             with autocast():
-                loss, _ = method.loss(images, labels, index, **kw)
+                loss = loss_fn(index)
             loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
         return step
 
-    def reference_step(index: int) -> None:
-        with autocast():
-            loss = reference_e2kd_loss(student, teacher, images, cfg(), explainer)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    t_in = to_model_input(info(teacher), images)
+    def method_step(method, **kw) -> Callable[[int], None]:
+        return train_step(lambda i: method.loss(images, labels, i, **kw)[0])
 
     def teacher_forward(index: int) -> None:
         with torch.no_grad(), autocast():
             teacher(t_in)
 
     def teacher_explain(index: int) -> None:
-        from gte.explain import explain_with_logits
         with autocast():
             explain_with_logits(teacher, t_in, None, explainer)
 
     k = 16
-    rows_spec: list[tuple[str, str, Callable[[int], None], int]] = [
+    rows: list[Row] = [
         ("ce", "student only (CE)", method_step(LabelsOnly(cfg(method="ce"), student)), 1),
         ("kd", "KD (live teacher)", method_step(KD(cfg(method="kd"), student, teacher)), 1),
         ("e2kd_k1", "e2KD live K=1", method_step(E2KD(cfg(guided_every=1), student, teacher)), 1),
@@ -218,10 +213,59 @@ def run_bench(recipe: Recipe, *, steps: int = 10, batch: int = 0, warmup: int = 
                                                         frozen=frozen), 1),
         (f"e2kd_frozen_k{k}", f"e2KD frozen K={k}", method_step(E2KD(cfg(frozen=True, guided_every=k), student,
                                                                       None), frozen=frozen), k),
-        ("reference", "e2KD reference (naive)", reference_step, 1),
+        ("reference", "e2KD reference (naive)",
+         train_step(lambda i: reference_e2kd_loss(ref_student, ref_teacher, images, cfg(), explainer), ref_optimizer),
+         1),
         ("teacher_fwd", "teacher forward (no grad)", teacher_forward, 1),
         ("teacher_explain", "teacher forward + W(x)", teacher_explain, 1),
     ]
+    meta = {"student": recipe.student.arch, "teacher": recipe.teacher.arch, "explainer": explainer,
+            "image_size": d.image_size, "batch": b, "precision": precision,
+            "channels_last": recipe.run.channels_last, "compile_teacher": recipe.run.compile_teacher}
+    return rows, meta
+
+
+def memory_rows(rows: list[Row], device: torch.device, console: Console) -> dict[str, float]:
+    """Peak MiB of each row's step (a K row: its guided step)."""
+    out = {}
+    for key, label, step, _ in rows:
+        console.print(f"bench: memory of {label} …")
+        out[key] = peak_memory(lambda: step(0), device) / 2**20  # noqa: B023
+    return out
+
+
+_MEMORY_CHILD = """
+import json, sys, torch
+from rich.console import Console
+from gte.bench import build_rows, memory_rows
+from gte.config import from_dict
+job = json.loads(sys.stdin.read())
+torch.set_num_threads(job["threads"])
+rows, _ = build_rows(from_dict(job["recipe"]), job["batch"], job["precision"], torch.device("cpu"))
+print(json.dumps(memory_rows(rows, torch.device("cpu"), Console(stderr=True))))
+"""
+
+
+def cpu_memory_in_child(recipe: Recipe, batch: int, precision: str) -> dict[str, float]:
+    """CPU memory rows in a fresh process started with glibc's mmap threshold fixed at 64 KiB: every tensor gets its
+    own mapping and leaves the RSS when freed, so RSS follows live memory (in-process, glibc's adaptive threshold kept
+    freed blocks in the heap and a row's figure depended on the rows before it; the fixed threshold makes steps ~1.5×
+    slower, hence not the timing process)."""
+    job = {"recipe": recipe.to_dict(), "batch": batch, "precision": precision, "threads": torch.get_num_threads()}
+    r = subprocess.run([sys.executable, "-c", _MEMORY_CHILD], input=json.dumps(job), text=True,
+                       stdout=subprocess.PIPE, env={**os.environ, "MALLOC_MMAP_THRESHOLD_": str(64 * 1024)})
+    if r.returncode != 0:
+        raise GteError("gte bench: the memory measurement process failed (see above)")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def run_bench(recipe: Recipe, *, steps: int = 10, batch: int = 0, warmup: int = 1, precision: str = "fp32",
+              console: Console | None = None) -> dict[str, Any]:
+    """Time every row, then measure its memory (see the module docstring); returns the JSON-able result."""
+    console = console or Console(stderr=True)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    rows_spec, meta = build_rows(recipe, batch, precision, device)
+    b = meta["batch"]
     results: dict[str, dict[str, Any]] = {}
     for i in range(2):  # first steps pay one-off costs (allocator, kernels): not any row's
         rows_spec[2][2](i)
@@ -234,11 +278,13 @@ def run_bench(recipe: Recipe, *, steps: int = 10, batch: int = 0, warmup: int = 
             times = [time_steps(lambda: [step(i) for i in range(cycle)], 1, 0, device)[0] / cycle]  # noqa: B023
             med = times[0]
         results[key] = {"name": label, "step_s": med, "img_per_s": b / med, "times_s": times}
-    if device.type == "cpu":
-        exact_cpu_rss()
-    for key, label, step, _ in rows_spec:  # memory after all timing; a K row's peak is its guided step's
-        console.print(f"bench: memory of {label} …")
-        results[key]["peak_mem_mib"] = peak_memory(lambda: step(0), device) / 2**20  # noqa: B023
+    if device.type == "cuda":
+        memory = memory_rows(rows_spec, device, console)
+    else:
+        del rows_spec  # the child builds its own models
+        memory = cpu_memory_in_child(recipe, b, precision)
+    for key, mib in memory.items():
+        results[key]["peak_mem_mib"] = mib
     ce_t, kd_t, ref_t = (results[x]["step_s"] for x in ("ce", "kd", "reference"))
     rows = [{"key": key, **r, "x_ce": r["step_s"] / ce_t, "x_kd": r["step_s"] / kd_t,
              "speedup_vs_reference": ref_t / r["step_s"]} for key, r in results.items()]
@@ -248,12 +294,10 @@ def run_bench(recipe: Recipe, *, steps: int = 10, batch: int = 0, warmup: int = 
     return {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else
         f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads",
-        "student": recipe.student.arch, "teacher": recipe.teacher.arch, "explainer": explainer,
-        "image_size": d.image_size, "batch": b, "steps": steps, "warmup": warmup, "precision": precision,
-        "channels_last": recipe.run.channels_last,
-        "memory": ("torch.cuda.max_memory_allocated during the steps minus allocated before" if device.type == "cuda"
+        **meta, "steps": steps, "warmup": warmup,
+        "memory": ("torch.cuda.max_memory_allocated during one step minus allocated before it" if device.type == "cuda"
                    else "peak RSS (/proc/PID/statm sampled every 1 ms by a helper process) during one step minus RSS "
-                        "before it, glibc mmap threshold fixed at 64 KiB"),
+                        "before it, in a process started with glibc's mmap threshold fixed at 64 KiB"),
         "torch": torch.__version__, "rows": rows,
         "floor": {"step_s": floor, "x_kd": floor / kd_t,
                   "formula": "KD + (teacher forward + W(x) - teacher forward) + (e2KD frozen K=1 - CE)"},

@@ -71,6 +71,7 @@ class RunConfig:
     resume: bool = True           # continue from OUT/checkpoints when it holds a checkpoint of this recipe
     trackers: list[str] = field(default_factory=list)  # Accelerate trackers: "tensorboard", "wandb", …
     channels_last: bool = False   # student and teacher in channels_last memory format (benchmarks/README.md)
+    compile_teacher: bool = False  # torch.compile the frozen teacher (its forward and W(x); ~1 min to compile)
 
 
 @dataclass

@@ -18,8 +18,11 @@ forward cheaper, and batch-norm running statistics are updated once. Checked aga
 against bcos' own explanation mode in ``tests/test_onepass.py``.
 
 The b = 2 scaling and the batch norm are fused autograd functions with hand-written backward formulas (fewer tensor
-passes than autograd's chain of abs/div/var/mul); :func:`fused_layers` uses them, gate always open, for every training
-forward of a B-cos CNN student (CE, KD): same values and gradients as the bcos modules, a faster backward.
+passes than autograd's chain of abs/div/var/mul), and the unit-norm convolution's input gradient is itself a function
+whose backward (the double backward) uses the native weight-gradient kernel. :func:`fused_layers` uses them, gate
+always open, for every training forward of a B-cos CNN student (CE, KD): same values and gradients as the bcos
+modules, a faster backward. With the gate closed only input gradients are produced (all W(x) needs); second-order
+gradients are supported only through W(x) — asked for through the training logits, they raise.
 
 Supported: models whose only explanation-mode modules are ``BcosConv2d`` (any ``b``, max-out) and
 ``BatchNormUncentered2d`` — all of gte's B-cos CNNs. Others (the B-cos ViT) use the two-pass formulation.
@@ -42,7 +45,8 @@ from bcos.modules.norms.uncentered_norms.batchnorm_uncentered import (
 
 
 class Gate:
-    """Whether gradients may flow through the explanation-constant factors (closed while W(x) is taken)."""
+    """Open: ordinary gradients. Closed (while W(x) is taken): input gradients only, the explanation-constant factors
+    passing none."""
 
     def __init__(self, input: torch.Tensor | None = None) -> None:
         self.open = True

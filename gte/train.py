@@ -240,6 +240,8 @@ def train(recipe: Recipe, console: Console | None = None) -> TrainResult:
         for m in (student, teacher):
             if m is not None:
                 m.to(memory_format=torch.channels_last)
+    if r.compile_teacher and teacher is not None:  # the student cannot be: torch.compile has no double backward
+        teacher = torch.compile(teacher)
     optimizer = build_optimizer(recipe, student.parameters())
     n_train = d.train_size or count_samples(d.train)
     per_step = o.batch_size * accelerator.num_processes * o.grad_accum

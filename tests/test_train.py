@@ -103,3 +103,15 @@ def test_channels_last_trains_like_nchw_and_saves(tmp_path, shards, teacher_path
                             nchw.model.state_dict().values()):
         assert torch.equal(a, b), k
         torch.testing.assert_close(a, c, rtol=1e-3, atol=1e-4, msg=k)
+
+
+@pytest.mark.slow
+def test_compiled_teacher_trains_like_eager(tmp_path, shards, teacher_path):
+    """run.compile_teacher: torch.compile'd teacher (its KD forward and its W(x)), same training up to rounding."""
+    results = []
+    for compiled in (False, True):
+        recipe = _recipe(tmp_path / str(compiled), shards, teacher_path, guided_every=2)
+        recipe.optim.epochs, recipe.run.compile_teacher = 1, compiled
+        results.append(train(recipe))
+    for (k, a), b in zip(results[0].model.state_dict().items(), results[1].model.state_dict().values()):
+        torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-4, msg=k)
