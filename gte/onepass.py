@@ -247,15 +247,15 @@ def _plain_normed_conv(m: nn.Module) -> bool:
 
 
 def supports_one_pass(model: nn.Module) -> bool:
-    """True when every explanation-mode module of ``model`` is one this module knows how to gate."""
+    """True for B-cos models whose every explanation-mode module is one this module knows how to gate."""
+    found = False
     for m in model.modules():
         if isinstance(m, DetachableModule):
             if isinstance(m, BcosConv2d) and type(m).forward_impl is BcosConv2d.forward_impl:
-                continue
-            if isinstance(m, BatchNormUncentered2d) and type(m).forward is BatchNormUncentered2d.forward:
-                continue
-            return False
-    return True
+                found = True
+            elif not (isinstance(m, BatchNormUncentered2d) and type(m).forward is BatchNormUncentered2d.forward):
+                return False
+    return found
 
 
 @contextlib.contextmanager

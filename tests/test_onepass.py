@@ -115,6 +115,7 @@ def test_e2kd_uses_one_pass_for_bcos_cnns_only():
     cnn = build_model("bcos_cifar_resnet20", 10)
     vit = build_model("bcos_vit_ti_patch16_224", 10)
     assert supports_one_pass(cnn) and not supports_one_pass(vit)
+    assert not supports_one_pass(build_model("cifar_resnet20", 10))  # not a B-cos model: nothing to fuse
     assert E2KD(DistillConfig(method="e2kd"), cnn, None).one_pass
     assert not E2KD(DistillConfig(method="e2kd"), vit, None).one_pass
     assert not E2KD(DistillConfig(method="e2kd", explainer="gradcam"), cnn, None).one_pass
