@@ -26,7 +26,7 @@ from gte.config import Recipe
 from gte.data.shards import count_samples, expand_spec, make_loader
 from gte.errors import GteError
 from gte.methods import METHODS, build_method
-from gte.models import build_model, check_arch, freeze, info, save_model
+from gte.models import REGISTRY, build_model, check_arch, freeze, info, save_model
 
 
 def adaptive_clip_grad_(parameters: Iterable[nn.Parameter], clip_factor: float = 0.01, eps: float = 1e-3) -> None:
@@ -98,6 +98,10 @@ def validate(recipe: Recipe) -> None:
         raise GteError(f"unknown distill.explainer '{d.explainer}' (known: auto, bcos, gradcam)")
     if d.guided_every < 1:
         raise GteError("distill.guided_every must be >= 1")
+    if recipe.run.compile_teacher and d.method == "e2kd" and not d.frozen and (
+            d.explainer == "gradcam" or (d.explainer == "auto" and not REGISTRY[recipe.student.arch][1])):
+        raise GteError("run.compile_teacher needs B-cos explanations: GradCAM's per-call hooks would make "
+                       "torch.compile recompile the teacher every guided step")
     if recipe.run.mixed_precision not in ("no", "bf16", "fp16"):
         raise GteError(f"run.mixed_precision must be no, bf16 or fp16, got '{recipe.run.mixed_precision}'")
     if recipe.run.mixed_precision == "fp16" and not torch.cuda.is_available():

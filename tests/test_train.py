@@ -115,3 +115,15 @@ def test_compiled_teacher_trains_like_eager(tmp_path, shards, teacher_path):
         results.append(train(recipe))
     for (k, a), b in zip(results[0].model.state_dict().items(), results[1].model.state_dict().values()):
         torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-4, msg=k)
+
+
+def test_compiled_teacher_refused_with_gradcam(tmp_path, shards, teacher_path):
+    from gte.errors import GteError
+    from gte.train import validate
+
+    recipe = _recipe(tmp_path, shards, teacher_path)
+    recipe.run.compile_teacher = True
+    validate(recipe)  # B-cos explanations: fine
+    recipe.distill.explainer = "gradcam"
+    with pytest.raises(GteError, match="compile_teacher needs B-cos"):
+        validate(recipe)
