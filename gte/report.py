@@ -182,7 +182,7 @@ def write_report(out_dir: str | os.PathLike, metrics: dict, *, examples: Sequenc
     ]
     about = {"samples": str(metrics["n"]), **(about or {})}
     md = ["# gte eval report", "", *(f"- **{k}**: `{v}`" for k, v in about.items()), ""]
-    body = [f"<h1>gte eval report</h1><ul>" + "".join(f"<li><b>{html.escape(k)}</b>: <code>{html.escape(v)}</code>"
+    body = ["<h1>gte eval report</h1><ul>" + "".join(f"<li><b>{html.escape(k)}</b>: <code>{html.escape(v)}</code>"
                                                       "</li>" for k, v in about.items()) + "</ul>"]
     for title, header, rows, image, note in sections:
         if not rows and image not in images:

@@ -14,12 +14,18 @@ import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 import torch.nn as nn
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
 from gte import checkpoint
 from gte.config import Recipe
@@ -27,47 +33,7 @@ from gte.data.shards import count_samples, expand_spec, make_loader
 from gte.errors import GteError
 from gte.methods import METHODS, build_method
 from gte.models import REGISTRY, build_model, check_arch, freeze, info, save_model
-
-
-def adaptive_clip_grad_(parameters: Iterable[nn.Parameter], clip_factor: float = 0.01, eps: float = 1e-3) -> None:
-    """Adaptive gradient clipping (Brock et al. 2021), unit-wise as in the B-cos v2 trainer."""
-
-    def unitwise_norm(t: torch.Tensor) -> torch.Tensor:
-        if t.squeeze().ndim <= 1:
-            return torch.linalg.vector_norm(t)
-        dim = 1 if t.ndim in (2, 3) else tuple(range(1, t.ndim))  # per output unit (row / filter)
-        return torch.linalg.vector_norm(t, dim=dim, keepdim=True)
-
-    for p in parameters:
-        if p.grad is None:
-            continue
-        max_norm = unitwise_norm(p.detach()).clamp(min=eps) * clip_factor
-        grad_norm = unitwise_norm(p.grad.detach())
-        scale = (max_norm / grad_norm.clamp(min=1e-6)).clamp(max=1.0)
-        p.grad.detach().mul_(scale)
-
-
-def warmup_cosine(total_steps: int, warmup_steps: int, warmup_decay: float):
-    """LR factor: linear from ``warmup_decay`` to 1 over the warm-up, then cosine to 0 (per optimiser step)."""
-
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return warmup_decay + (1.0 - warmup_decay) * step / warmup_steps
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-    return factor
-
-
-def build_optimizer(recipe: Recipe, params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
-    o = recipe.optim
-    if o.name == "adam":
-        return torch.optim.Adam(params, lr=o.lr, weight_decay=o.weight_decay)
-    if o.name == "adamw":
-        return torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
-    if o.name == "sgd":
-        return torch.optim.SGD(params, lr=o.lr, momentum=0.9, weight_decay=o.weight_decay, nesterov=True)
-    raise GteError(f"unknown optim.name '{o.name}' (known: adam, adamw, sgd)")
+from gte.optim import apply_update, build_optimizer, warmup_cosine
 
 
 def validate(recipe: Recipe) -> None:
@@ -403,19 +369,6 @@ def multi_hot(batch: dict, num_classes: int, source: str) -> torch.Tensor:
             raise GteError(f"label {max(labels)} in {source}, but data.num_classes = {num_classes}")
         out[i, list(labels)] = 1.0
     return out
-
-
-def apply_update(accelerator, student: nn.Module, optimizer, scheduler, clip: str, clip_value: float) -> None:
-    """Clip the (synchronised) gradients, step optimiser and schedule, clear the gradients."""
-    if clip == "agc":
-        if accelerator.scaler is not None:
-            accelerator.unscale_gradients()
-        adaptive_clip_grad_(student.parameters(), clip_value)
-    elif clip == "norm":
-        accelerator.clip_grad_norm_(student.parameters(), clip_value)
-    optimizer.step()
-    scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
 
 
 def accumulate_gradients(accelerator, method, student, loader, recipe: Recipe, step: int,

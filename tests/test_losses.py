@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 
 from gte.losses import classification_loss, explanation_loss, kd_loss
-from gte.train import adaptive_clip_grad_, warmup_cosine
+from gte.optim import adaptive_clip_grad_, warmup_cosine
 
 
 def gen(seed: int) -> torch.Generator:

@@ -12,7 +12,8 @@ import torch
 from gte.config import from_dict
 from gte.methods import build_method
 from gte.models import build_model, freeze, load_model, save_model
-from gte.train import StopFlags, accumulate_gradients, apply_update, build_optimizer, make_accelerator
+from gte.optim import apply_update, build_optimizer
+from gte.train import StopFlags, accumulate_gradients, make_accelerator
 
 out, teacher_path, accum = sys.argv[1], sys.argv[2], int(sys.argv[3])
 recipe = from_dict({"data": {"num_classes": 4, "image_size": 32}, "optim": {"batch_size": 4, "grad_accum": accum},
