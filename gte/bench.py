@@ -153,6 +153,10 @@ def build_rows(recipe: Recipe, batch: int, precision: str, device: torch.device)
     check_arch(recipe.teacher.arch)
     if precision not in ("fp32", "bf16"):
         raise GteError(f"--precision must be fp32 or bf16, not '{precision}'")
+    if recipe.run.compile_teacher:
+        from gte.train import check_compilable_teacher
+
+        check_compilable_teacher(recipe)
     b = batch or recipe.optim.batch_size
     torch.manual_seed(0)
     student = build_model(recipe.student.arch, d.num_classes).to(device).train()
@@ -168,8 +172,6 @@ def build_rows(recipe: Recipe, batch: int, precision: str, device: torch.device)
     optimizer = torch.optim.Adam(student.parameters(), lr=1e-6)
     ref_optimizer = torch.optim.Adam(ref_student.parameters(), lr=1e-6) if ref_student is not student else optimizer
     explainer = recipe.distill.explainer if recipe.distill.explainer != "auto" else info(student).explainer
-    if recipe.run.compile_teacher and explainer == "gradcam":
-        raise GteError("run.compile_teacher needs B-cos explanations (GradCAM's per-call hooks defeat torch.compile)")
 
     def autocast() -> torch.autocast:
         return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")

@@ -64,10 +64,8 @@ def validate(recipe: Recipe) -> None:
         raise GteError(f"unknown distill.explainer '{d.explainer}' (known: auto, bcos, gradcam)")
     if d.guided_every < 1:
         raise GteError("distill.guided_every must be >= 1")
-    if recipe.run.compile_teacher and d.method == "e2kd" and not d.frozen and (
-            d.explainer == "gradcam" or (d.explainer == "auto" and not REGISTRY[recipe.student.arch][1])):
-        raise GteError("run.compile_teacher needs B-cos explanations: GradCAM's per-call hooks would make "
-                       "torch.compile recompile the teacher every guided step")
+    if recipe.run.compile_teacher and d.method == "e2kd" and not d.frozen:
+        check_compilable_teacher(recipe)
     if recipe.run.mixed_precision not in ("no", "bf16", "fp16"):
         raise GteError(f"run.mixed_precision must be no, bf16 or fp16, got '{recipe.run.mixed_precision}'")
     if recipe.run.mixed_precision == "fp16" and not torch.cuda.is_available():
@@ -80,6 +78,15 @@ def validate(recipe: Recipe) -> None:
     for spec in (recipe.data.val, recipe.data.test):
         if spec:
             expand_spec(spec)
+
+
+def check_compilable_teacher(recipe: Recipe) -> None:
+    """``run.compile_teacher`` with explanations: only B-cos W(x) (call after ``check_arch(student.arch)``)."""
+    d = recipe.distill
+    explainer = d.explainer if d.explainer != "auto" else ("bcos" if REGISTRY[recipe.student.arch][1] else "gradcam")
+    if explainer == "gradcam":
+        raise GteError("run.compile_teacher needs B-cos explanations: GradCAM's per-call hooks would make "
+                       "torch.compile recompile the teacher every guided step")
 
 
 def make_accelerator(recipe: Recipe):
