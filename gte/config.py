@@ -42,6 +42,8 @@ class DistillConfig:
     lambda_exp: float = 1.0
     ce_weight: float = 0.0
     guided_every: int = 1         # explanation term on every K-th step only
+    exp_grad: str = "exact"       # B-cos students: "exact" (the official code's gradient) | "detached" (ablation:
+                                  # the dynamic factors detached in the outer derivative too, as pip bcos' explanation mode)
     multilabel: bool = False      # multi-label data (VOC): binary KD per class, labels from json.labels
     frozen: bool = False          # teacher-free: logits + map stored by `gte precompute` in data.train's shards
 

@@ -33,6 +33,7 @@ from gte.data.shards import count_samples, expand_spec, make_loader
 from gte.errors import GteError
 from gte.methods import METHODS, build_method
 from gte.models import REGISTRY, build_model, check_arch, freeze, info, save_model
+from gte.onepass import EXP_GRADS
 from gte.optim import apply_update, build_optimizer, warmup_cosine
 
 
@@ -64,6 +65,8 @@ def validate(recipe: Recipe) -> None:
         raise GteError(f"unknown distill.explainer '{d.explainer}' (known: auto, bcos, gradcam)")
     if d.guided_every < 1:
         raise GteError("distill.guided_every must be >= 1")
+    if d.exp_grad not in EXP_GRADS:
+        raise GteError(f"distill.exp_grad must be {' or '.join(EXP_GRADS)}, got '{d.exp_grad}'")
     if recipe.run.compile_teacher and d.method == "e2kd" and not d.frozen:
         check_compilable_teacher(recipe)
     if recipe.run.mixed_precision not in ("no", "bf16", "fp16"):

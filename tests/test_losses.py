@@ -81,18 +81,24 @@ def test_explanation_loss_zero_map_is_finite():
 
 
 # ------------------------------------------------------------------------------------------------ labels
-def test_classification_loss_bcos_is_bce_on_one_hot_mean_over_nc():
+def test_classification_loss_bcos_is_bce_with_uniform_off_labels_mean_over_nc():
+    """The official B-cos label loss: BCE-with-logits against one-hot targets clamped below at 1/C."""
+    from bcos.modules.losses import UniformOffLabelsBCEWithLogitsLoss
+
     logits = torch.randn(4, 5, generator=gen(7), dtype=torch.float64) * 2
     labels = torch.tensor([0, 3, 4, 3])
     total = 0.0
     for i in range(4):
         for c in range(5):
             z = logits[i, c].item()
-            y = 1.0 if labels[i].item() == c else 0.0
+            y = 1.0 if labels[i].item() == c else 1.0 / 5
             sig = 1.0 / (1.0 + math.exp(-z))
             total += -(y * math.log(sig) + (1 - y) * math.log(1 - sig))
     expected = total / (4 * 5)
+    assert classification_loss(logits, labels, bcos=True).item() == pytest.approx(expected, rel=1e-12)
     assert classification_loss(logits.float(), labels, bcos=True).item() == pytest.approx(expected, rel=1e-5)
+    oracle = UniformOffLabelsBCEWithLogitsLoss()(logits, labels)  # the bcos package's own class
+    assert classification_loss(logits, labels, bcos=True).item() == pytest.approx(oracle.item(), rel=1e-12)
 
 
 def test_classification_loss_standard_is_cross_entropy():

@@ -11,7 +11,7 @@ from gte.config import DistillConfig
 from gte.errors import GteError
 from gte.losses import classification_loss
 from gte.models import info, to_model_input
-from gte.onepass import fused_layers, supports_one_pass
+from gte.onepass import fused_layers, is_bcos_cnn
 
 
 class Method(ABC):
@@ -22,7 +22,7 @@ class Method(ABC):
     def __init__(self, cfg: DistillConfig, student: nn.Module, teacher: nn.Module | None = None):
         self.cfg, self.student, self.teacher = cfg, student, teacher
         self.student_info = info(student)
-        self.fused = supports_one_pass(student)  # B-cos CNN students train through gte.onepass' fused layers
+        self.fused = is_bcos_cnn(student)  # B-cos CNN students train through gte.onepass' fused layers
         if teacher is not None and info(teacher).num_classes != self.student_info.num_classes:
             raise GteError(f"teacher has {info(teacher).num_classes} classes, student {self.student_info.num_classes}")
 

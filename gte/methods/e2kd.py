@@ -2,40 +2,22 @@
 
 L = T²·KL(p_T ‖ p_S) + λ · (1 − cos(E_T(x, ŷ_T), E_S(x, ŷ_T))), the explanation term on every K-th step only.
 
-B-cos students: the KD term needs the logits' true parameter gradient, W(x) needs explanation mode (detached dynamic
-scaling and normalisation). Taking the KD logits from an explanation-mode pass back-propagates through those detached
-factors and the KD term stops fitting (README, "one pass, two derivatives"). gte's B-cos CNNs get both from ONE forward
-(:mod:`gte.onepass`); other B-cos students (the ViT) use a normal forward for the logits plus a second forward in
-explanation mode with running-statistics updates suspended — the same gradient, one forward dearer. GradCAM students
-need one pass: the logits and the CAM come from the same forward.
+B-cos students: one forward gives the training logits and W(x) (:mod:`gte.onepass`); the KD term gets the ordinary
+gradient of the logits and the explanation term its exact derivative in θ — W(x) is taken with the dynamic factors
+constant, and the outer derivative flows through them, as in the official code (``distill.exp_grad = "detached"``
+keeps them constant there too: an ablation, README "How gte computes e2KD"). GradCAM students need one pass as well:
+the logits and the CAM come from the same forward, the CAM's gradient taken with ``create_graph=True``.
 """
 
 from __future__ import annotations
 
-import contextlib
-from typing import Iterator
-
 import torch
-import torch.nn as nn
 
 from gte.errors import GteError
 from gte.explain import explain_with_logits
 from gte.losses import explanation_loss
 from gte.methods.kd import KD
-from gte.onepass import logits_and_explanation
-
-
-@contextlib.contextmanager
-def running_stats_frozen(model: nn.Module) -> Iterator[None]:
-    """Batch norms keep normalising with batch statistics but do not update their running estimates."""
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
-    for m in norms:
-        m.track_running_stats = False
-    try:
-        yield
-    finally:
-        for m in norms:
-            m.track_running_stats = True
+from gte.onepass import logits_and_explanation, supports_one_pass
 
 
 class E2KD(KD):
@@ -44,7 +26,9 @@ class E2KD(KD):
     def __init__(self, cfg, student, teacher):
         super().__init__(cfg, student, teacher)
         self.explainer = cfg.explainer if cfg.explainer != "auto" else self.student_info.explainer
-        self.one_pass = self.explainer == "bcos" and self.fused
+        if self.explainer == "bcos" and not supports_one_pass(student):
+            raise GteError(f"e2KD with B-cos explanations needs a B-cos student gte can differentiate exactly; "
+                           f"{self.student_info.arch} is not one")
 
     def loss(self, images: torch.Tensor, labels: torch.Tensor, step: int, frozen=None) -> tuple[torch.Tensor, dict]:
         if step % self.cfg.guided_every:
@@ -64,12 +48,8 @@ class E2KD(KD):
         xs = self.student_input(images)
         if self.explainer == "gradcam":
             s_maps, s_logits = explain_with_logits(self.student, xs, classes, "gradcam", create_graph=True)
-        elif self.one_pass:
-            s_logits, s_maps = logits_and_explanation(self.student, xs, classes)
         else:
-            s_logits = self.student(xs)
-            with running_stats_frozen(self.student):
-                s_maps, _ = explain_with_logits(self.student, xs, classes, "bcos", create_graph=True)
+            s_logits, s_maps = logits_and_explanation(self.student, xs, classes, self.cfg.exp_grad)
         loss, logs = self.logit_terms(s_logits, t_logits, labels)
         exp = explanation_loss(s_maps, t_maps)
         logs["exp"] = exp.detach()

@@ -1,0 +1,267 @@
+"""Autograd functions for B-cos layers whose dynamic factors are *explanation constants* (see :mod:`gte.onepass`).
+
+A B-cos layer computes ``y = a · s`` where ``a`` is linear in its input and ``s = s(θ, x)`` is a dynamic factor: the
+B-cos scaling ``|ŵ·x|^(b-1) / ‖x‖^(b-1)``, an uncentered norm's ``1/σ``, a ViT's attention matrix. W(x), the dynamic
+linear map, is the input gradient with every ``s`` held constant. Each function here reads a :class:`Gate` at
+*backward* time (the official e2KD code's ``DynamicMultiplication`` does the same with its ``fixed_weights`` flag):
+
+- gate open (ordinary backward, the KD/CE terms and the final backward): the full derivative, ``∂/∂a`` and ``∂/∂s``;
+- gate closed (while W(x) is taken with ``autograd.grad(create_graph=True)``): ``∂/∂a = g · s`` only. With
+  ``gate.exact`` (the default) ``s`` stays a differentiable function of the forward, so the final backward of the
+  explanation loss flows *through* the factors — the exact derivative of ``1 − cos(W_T, W_S(θ))`` in θ, as in the
+  official code. With ``exact=False`` (``distill.exp_grad = "detached"``, an ablation) ``s`` is detached there too:
+  the gradient of the pip ``bcos`` package's explanation mode, which detaches the factors in the forward pass.
+
+The closed-gate results of the b = 2 scaling and of the batch norm are themselves functions (:class:`_ScaleGrad`,
+:class:`_BNGrad`) with hand-written derivatives in ``g``, ``a``/``x`` and the weight: the double backward recomputes
+``|a|/n`` or uses the saved ``1/σ`` instead of keeping autograd's chain of abs/div/var. The unit-norm convolution's
+input gradient (:class:`_ConvInputGrad`) takes its weight gradient from the native backward-weights kernel (autograd's
+own conv double backward computes it as a convolution of batch/channel-transposed tensors, ≈2× slower on CPU here).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+
+
+class Gate:
+    """Open: ordinary gradients. Closed (while W(x) is taken): input gradients only, the dynamic factors passing none
+    — differentiable in the outer derivative when ``exact``, detached otherwise."""
+
+    def __init__(self, input: torch.Tensor | None = None, exact: bool = True) -> None:
+        self.open = True
+        self.exact = exact
+        # the leaf W(x) is taken at: the final backward never needs its gradient, so it is not computed
+        self.input = input
+
+    @contextlib.contextmanager
+    def closed(self) -> Iterator[None]:
+        self.open = False
+        try:
+            yield
+        finally:
+            self.open = True
+
+    def factor(self, s: torch.Tensor) -> torch.Tensor:
+        """A dynamic factor as the closed-gate backward uses it."""
+        return s if self.exact else s.detach()
+
+
+def first_order_only() -> None:
+    if torch.is_grad_enabled():
+        raise RuntimeError("gte.onepass: second-order gradients of the training logits are not supported "
+                           "(only W(x) is differentiable twice)")
+
+
+def sum_to(t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """Reduce ``t`` over the dimensions it was broadcast along to reach ``shape``."""
+    dims = [i for i, (n, m) in enumerate(zip(t.shape, shape)) if m == 1 and n != 1]
+    return t.sum(dims, keepdim=True) if dims else t
+
+
+class ExplainConstant(torch.autograd.Function):
+    """``a · s`` with ``s`` a dynamic factor (any broadcastable shape; generic ``b``, norms, the ViT)."""
+
+    @staticmethod
+    def forward(ctx, a: torch.Tensor, s: torch.Tensor, gate: Gate) -> torch.Tensor:
+        ctx.gate = gate
+        ctx.save_for_backward(a, s)
+        return a * s
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        a, s = ctx.saved_tensors
+        if not ctx.gate.open:
+            return g * ctx.gate.factor(s), None, None
+        grad_a = g * s.detach() if ctx.needs_input_grad[0] else None
+        grad_s = sum_to(g * a.detach(), s.shape) if ctx.needs_input_grad[1] else None
+        return grad_a, grad_s, None
+
+
+class ExplainConstantMatmul(torch.autograd.Function):
+    """``s @ v`` with the matrix ``s`` a dynamic factor (a B-cos ViT's attention weights)."""
+
+    @staticmethod
+    def forward(ctx, s: torch.Tensor, v: torch.Tensor, gate: Gate) -> torch.Tensor:
+        ctx.gate = gate
+        ctx.save_for_backward(s, v)
+        return s @ v
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        s, v = ctx.saved_tensors
+        if not ctx.gate.open:
+            return None, ctx.gate.factor(s).transpose(-1, -2) @ g, None
+        grad_s = g @ v.detach().transpose(-1, -2) if ctx.needs_input_grad[0] else None
+        grad_v = s.detach().transpose(-1, -2) @ g if ctx.needs_input_grad[1] else None
+        return grad_s, grad_v, None
+
+
+class BcosScale2(torch.autograd.Function):
+    """B-cos ``b = 2`` scaling, fused: ``y = a · s`` with ``s = |a| / n`` (``a`` = ŵ·x, ``n`` = patch norm ‖x‖).
+
+    Saves ``a`` and ``n`` only (``s`` and ``y`` are recomputed: one pass each). Open gate:
+    ``∂y/∂a = 2s``, ``∂y/∂n = −a·s/n``; closed: ``g · s`` through :class:`_ScaleGrad` (exact) or with ``s`` detached.
+    """
+
+    @staticmethod
+    def forward(ctx, a: torch.Tensor, n: torch.Tensor, gate: Gate) -> torch.Tensor:
+        ctx.gate = gate
+        ctx.save_for_backward(a, n)
+        return a.abs().div_(n).mul_(a)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        a, n = ctx.saved_tensors
+        if not ctx.gate.open:  # W(x): s constant in the input derivative
+            if ctx.gate.exact:
+                return _ScaleGrad.apply(g, a, n), None, None
+            return g * a.detach().abs().div_(n.detach()), None, None
+        first_order_only()
+        s = a.abs().div_(n)
+        grad_a = torch.mul(g, s).mul_(2.0) if ctx.needs_input_grad[0] else None
+        grad_n = sum_to(s.mul_(a).mul_(g), n.shape).div_(n).neg_() if ctx.needs_input_grad[1] else None
+        return grad_a, grad_n, None
+
+
+class _ScaleGrad(torch.autograd.Function):
+    """``h = g · |a| / n`` (the closed-gate backward of :class:`BcosScale2`), differentiable in ``g``, ``a``, ``n``:
+    ``∂h/∂g = |a|/n``, ``∂h/∂a = g·sign(a)/n``, ``∂h/∂n = −g·|a|/n²``."""
+
+    @staticmethod
+    def forward(ctx, g: torch.Tensor, a: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(g, a, n)
+        return a.abs().div_(n).mul_(g)
+
+    @staticmethod
+    def backward(ctx, gh: torch.Tensor):
+        g, a, n = ctx.saved_tensors
+        first_order_only()
+        grad_g = a.abs().div_(n).mul_(gh) if ctx.needs_input_grad[0] else None
+        t = gh * g
+        grad_a = a.sign().mul_(t).div_(n) if ctx.needs_input_grad[1] else None
+        grad_n = sum_to(t.mul_(a.abs()), n.shape).div_(n * n).neg_() if ctx.needs_input_grad[2] else None
+        return grad_g, grad_a, grad_n
+
+
+def _c(t: torch.Tensor) -> torch.Tensor:
+    """A per-channel vector broadcast over N×C×H×W."""
+    return t[None, :, None, None]
+
+
+class BatchNormUncentered(torch.autograd.Function):
+    """Training-mode uncentered batch norm ``y = γ · x · r (+ β)``, ``r = 1/√(Var_batch(x) + ε)``, fused.
+
+    Hand-written backward; gate closed: ``g · γ · r`` with ``r`` an explanation constant (:class:`_BNGrad` when exact).
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float,
+                gate: Gate) -> tuple[torch.Tensor, torch.Tensor]:
+        var, mean = torch.var_mean(x, dim=(0, 2, 3), unbiased=False)
+        r = (var + eps).rsqrt_()
+        scale = r if weight is None else r * weight
+        y = x * _c(scale)
+        if bias is not None:
+            y.add_(_c(bias))
+        ctx.gate = gate
+        ctx.save_for_backward(x, weight, r, mean)
+        ctx.mark_non_differentiable(var)
+        return y, var
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor, _g_var: torch.Tensor):
+        x, weight, r, mean = ctx.saved_tensors
+        if not ctx.gate.open:  # W(x): r constant; γ stays differentiable (its gradient reaches γ in double backprop)
+            if ctx.gate.exact:
+                return _BNGrad.apply(g, x, weight, r, mean), None, None, None, None
+            return g * _c(r if weight is None else weight * r), None, None, None, None
+        first_order_only()
+        gx = (g * x).sum((0, 2, 3))  # Σ g·x per channel
+        grad_w = gx * r if weight is not None and ctx.needs_input_grad[1] else None
+        grad_b = g.sum((0, 2, 3)) if ctx.needs_input_grad[2] else None
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            w = 1.0 if weight is None else weight
+            grad_x = _var_grad(x, mean, -(w * gx * r.pow(3)) / (x.numel() // x.shape[1]))
+            grad_x.addcmul_(g, _c(w * r))
+        return grad_x, grad_w, grad_b, None, None
+
+
+def _var_grad(x: torch.Tensor, mean: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """``c · (x − μ)`` per channel: the input gradient through a batch variance, ``∂Var/∂x = 2(x − μ)/M``."""
+    return torch.addcmul(_c(-c * mean), x, _c(c))
+
+
+class _BNGrad(torch.autograd.Function):
+    """``h = g · γ · r(x)`` (the closed-gate backward of :class:`BatchNormUncentered`), differentiable in ``g``, ``x``
+    and ``γ``: ``∂r/∂x = −r³ (x − μ) / M`` per channel (M = N·H·W). ``r`` and ``μ`` are passed as values."""
+
+    @staticmethod
+    def forward(ctx, g: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, r: torch.Tensor,
+                mean: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(g, x, weight, r, mean)
+        return g * _c(r if weight is None else weight * r)
+
+    @staticmethod
+    def backward(ctx, gh: torch.Tensor):
+        g, x, weight, r, mean = ctx.saved_tensors
+        first_order_only()
+        w = 1.0 if weight is None else weight
+        grad_g = gh * _c(w * r) if ctx.needs_input_grad[0] else None
+        t = (gh * g).sum((0, 2, 3))
+        grad_x = _var_grad(x, mean, -(w * t * r.pow(3)) / (x.numel() // x.shape[1])) if ctx.needs_input_grad[1] \
+            else None
+        grad_w = t * r if weight is not None and ctx.needs_input_grad[2] else None
+        return grad_g, grad_x, grad_w, None, None
+
+
+class Conv2d(torch.autograd.Function):
+    """``conv2d(x, w)`` whose input gradient is :class:`_ConvInputGrad`, so that double backprop through W(x) gets the
+    weight gradient from the native backward-weights kernel. Gate closed: input gradient only."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, w: torch.Tensor, conv: tuple, gate: Gate) -> torch.Tensor:
+        ctx.conv, ctx.gate, ctx.at_input = conv, gate, x is gate.input
+        ctx.save_for_backward(x, w)
+        return F.conv2d(x, w, None, *conv)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        x, w = ctx.saved_tensors
+        if not ctx.gate.open:
+            return _ConvInputGrad.apply(g, x, w, ctx.conv), None, None, None
+        first_order_only()
+        stride, padding, dilation, groups = ctx.conv
+        need_x = ctx.needs_input_grad[0] and not ctx.at_input
+        gx, gw, _ = torch.ops.aten.convolution_backward(g, x, w, None, stride, padding, dilation, False, [0, 0],
+                                                         groups, [need_x, ctx.needs_input_grad[1], False])
+        return gx, gw, None, None
+
+
+class _ConvInputGrad(torch.autograd.Function):
+    """∂conv2d(x, w)/∂x applied to ``g`` (a transposed convolution), differentiable in ``g`` and ``w``."""
+
+    @staticmethod
+    def forward(ctx, g: torch.Tensor, x: torch.Tensor, w: torch.Tensor, conv: tuple) -> torch.Tensor:
+        ctx.conv = conv
+        ctx.save_for_backward(g, x, w)
+        stride, padding, dilation, groups = conv
+        return torch.ops.aten.convolution_backward(g, x, w, None, stride, padding, dilation, False, [0, 0], groups,
+                                                   [True, False, False])[0]
+
+    @staticmethod
+    def backward(ctx, gg: torch.Tensor):
+        g, _, w = ctx.saved_tensors
+        first_order_only()
+        stride, padding, dilation, groups = ctx.conv
+        grad_g = F.conv2d(gg, w, None, *ctx.conv) if ctx.needs_input_grad[0] else None
+        grad_w = None
+        if ctx.needs_input_grad[2]:  # <g, conv(gg, w)> is linear in w: the weight gradient of conv(gg, ·) at g
+            grad_w = torch.ops.aten.convolution_backward(g, gg, w, None, stride, padding, dilation, False, [0, 0],
+                                                         groups, [False, True, False])[1]
+        return grad_g, None, grad_w, None
