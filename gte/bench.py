@@ -1,8 +1,9 @@
 """``gte bench``: what a training step of each method costs, in one process, on the same models and batch.
 
-Rows: student only (CE), KD (live teacher), e2KD live and frozen (stored logits + map) at K = 1 and K = 16, a
-*reference* e2KD step written the straightforward way (teacher forward + ``autograd.grad`` for its map, student
-forward in explanation mode + ``autograd.grad(create_graph=True)``, KD on those same student logits, nothing else).
+Rows: student only (CE), KD (live teacher), e2KD live and frozen (stored logits + map) at K = 1 and K = 16, and a
+*reference* e2KD step computing the same exact gradient the way the official code does (:mod:`gte.bench_reference`:
+B-cos layers whose dynamic factor is saved with its graph and whose backward reads an explanation flag, W(x) by
+``autograd.grad(create_graph=True)`` with the flag on, the final backward with it off, no further optimisation).
 
 A step = forward, backward and an Adam update of the student on one fixed random batch (models randomly initialised:
 the cost does not depend on the weights; no data loading is timed — for frozen e2KD the stored logits/map are
@@ -42,7 +43,6 @@ from rich.table import Table
 
 from gte.config import DistillConfig, Recipe
 from gte.errors import GteError
-from gte.losses import explanation_loss, kd_loss
 
 
 class PeakMemory:
@@ -93,20 +93,6 @@ print(peak)
 """
 
 
-def reference_e2kd_loss(student: nn.Module, teacher: nn.Module, images: torch.Tensor, cfg: DistillConfig,
-                        explainer: str) -> torch.Tensor:
-    """e2KD the straightforward way: teacher forward + grad for its map, ONE student forward (explanation mode for
-    B-cos) + grad with create_graph, KD on that forward's logits."""
-    from gte.explain import explain_with_logits
-    from gte.models import info, to_model_input
-
-    t_maps, t_logits = explain_with_logits(teacher, to_model_input(info(teacher), images), None, explainer)
-    classes = t_logits.argmax(1)
-    s_maps, s_logits = explain_with_logits(student, to_model_input(info(student), images), classes, explainer,
-                                           create_graph=True)
-    return kd_loss(s_logits, t_logits, cfg.temperature) + cfg.lambda_exp * explanation_loss(s_maps, t_maps)
-
-
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -139,6 +125,7 @@ Row = tuple[str, str, Callable[[int], None], int]  # key, label, step(index), st
 def build_rows(recipe: Recipe, batch: int, precision: str, device: torch.device) -> tuple[list[Row], dict[str, Any]]:
     """The models, the batch and one step function per row (``run.channels_last`` and ``run.compile_teacher`` of the
     recipe apply, except to the reference step's teacher)."""
+    from gte.bench_reference import reference_e2kd_loss
     from gte.explain import explain_with_logits
     from gte.methods.ce import LabelsOnly
     from gte.methods.e2kd import E2KD
@@ -218,7 +205,7 @@ def build_rows(recipe: Recipe, batch: int, precision: str, device: torch.device)
                                                         frozen=frozen), 1),
         (f"e2kd_frozen_k{k}", f"e2KD frozen K={k}", method_step(E2KD(cfg(frozen=True, guided_every=k), student,
                                                                       None), frozen=frozen), k),
-        ("reference", "e2KD reference (naive)",
+        ("reference", "e2KD reference (official)",
          train_step(lambda i: reference_e2kd_loss(ref_student, ref_teacher, images, cfg(), explainer), ref_optimizer),
          1),
         ("teacher_fwd", "teacher forward (no grad)", teacher_forward, 1),

@@ -44,6 +44,10 @@ class DistillConfig:
     guided_every: int = 1         # explanation term on every K-th step only
     exp_grad: str = "exact"       # B-cos students: "exact" (the official code's gradient) | "detached" (ablation:
                                   # the dynamic factors detached in the outer derivative too, as pip bcos' explanation mode)
+    # Beyond the paper, off by default (README "Right reasons on a colour shortcut"); live B-cos e2KD only:
+    exp_topk: int = 1             # explain the teacher's top-k classes (mean of the k explanation terms)
+    exp_student_top1: bool = False  # also match both models' explanations of the student's own top-1 class
+    exp_norm_weight: float = 0.0  # + μ · (log‖W_S‖ − log‖W_T‖)² per explained class: a term that is not scale-free
     multilabel: bool = False      # multi-label data (VOC): binary KD per class, labels from json.labels
     frozen: bool = False          # teacher-free: logits + map stored by `gte precompute` in data.train's shards
 
@@ -88,6 +92,7 @@ class DemoConfig:
     teacher_epochs: int = 6
     teacher_lr: float = 1e-3
     methods: list[str] = field(default_factory=lambda: ["kd", "e2kd"])
+    background: str = "stripes"   # how the spurious place is coded: "stripes" (texture) | "colour" (mean colour)
 
 
 @dataclass

@@ -19,16 +19,21 @@ from rich.table import Table
 from gte import __version__
 from gte.config import Recipe
 from gte.data import demo as demo_data
+from gte.errors import GteError
 from gte.evaluate import evaluate
 from gte.models import freeze, load_model
 from gte.paths import gte_home  # defined there so light commands need not import this module
+
+
+LABEL_LOSS = "bce-offlabel-1/C"  # the teacher's label loss: a cache made with another one is not reused
 
 
 def _cache_dir(recipe: Recipe) -> Path:
     """One cache entry per demo data/teacher configuration (changing them never reuses a stale teacher)."""
     dm, d = recipe.demo, recipe.data
     key = json.dumps([__version__, dm.n_teacher, dm.n_distill, dm.n_test, dm.teacher_arch, dm.teacher_epochs, dm.teacher_lr,
-                      d.image_size, d.num_classes, d.crop_scale, recipe.run.seed, recipe.optim.batch_size])
+                      d.image_size, d.num_classes, d.crop_scale, recipe.run.seed, recipe.optim.batch_size,
+                      dm.background, LABEL_LOSS])
     return gte_home() / "demo" / hashlib.sha256(key.encode()).hexdigest()[:12]
 
 
@@ -42,7 +47,8 @@ def prepare(recipe: Recipe, console: Console) -> Recipe:
     if not (data_dir / "DONE.json").is_file():
         console.print(f"[bold]demo[/]: writing synthetic shards to {data_dir}")
         demo_data.write_demo_shards(data_dir, n_teacher=dm.n_teacher, n_distill=dm.n_distill, n_test=dm.n_test,
-                                    image_size=d.image_size, num_classes=d.num_classes, seed=recipe.run.seed)
+                                    image_size=d.image_size, num_classes=d.num_classes, seed=recipe.run.seed,
+                                    background=dm.background)
     specs = json.loads((data_dir / "DONE.json").read_text())["specs"]
     teacher_path = cache / "teacher.safetensors"
     if not teacher_path.is_file():
@@ -77,6 +83,9 @@ def run_demo(recipe: Recipe, console: Console) -> dict[str, dict[str, float]]:
     """Distil the same student with each of ``demo.methods``; print and write (results.json/.md) one table."""
     from gte.train import train
 
+    if recipe.demo.background not in demo_data.BACKGROUNDS:
+        raise GteError(f"demo.background must be one of {', '.join(demo_data.BACKGROUNDS)}, got "
+                       f"'{recipe.demo.background}'")
     ready = prepare(recipe, console)
     out = Path(recipe.run.out)
     teacher = freeze(load_model(ready.teacher.weights))

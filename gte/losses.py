@@ -26,6 +26,14 @@ def explanation_loss(student_maps: torch.Tensor, teacher_maps: torch.Tensor) -> 
     return (1.0 - F.cosine_similarity(s, t, dim=1, eps=1e-8)).mean()
 
 
+def log_norm_gap(student_maps: torch.Tensor, teacher_maps: torch.Tensor) -> torch.Tensor:
+    """Mean over the batch of (log‖W_S‖ − log‖W_T‖)², each map flattened: the magnitude the cosine ignores.
+    Not part of the paper's e2KD (``distill.exp_norm_weight``)."""
+    s = torch.linalg.vector_norm(_f32(student_maps).flatten(1), dim=1)
+    t = torch.linalg.vector_norm(_f32(teacher_maps).flatten(1), dim=1)
+    return (torch.log(s + 1e-12) - torch.log(t + 1e-12)).square().mean()
+
+
 def multilabel_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """Multi-label KD (VOC): T² · Σ_classes KL(Bernoulli(σ(t/T)) ‖ Bernoulli(σ(s/T))), averaged over the batch."""
     t = temperature

@@ -164,27 +164,40 @@ def fused_layers(model: nn.Module) -> Iterator[None]:
         yield
 
 
-def logits_and_explanation(
-    model: nn.Module, x: torch.Tensor, classes: torch.Tensor, exp_grad: str = "exact"
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Training logits and W(x) of ``classes`` (one per sample), both differentiable, from one forward.
+class OnePass:
+    """One gated student forward: ``.logits`` for the training loss, :meth:`explain` for W(x) of any classes (call it
+    as often as needed: each call is one double-backward-able input gradient of the same forward).
 
     Back-propagating ``f(logits) + g(W)`` gives the ordinary parameter gradient for ``f`` plus, for ``g``, the exact
     derivative of ``g(W(θ))`` (``exp_grad="exact"``, the official e2KD gradient) or the one with the dynamic factors
     detached (``"detached"``, pip bcos' explanation mode). ``model`` must pass :func:`supports_one_pass`.
     """
-    if exp_grad not in EXP_GRADS:
-        raise ValueError(f"exp_grad must be one of {EXP_GRADS}, not {exp_grad!r}")
-    x = x.detach().requires_grad_(True)
-    gate = Gate(input=x, exact=exp_grad == "exact")
-    with torch.enable_grad():
-        with _gated(model, gate):
-            logits = model(x)
-        target = logits.gather(1, classes.to(logits.device).long()[:, None]).sum()
-        with gate.closed():
-            (maps,) = torch.autograd.grad(target, x, create_graph=True)
-    return logits, maps
+
+    def __init__(self, model: nn.Module, x: torch.Tensor, exp_grad: str = "exact") -> None:
+        if exp_grad not in EXP_GRADS:
+            raise ValueError(f"exp_grad must be one of {EXP_GRADS}, not {exp_grad!r}")
+        self.x = x.detach().requires_grad_(True)
+        self.gate = Gate(input=self.x, exact=exp_grad == "exact")
+        with torch.enable_grad(), _gated(model, self.gate):
+            self.logits = model(self.x)
+
+    def explain(self, classes: torch.Tensor) -> torch.Tensor:
+        """W(x) of ``classes`` (one per sample), differentiable in the parameters."""
+        with torch.enable_grad():
+            target = self.logits.gather(1, classes.to(self.logits.device).long()[:, None]).sum()
+            with self.gate.closed():
+                (maps,) = torch.autograd.grad(target, self.x, create_graph=True)
+        return maps
 
 
-__all__ = ["EXP_GRADS", "fused_layers", "is_bcos_cnn", "logits_and_explanation",
+def logits_and_explanation(
+    model: nn.Module, x: torch.Tensor, classes: torch.Tensor, exp_grad: str = "exact"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Training logits and W(x) of ``classes`` (one per sample), both differentiable, from one forward
+    (:class:`OnePass`)."""
+    one = OnePass(model, x, exp_grad)
+    return one.logits, one.explain(classes)
+
+
+__all__ = ["EXP_GRADS", "OnePass", "fused_layers", "is_bcos_cnn", "logits_and_explanation",
            "supports_one_pass"]

@@ -67,6 +67,10 @@ def validate(recipe: Recipe) -> None:
         raise GteError("distill.guided_every must be >= 1")
     if d.exp_grad not in EXP_GRADS:
         raise GteError(f"distill.exp_grad must be {' or '.join(EXP_GRADS)}, got '{d.exp_grad}'")
+    if d.exp_topk < 1 or d.exp_norm_weight < 0:
+        raise GteError("distill.exp_topk must be >= 1 and distill.exp_norm_weight >= 0")
+    if (d.exp_topk > 1 or d.exp_student_top1) and d.frozen:
+        raise GteError("distill.exp_topk / exp_student_top1 need a live teacher: frozen shards store one map")
     if recipe.run.compile_teacher and d.method == "e2kd" and not d.frozen:
         check_compilable_teacher(recipe)
     if recipe.run.mixed_precision not in ("no", "bf16", "fp16"):

@@ -50,3 +50,27 @@ def test_gte_bench_rejects_unknown_precision(tmp_path):
     r = subprocess.run([sys.executable, "-m", "gte", "bench", "--recipe", str(recipe), "--precision", "fp8"],
                        capture_output=True, text=True)
     assert r.returncode == 2 and "--precision must be fp32 or bf16" in r.stderr, r.stderr
+
+
+def test_bench_reference_step_computes_gtes_exact_gradient():
+    """The reference row is only a fair baseline if it computes the same gradient as gte's step (float64)."""
+    import copy
+
+    import torch
+
+    from gte.bench_reference import reference_e2kd_loss
+    from gte.config import DistillConfig
+    from gte.methods.e2kd import E2KD
+    from gte.models import build_model
+
+    torch.manual_seed(0)
+    for arch, size in (("bcos_cifar_resnet20", 16), ("bcos_vit_ti_patch16_224", 32)):
+        student = build_model(arch, 10).double().train()
+        ref = copy.deepcopy(student)
+        teacher = build_model(arch, 10).double().eval()
+        images = torch.rand(3, 3, size, size, dtype=torch.float64)
+        cfg = DistillConfig(method="e2kd", lambda_exp=3.0, temperature=2.0)
+        E2KD(cfg, student, teacher).loss(images, torch.zeros(3, dtype=torch.long), 0)[0].backward()
+        reference_e2kd_loss(ref, teacher, images, cfg, "bcos").backward()
+        for (name, p), q in zip(ref.named_parameters(), student.parameters()):
+            assert (q.grad - p.grad).abs().max() <= 1e-9 * p.grad.abs().max(), (arch, name)

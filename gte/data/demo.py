@@ -25,6 +25,7 @@ import webdataset as wds
 from PIL import Image, ImageDraw
 
 SPLITS = ("teacher", "distill", "test")
+BACKGROUNDS = ("stripes", "colour")  # how a place is coded: stripe texture (the demo) or mean colour (its limit)
 CLASS_NAMES = ("circle", "square", "triangle", "plus", "diamond", "ring")
 _MIN_CONTRAST = 80.0  # mean |RGB diff| (0..255) between object and background mean
 
@@ -59,6 +60,20 @@ def _stripe_basis(place: int, image_size: int, num_classes: int) -> tuple[np.nda
     freq = (3 + place) / image_size  # ... and frequency (cycles per pixel)
     a = 2 * np.pi * freq * (xx * np.cos(theta) + yy * np.sin(theta))
     return np.sin(a)[..., None], np.cos(a)[..., None]
+
+
+def _colour_background(
+    rng: np.random.Generator, place: int, image_size: int, num_classes: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """A place coded by its colour: hue place/k (± 0.03), flat with pixel noise; returns (uint8 HWC, mean RGB).
+
+    ``demo.background = "colour"``: the shortcut a student can read from the mean colour alone (README, "Right
+    reasons on a colour shortcut")."""
+    hue = (place + rng.uniform(-0.03, 0.03) * num_classes) / num_classes % 1.0
+    base = np.asarray(colorsys.hsv_to_rgb(hue, 0.6, 0.7), dtype=np.float32) * 255.0 * rng.uniform(0.85, 1.15)
+    noise = rng.normal(0.0, 8.0, (image_size, image_size, 1)).astype(np.float32)
+    img = np.clip(base + noise, 0, 255)
+    return img.astype(np.uint8), img.reshape(-1, 3).mean(axis=0)
 
 
 def _background(
@@ -119,13 +134,16 @@ def _draw_shape(draw: ImageDraw.ImageDraw, label: int, x0: int, y0: int, s: int)
 
 
 def render_sample(
-    rng: np.random.Generator, label: int, place: int, image_size: int, num_classes: int
+    rng: np.random.Generator, label: int, place: int, image_size: int, num_classes: int, background: str = "stripes"
 ) -> tuple[Image.Image, list[float]]:
     """Render one image of shape ``label`` on background ``place``; return (RGB image, box)."""
     _check_sizes(image_size, num_classes)
     if not (0 <= label < num_classes and 0 <= place < num_classes):
         raise ValueError(f"label {label} / place {place} out of range for {num_classes} classes")
-    bg, bg_mean = _background(rng, place, image_size, num_classes)
+    if background not in BACKGROUNDS:
+        raise ValueError(f"background must be one of {BACKGROUNDS}, got {background!r}")
+    paint = _background if background == "stripes" else _colour_background
+    bg, bg_mean = paint(rng, place, image_size, num_classes)
     colour = _object_colour(rng, bg_mean)
     s = int(round(rng.uniform(0.35, 0.6) * image_size))
     x0, y0 = (int(v) for v in rng.integers(0, image_size - s + 1, 2))
@@ -165,8 +183,9 @@ def _shard_spec(out_dir: Path, split: str, num_shards: int) -> str:
     return str(out_dir / f"{split}-{{000000..{num_shards - 1:06d}}}.tar")
 
 
-def _encode_sample(seed: int, split: str, i: int, label: int, place: int, image_size: int, num_classes: int) -> dict:
-    img, box = render_sample(sample_rng(seed, split, i), label, place, image_size, num_classes)
+def _encode_sample(seed: int, split: str, i: int, label: int, place: int, image_size: int, num_classes: int,
+                   background: str = "stripes") -> dict:
+    img, box = render_sample(sample_rng(seed, split, i), label, place, image_size, num_classes, background)
     buf = io.BytesIO()
     img.save(buf, format="PNG", compress_level=1)  # level 1: ~6x smaller than raw, still fast
     meta = {"group": int(place != label), "place": place, "boxes": [box], "box_labels": [label]}
@@ -187,6 +206,7 @@ def write_split(
     num_classes: int = 4,
     seed: int = 0,
     samples_per_shard: int = 1000,
+    background: str = "stripes",
 ) -> str:
     """Write ``n`` samples of ``split`` to ``out_dir/{split}-{i:06d}.tar``; return the shard spec.
 
@@ -208,7 +228,8 @@ def write_split(
             # mtime=0 makes the tar bytes a pure function of the arguments.
             with open(tmp, "wb") as f, wds.TarWriter(f, encoder=False, mtime=0) as sink:
                 for i in range(shard * samples_per_shard, min(n, (shard + 1) * samples_per_shard)):
-                    sink.write(_encode_sample(seed, split, i, int(labels[i]), int(places[i]), image_size, num_classes))
+                    sink.write(_encode_sample(seed, split, i, int(labels[i]), int(places[i]), image_size, num_classes,
+                                              background))
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
@@ -231,6 +252,7 @@ def write_demo_shards(
     image_size: int = 32,
     num_classes: int = 4,
     seed: int = 0,
+    background: str = "stripes",
 ) -> dict[str, str]:
     """Write all three splits plus ``classes.json``; ``DONE.json`` last marks a complete cache."""
     out_dir = Path(out_dir)
@@ -239,10 +261,12 @@ def write_demo_shards(
     done.unlink(missing_ok=True)  # a rewrite in progress must not look complete
     sizes = {"teacher": n_teacher, "distill": n_distill, "test": n_test}
     specs = {
-        split: write_split(out_dir, split, sizes[split], image_size=image_size, num_classes=num_classes, seed=seed)
+        split: write_split(out_dir, split, sizes[split], image_size=image_size, num_classes=num_classes, seed=seed,
+                           background=background)
         for split in SPLITS
     }
     _write_json_atomic(out_dir / "classes.json", list(CLASS_NAMES[:num_classes]))
-    args = {"image_size": image_size, "num_classes": num_classes, "seed": seed, **{f"n_{k}": v for k, v in sizes.items()}}
+    args = {"image_size": image_size, "num_classes": num_classes, "seed": seed, "background": background,
+            **{f"n_{k}": v for k, v in sizes.items()}}
     _write_json_atomic(done, {"args": args, "specs": specs})
     return specs
