@@ -37,6 +37,24 @@ class Gate:
         self.exact = exact
         # the leaf W(x) is taken at: the final backward never needs its gradient, so it is not computed
         self.input = input
+        self._noted: tuple[torch.Tensor, tuple] | None = None
+
+    def note(self, out: torch.Tensor, recipe: tuple) -> None:
+        """``out``, a closed-gate gradient just produced, can be rebuilt from ``recipe`` (tensors the double-backward
+        graph keeps anyway). Its consumer, the next closed backward in the same layer, may then keep the recipe
+        instead of ``out``, which is freed once W(x) is taken: one activation-sized tensor less per link."""
+        self._noted = (out, recipe)
+
+    def recipe_for(self, g: torch.Tensor) -> tuple | None:
+        """The recipe of ``g`` if ``g`` is the tensor noted last (held alive until now, so equal memory means the
+        same tensor), else None. Consumes the note."""
+        noted, self._noted = self._noted, None
+        if noted is None:
+            return None
+        out, recipe = noted
+        same = (out.data_ptr() == g.data_ptr() and out.shape == g.shape and out.stride() == g.stride()
+                and out.dtype == g.dtype and out._version == g._version)
+        return recipe if same else None
 
     @contextlib.contextmanager
     def closed(self) -> Iterator[None]:
@@ -44,7 +62,7 @@ class Gate:
         try:
             yield
         finally:
-            self.open = True
+            self.open, self._noted = True, None
 
     def factor(self, s: torch.Tensor) -> torch.Tensor:
         """A dynamic factor as the closed-gate backward uses it."""
@@ -119,7 +137,10 @@ class BcosScale2(torch.autograd.Function):
         a, n = ctx.saved_tensors
         if not ctx.gate.open:  # W(x): s constant in the input derivative
             if ctx.gate.exact:
-                return _ScaleGrad.apply(g, a, n), None, None
+                src, scale = ctx.gate.recipe_for(g) or (None, None)
+                h = _ScaleGrad.apply(g, a, n, src, scale)
+                ctx.gate.note(h, (g if src is None else src, scale, a, n))
+                return h, None, None
             return g * a.detach().abs().div_(n.detach()), None, None
         first_order_only()
         s = a.abs().div_(n)
@@ -128,24 +149,44 @@ class BcosScale2(torch.autograd.Function):
         return grad_a, grad_n, None
 
 
+def _scaled(g: torch.Tensor, a: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+    """``g · |a| / n``: the b = 2 layer's closed-gate gradient (also when rebuilt: the same expression, same bits)."""
+    return a.abs().div_(n).mul_(g)
+
+
+def _bn_scaled(g: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``g · γr`` per channel: the batch norm's closed-gate gradient (also when rebuilt)."""
+    return g * _c(scale)
+
+
+def _rebuild(src: torch.Tensor, scale: torch.Tensor | None, a: torch.Tensor | None = None,
+             n: torch.Tensor | None = None) -> torch.Tensor:
+    """A gradient noted by :meth:`Gate.note`: ``src``, times the batch norm's ``γr`` and/or the scaling's ``|a|/n``."""
+    g = src if scale is None else _bn_scaled(src, scale)
+    return g if a is None else _scaled(g, a, n)
+
+
 class _ScaleGrad(torch.autograd.Function):
     """``h = g · |a| / n`` (the closed-gate backward of :class:`BcosScale2`), differentiable in ``g``, ``a``, ``n``:
-    ``∂h/∂g = |a|/n``, ``∂h/∂a = g·sign(a)/n``, ``∂h/∂n = −g·|a|/n²``."""
+    ``∂h/∂g = |a|/n``, ``∂h/∂a = g·sign(a)/n``, ``∂h/∂n = −g·|a|/n²``. With ``src`` (``g`` = ``src · scale`` per
+    channel, from the batch norm below) it keeps ``src`` instead of ``g``."""
 
     @staticmethod
-    def forward(ctx, g: torch.Tensor, a: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(g, a, n)
-        return a.abs().div_(n).mul_(g)
+    def forward(ctx, g: torch.Tensor, a: torch.Tensor, n: torch.Tensor, src: torch.Tensor | None,
+                scale: torch.Tensor | None) -> torch.Tensor:
+        ctx.save_for_backward(g if src is None else src, a, n, scale)
+        return _scaled(g, a, n)
 
     @staticmethod
     def backward(ctx, gh: torch.Tensor):
-        g, a, n = ctx.saved_tensors
+        src, a, n, scale = ctx.saved_tensors
+        g = _rebuild(src, scale)
         first_order_only()
         grad_g = a.abs().div_(n).mul_(gh) if ctx.needs_input_grad[0] else None
         t = gh * g
         grad_a = a.sign().mul_(t).div_(n) if ctx.needs_input_grad[1] else None
         grad_n = sum_to(t.mul_(a.abs()), n.shape).div_(n * n).neg_() if ctx.needs_input_grad[2] else None
-        return grad_g, grad_a, grad_n
+        return grad_g, grad_a, grad_n, None, None
 
 
 def _c(t: torch.Tensor) -> torch.Tensor:
@@ -178,7 +219,9 @@ class BatchNormUncentered(torch.autograd.Function):
         x, weight, r, mean = ctx.saved_tensors
         if not ctx.gate.open:  # W(x): r constant; γ stays differentiable (its gradient reaches γ in double backprop)
             if ctx.gate.exact:
-                return _BNGrad.apply(g, x, weight, r, mean), None, None, None, None
+                h = _BNGrad.apply(g, x, weight, r, mean)
+                ctx.gate.note(h, (g, r if weight is None else weight.detach() * r))
+                return h, None, None, None, None
             return g * _c(r if weight is None else weight * r), None, None, None, None
         first_order_only()
         gx = (g * x).sum((0, 2, 3))  # Σ g·x per channel
@@ -205,7 +248,7 @@ class _BNGrad(torch.autograd.Function):
     def forward(ctx, g: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, r: torch.Tensor,
                 mean: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(g, x, weight, r, mean)
-        return g * _c(r if weight is None else weight * r)
+        return _bn_scaled(g, r if weight is None else weight.detach() * r)
 
     @staticmethod
     def backward(ctx, gh: torch.Tensor):
@@ -234,7 +277,8 @@ class Conv2d(torch.autograd.Function):
     def backward(ctx, g: torch.Tensor):
         x, w = ctx.saved_tensors
         if not ctx.gate.open:
-            return _ConvInputGrad.apply(g, x, w, ctx.conv), None, None, None
+            recipe = (ctx.gate.recipe_for(g) if ctx.gate.exact else None) or ()
+            return _ConvInputGrad.apply(g, x, w, ctx.conv, *recipe, *(None,) * (4 - len(recipe))), None, None, None
         first_order_only()
         stride, padding, dilation, groups = ctx.conv
         need_x = ctx.needs_input_grad[0] and not ctx.at_input
@@ -244,19 +288,23 @@ class Conv2d(torch.autograd.Function):
 
 
 class _ConvInputGrad(torch.autograd.Function):
-    """∂conv2d(x, w)/∂x applied to ``g`` (a transposed convolution), differentiable in ``g`` and ``w``."""
+    """∂conv2d(x, w)/∂x applied to ``g`` (a transposed convolution), differentiable in ``g`` and ``w``. With a recipe
+    (``g`` noted by the scaling above it) it keeps the recipe's tensors instead of ``g`` and rebuilds ``g`` for its
+    weight gradient (two elementwise passes instead of an activation-sized tensor held until the final backward)."""
 
     @staticmethod
-    def forward(ctx, g: torch.Tensor, x: torch.Tensor, w: torch.Tensor, conv: tuple) -> torch.Tensor:
+    def forward(ctx, g: torch.Tensor, x: torch.Tensor, w: torch.Tensor, conv: tuple, src: torch.Tensor | None,
+                scale: torch.Tensor | None, a: torch.Tensor | None, n: torch.Tensor | None) -> torch.Tensor:
         ctx.conv = conv
-        ctx.save_for_backward(g, x, w)
+        ctx.save_for_backward(w, *((g, None, None, None) if src is None else (src, scale, a, n)))
         stride, padding, dilation, groups = conv
         return torch.ops.aten.convolution_backward(g, x, w, None, stride, padding, dilation, False, [0, 0], groups,
                                                    [True, False, False])[0]
 
     @staticmethod
     def backward(ctx, gg: torch.Tensor):
-        g, _, w = ctx.saved_tensors
+        w, src, scale, a, n = ctx.saved_tensors
+        g = _rebuild(src, scale, *((None, None) if a is None else (a.detach(), n.detach())))
         first_order_only()
         stride, padding, dilation, groups = ctx.conv
         grad_g = F.conv2d(gg, w, None, *ctx.conv) if ctx.needs_input_grad[0] else None
@@ -264,4 +312,4 @@ class _ConvInputGrad(torch.autograd.Function):
         if ctx.needs_input_grad[2]:  # <g, conv(gg, w)> is linear in w: the weight gradient of conv(gg, ·) at g
             grad_w = torch.ops.aten.convolution_backward(g, gg, w, None, stride, padding, dilation, False, [0, 0],
                                                          groups, [False, True, False])[1]
-        return grad_g, None, grad_w, None
+        return grad_g, None, grad_w, None, None, None, None, None
