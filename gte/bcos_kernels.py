@@ -169,7 +169,7 @@ def _rebuild(src: torch.Tensor, scale: torch.Tensor | None, a: torch.Tensor | No
 class _ScaleGrad(torch.autograd.Function):
     """``h = g · |a| / n`` (the closed-gate backward of :class:`BcosScale2`), differentiable in ``g``, ``a``, ``n``:
     ``∂h/∂g = |a|/n``, ``∂h/∂a = g·sign(a)/n``, ``∂h/∂n = −g·|a|/n²``. With ``src`` (``g`` = ``src · scale`` per
-    channel, from the batch norm below) it keeps ``src`` instead of ``g``."""
+    channel, from the batch norm that follows the layer) it keeps ``src`` instead of ``g``."""
 
     @staticmethod
     def forward(ctx, g: torch.Tensor, a: torch.Tensor, n: torch.Tensor, src: torch.Tensor | None,

@@ -43,6 +43,12 @@ def validate(recipe: Recipe) -> None:
     if d.method not in METHODS:
         raise GteError(f"unknown distill.method '{d.method}' (known: {', '.join(METHODS)})")
     check_arch(recipe.student.arch)
+    if d.exp_grad not in EXP_GRADS:
+        raise GteError(f"distill.exp_grad must be {' or '.join(EXP_GRADS)}, got '{d.exp_grad}'")
+    if d.exp_topk < 1 or d.exp_norm_weight < 0:
+        raise GteError("distill.exp_topk must be >= 1 and distill.exp_norm_weight >= 0")
+    if (d.exp_topk > 1 or d.exp_student_top1) and d.frozen:
+        raise GteError("distill.exp_topk / exp_student_top1 need a live teacher: frozen shards store one map")
     if d.frozen:
         if not METHODS[d.method].needs_teacher:
             raise GteError(f"distill.frozen needs method kd or e2kd, not '{d.method}' (frozen teaching replaces a "
@@ -65,12 +71,6 @@ def validate(recipe: Recipe) -> None:
         raise GteError(f"unknown distill.explainer '{d.explainer}' (known: auto, bcos, gradcam)")
     if d.guided_every < 1:
         raise GteError("distill.guided_every must be >= 1")
-    if d.exp_grad not in EXP_GRADS:
-        raise GteError(f"distill.exp_grad must be {' or '.join(EXP_GRADS)}, got '{d.exp_grad}'")
-    if d.exp_topk < 1 or d.exp_norm_weight < 0:
-        raise GteError("distill.exp_topk must be >= 1 and distill.exp_norm_weight >= 0")
-    if (d.exp_topk > 1 or d.exp_student_top1) and d.frozen:
-        raise GteError("distill.exp_topk / exp_student_top1 need a live teacher: frozen shards store one map")
     if recipe.run.compile_teacher and d.method == "e2kd" and not d.frozen:
         check_compilable_teacher(recipe)
     if recipe.run.mixed_precision not in ("no", "bf16", "fp16"):

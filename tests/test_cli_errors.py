@@ -84,6 +84,9 @@ def cases(root: Path, spec: str) -> dict[str, list[str]]:
         "pth_class_mismatch": ["distill", "-r", r, "--set", f"teacher.weights={root}/teacher3.pth"],
         "labels_out_of_range": ["train", "-r", r, "--set", "data.num_classes=3"],
         "eval_corrupt_safetensors": ["eval", str(root / "junk.safetensors"), "--data", spec],
+        "bad_exp_grad": ["distill", "-r", r, "--set", "distill.exp_grad=approx"],
+        "frozen_topk": ["distill", "-r", r, "--set", "distill.exp_topk=2", "--set", "distill.frozen=true"],
+        "bad_demo_background": ["distill", "--set", "demo.background=plaid"],
     }
 
 
@@ -129,6 +132,9 @@ def assert_one_line_error(res: subprocess.CompletedProcess, *needles: str) -> st
         ("pth_class_mismatch", ["classes"]),
         ("labels_out_of_range", ["data.num_classes"]),
         ("eval_corrupt_safetensors", ["safetensors"]),
+        ("bad_exp_grad", ["distill.exp_grad", "exact"]),
+        ("frozen_topk", ["exp_topk", "frozen"]),
+        ("bad_demo_background", ["demo.background", "stripes"]),
     ],
 )
 def test_user_error_is_one_line_exit_2(results, case, needles):

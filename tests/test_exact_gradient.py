@@ -266,3 +266,33 @@ def test_one_pass_under_bf16_autocast_is_as_close_to_fp32_as_the_official_formul
 
     assert all(p.grad.dtype == torch.float32 for p in fast.parameters())
     assert cos_to_fp32(fast) > max(0.9, cos_to_fp32(stock) - 0.05)
+
+
+def test_e2kd_options_beyond_the_paper_add_the_terms_they_name():
+    """exp_topk / exp_student_top1 average the explanation terms of the extra classes (teacher and student explain
+    the same class); exp_norm_weight adds μ·(log‖W_S‖ − log‖W_T‖)². Checked against the terms assembled here."""
+    from gte.losses import log_norm_gap
+    from gte.onepass import OnePass
+
+    torch.manual_seed(6)
+    student = build_model("bcos_cifar_resnet20", 10).double().train()
+    teacher = build_model("bcos_cifar_resnet20", 10).double().eval()
+    images = torch.rand(4, 3, 16, 16, dtype=torch.float64)
+    labels = torch.zeros(4, dtype=torch.long)
+    cfg = DistillConfig(method="e2kd", lambda_exp=2.0, exp_topk=2, exp_student_top1=True, exp_norm_weight=0.5)
+    method = E2KD(cfg, student, teacher)
+    loss, logs = method.loss(images, labels, 0)
+
+    state = copy.deepcopy(student.state_dict())
+    xt, xs = method.teacher_input(images), method.student_input(images)
+    t_maps, t_logits = explain_with_logits(teacher, xt, None, "bcos")
+    student.load_state_dict(state)
+    one = OnePass(copy.deepcopy(student), xs)
+    classes = [t_logits.topk(2, dim=1).indices[:, 0], t_logits.topk(2, dim=1).indices[:, 1],
+               one.logits.detach().argmax(1)]
+    pairs = [(one.explain(c), explain_with_logits(teacher, xt, c, "bcos")[0]) for c in classes]
+    exp = sum(explanation_loss(s, t) for s, t in pairs) / 3
+    gap = sum(log_norm_gap(s, t) for s, t in pairs) / 3
+    want = kd_loss(one.logits, t_logits, 1.0) + 2.0 * exp + 0.5 * gap
+    assert torch.allclose(loss, want, rtol=1e-10) and torch.allclose(logs["exp_norm"], gap, rtol=1e-10)
+    assert torch.allclose(pairs[0][1], t_maps)

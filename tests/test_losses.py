@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from gte.losses import classification_loss, explanation_loss, kd_loss
+from gte.losses import classification_loss, explanation_loss, kd_loss, log_norm_gap
 from gte.optim import adaptive_clip_grad_, warmup_cosine
 
 
@@ -78,6 +78,15 @@ def test_explanation_loss_zero_map_is_finite():
     z = torch.zeros(2, 1, 4, 4)
     t = torch.rand(2, 1, 4, 4, generator=gen(6))
     assert explanation_loss(z, t).item() == pytest.approx(1.0)
+
+
+def test_log_norm_gap_is_squared_log_ratio_of_map_norms():
+    s = torch.randn(3, 6, 4, 4, generator=gen(9), dtype=torch.float64)
+    t = torch.randn(3, 6, 4, 4, generator=gen(10), dtype=torch.float64)
+    want = sum(math.log(s[i].norm().item() / t[i].norm().item()) ** 2 for i in range(3)) / 3
+    assert log_norm_gap(s, t).item() == pytest.approx(want, rel=1e-12)
+    assert log_norm_gap(3.0 * t, t).item() == pytest.approx(math.log(3.0) ** 2, rel=1e-12)
+    assert log_norm_gap(3.0 * t, t).item() > 0 and explanation_loss(3.0 * t, t).item() < 1e-12  # what cos ignores
 
 
 # ------------------------------------------------------------------------------------------------ labels
