@@ -38,6 +38,7 @@ class Gate:
         # the leaf W(x) is taken at: the final backward never needs its gradient, so it is not computed
         self.input = input
         self._noted: tuple[torch.Tensor, tuple] | None = None
+        self.scaled: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # last b = 2 layer: (y, a, n)
 
     def note(self, out: torch.Tensor, recipe: tuple) -> None:
         """``out``, a closed-gate gradient just produced, can be rebuilt from ``recipe`` (tensors the double-backward
@@ -202,7 +203,8 @@ class BatchNormUncentered(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float,
-                gate: Gate) -> tuple[torch.Tensor, torch.Tensor]:
+                gate: Gate, a: torch.Tensor | None = None, n: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
         var, mean = torch.var_mean(x, dim=(0, 2, 3), unbiased=False)
         r = (var + eps).rsqrt_()
         scale = r if weight is None else r * weight
@@ -210,19 +212,19 @@ class BatchNormUncentered(torch.autograd.Function):
         if bias is not None:
             y.add_(_c(bias))
         ctx.gate = gate
-        ctx.save_for_backward(x, weight, r, mean)
+        ctx.save_for_backward(x, weight, r, mean, a, n)
         ctx.mark_non_differentiable(var)
         return y, var
 
     @staticmethod
     def backward(ctx, g: torch.Tensor, _g_var: torch.Tensor):
-        x, weight, r, mean = ctx.saved_tensors
+        x, weight, r, mean, a, n = ctx.saved_tensors
         if not ctx.gate.open:  # W(x): r constant; γ stays differentiable (its gradient reaches γ in double backprop)
             if ctx.gate.exact:
-                h = _BNGrad.apply(g, x, weight, r, mean)
+                h = _BNGrad.apply(g, x, weight, r, mean, a, n)
                 ctx.gate.note(h, (g, r if weight is None else weight.detach() * r))
-                return h, None, None, None, None
-            return g * _c(r if weight is None else weight * r), None, None, None, None
+                return h, None, None, None, None, None, None
+            return g * _c(r if weight is None else weight * r), None, None, None, None, None, None
         first_order_only()
         gx = (g * x).sum((0, 2, 3))  # Σ g·x per channel
         grad_w = gx * r if weight is not None and ctx.needs_input_grad[1] else None
@@ -232,7 +234,7 @@ class BatchNormUncentered(torch.autograd.Function):
             w = 1.0 if weight is None else weight
             grad_x = _var_grad(x, mean, -(w * gx * r.pow(3)) / (x.numel() // x.shape[1]))
             grad_x.addcmul_(g, _c(w * r))
-        return grad_x, grad_w, grad_b, None, None
+        return grad_x, grad_w, grad_b, None, None, None, None
 
 
 def _var_grad(x: torch.Tensor, mean: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
@@ -242,25 +244,34 @@ def _var_grad(x: torch.Tensor, mean: torch.Tensor, c: torch.Tensor) -> torch.Ten
 
 class _BNGrad(torch.autograd.Function):
     """``h = g · γ · r(x)`` (the closed-gate backward of :class:`BatchNormUncentered`), differentiable in ``g``, ``x``
-    and ``γ``: ``∂r/∂x = −r³ (x − μ) / M`` per channel (M = N·H·W). ``r`` and ``μ`` are passed as values."""
+    and ``γ``: ``∂r/∂x = −r³ (x − μ) / M`` per channel (M = N·H·W). ``r`` and ``μ`` are passed as values.
+
+    With ``a, n`` (``x`` is a b = 2 layer's output ``a·|a|/n``) the gradient in ``x`` goes straight to ``a`` and ``n``
+    (``∂x/∂a = 2|a|/n``, ``∂x/∂n = −x/n``): the final backward then sums it into ``a``'s gradient, which that layer
+    receives anyway, instead of holding one more activation-sized buffer for ``x`` until the ordinary backward
+    reaches the layer."""
 
     @staticmethod
     def forward(ctx, g: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, r: torch.Tensor,
-                mean: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(g, x, weight, r, mean)
+                mean: torch.Tensor, a: torch.Tensor | None, n: torch.Tensor | None) -> torch.Tensor:
+        ctx.save_for_backward(g, x, weight, r, mean, a, n)
         return _bn_scaled(g, r if weight is None else weight.detach() * r)
 
     @staticmethod
     def backward(ctx, gh: torch.Tensor):
-        g, x, weight, r, mean = ctx.saved_tensors
+        g, x, weight, r, mean, a, n = ctx.saved_tensors
         first_order_only()
         w = 1.0 if weight is None else weight
         grad_g = gh * _c(w * r) if ctx.needs_input_grad[0] else None
         t = (gh * g).sum((0, 2, 3))
-        grad_x = _var_grad(x, mean, -(w * t * r.pow(3)) / (x.numel() // x.shape[1])) if ctx.needs_input_grad[1] \
-            else None
         grad_w = t * r if weight is not None and ctx.needs_input_grad[2] else None
-        return grad_g, grad_x, grad_w, None, None
+        grad_x = grad_a = grad_n = None
+        if ctx.needs_input_grad[1] or a is not None:
+            grad_x = _var_grad(x, mean, -(w * t * r.pow(3)) / (x.numel() // x.shape[1]))
+        if a is not None:  # through x = a·|a|/n
+            grad_n = sum_to(grad_x * x, n.shape).div_(n).neg_()
+            grad_a, grad_x = grad_x.mul_(a.abs().div_(n)).mul_(2.0), None
+        return grad_g, grad_x, grad_w, None, None, grad_a, grad_n
 
 
 class Conv2d(torch.autograd.Function):

@@ -68,7 +68,9 @@ def _bcos_forward(module: BcosConv2d | BcosLinear, gate: Gate, norms: Callable[[
     # at W(x)'s own input the norms depend on nothing trainable and their input gradient is never used
     norm = norms(in_tensor.detach() if in_tensor is gate.input else in_tensor)
     if module.b == 2:
-        return BcosScale2.apply(out, norm, gate)
+        y = BcosScale2.apply(out, norm, gate)
+        gate.scaled = (y, out, norm)  # a batch norm right after can route its double backward to (out, norm)
+        return y
     return ExplainConstant.apply(out, ((out / norm).abs() + 1e-6).pow(module.b - 1), gate)
 
 
@@ -80,7 +82,8 @@ def _bn_uncentered_forward(module: BatchNormUncentered2d, gate: Gate, x: torch.T
     """``BatchNormUncentered2d`` in training mode with its batch standard deviation as an explanation constant."""
     if not module.training:  # running statistics: already constants
         return BatchNormUncentered2d.forward(module, x)
-    y, var = BatchNormUncentered.apply(x, module.weight, module.bias, module.eps, gate)
+    a, n = gate.scaled[1:] if gate.scaled is not None and gate.scaled[0] is x else (None, None)
+    y, var = BatchNormUncentered.apply(x, module.weight, module.bias, module.eps, gate, a, n)
     if module.track_running_stats:
         module.num_batches_tracked.add_(1)
         momentum = 1.0 / float(module.num_batches_tracked) if module.momentum is None else module.momentum
