@@ -172,3 +172,26 @@ def test_interrupted_write_leaves_no_partial_shard(tmp_path: Path, monkeypatch: 
         demo.write_demo_shards(tmp_path, n_teacher=40, n_distill=8, n_test=8)
     # Shard 0 of teacher would need 40 samples: nothing final, nothing temporary, no DONE marker.
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_colour_backgrounds_code_the_place_by_hue() -> None:
+    """`demo.background = "colour"` (recipes/demo-colour.toml): the place is readable from the mean background colour
+    alone (hue = place / k ± 0.03), while the default stripes leave the mean hue uninformative."""
+    import colorsys
+
+    def bg_hue(place: int, i: int, background: str) -> float:
+        img, box = demo.render_sample(np.random.default_rng([7, place, i]), 0, place, 32, 4, background)
+        a = np.asarray(img, dtype=np.float32)
+        mask = np.ones(a.shape[:2], bool)
+        x0, y0, x1, y1 = (int(v) for v in box)
+        mask[y0:y1, x0:x1] = False  # background pixels only
+        return colorsys.rgb_to_hsv(*(a[mask].mean(0) / 255.0))[0]
+
+    for place in range(4):
+        hues = [bg_hue(place, i, "colour") for i in range(8)]
+        dist = [min(abs(h - place / 4), 1 - abs(h - place / 4)) for h in hues]  # circular hue distance
+        assert max(dist) < 0.05, (place, hues)
+    stripes = [bg_hue(0, i, "stripes") for i in range(8)]
+    assert max(stripes) - min(stripes) > 0.3  # stripe backgrounds draw their hue at random
+    with pytest.raises(ValueError, match="background"):
+        demo.render_sample(np.random.default_rng(0), 0, 0, 32, 4, "plaid")
