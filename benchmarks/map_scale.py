@@ -32,7 +32,7 @@ from rich.console import Console
 from rich.table import Table
 
 from gte.config import load_recipe
-from gte.data.tario import expand_spec
+from gte.data.spec import expand_spec
 from gte.demo import prepare
 from gte.evaluate import evaluate
 from gte.models import freeze, load_model

@@ -39,10 +39,16 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 from rich.console import Console
-from rich.table import Table
 
+from gte.bench_reference import reference_e2kd_loss
 from gte.config import DistillConfig, Recipe
+from gte.engine import apply_run_options, build_models
 from gte.errors import GteError
+from gte.explain import choose_explainer, explain_with_logits
+from gte.methods import build_method
+from gte.models import check_arch, info, to_model_input
+from gte.precompute import teacher_outputs
+from gte.validate import check_compilable_teacher
 
 
 class PeakMemory:
@@ -119,20 +125,12 @@ def peak_memory(step: Callable[[], None], device: torch.device) -> int:
     return mem.peak
 
 
-Row = tuple[str, str, Callable[[int], None], int]  # key, label, step(index), steps per timed unit (K)
+BenchRow = tuple[str, str, Callable[[int], None], int]  # key, label, step(index), steps per timed unit (K)
 
 
-def build_rows(recipe: Recipe, batch: int, precision: str, device: torch.device) -> tuple[list[Row], dict[str, Any]]:
+def build_rows(recipe: Recipe, batch: int, precision: str, device: torch.device) -> tuple[list[BenchRow], dict[str, Any]]:
     """The models, the batch and one step function per row (``run.channels_last`` and ``run.compile_teacher`` of the
     recipe apply, except to the reference step's teacher)."""
-    from gte.bench_reference import reference_e2kd_loss
-    from gte.explain import explain_with_logits
-    from gte.methods.ce import LabelsOnly
-    from gte.methods.e2kd import E2KD
-    from gte.methods.kd import KD
-    from gte.models import build_model, check_arch, freeze, info, to_model_input
-    from gte.precompute import teacher_outputs
-
     d = recipe.data
     check_arch(recipe.student.arch)
     if not recipe.teacher.arch:
@@ -141,24 +139,20 @@ def build_rows(recipe: Recipe, batch: int, precision: str, device: torch.device)
     if precision not in ("fp32", "bf16"):
         raise GteError(f"--precision must be fp32 or bf16, not '{precision}'")
     if recipe.run.compile_teacher:
-        from gte.train import check_compilable_teacher
-
         check_compilable_teacher(recipe)
     b = batch or recipe.optim.batch_size
     torch.manual_seed(0)
-    student = build_model(recipe.student.arch, d.num_classes).to(device).train()
-    teacher = freeze(build_model(recipe.teacher.arch, d.num_classes)).to(device)
+    student, teacher = build_models(recipe, pretrained=False, teacher=True)
+    student, teacher = student.to(device).train(), teacher.to(device)
     ref_student, ref_teacher = student, teacher  # the reference step never gets gte's options below
     if recipe.run.channels_last:
         ref_student, ref_teacher = copy.deepcopy(student), copy.deepcopy(teacher)
-        student, teacher = (m.to(memory_format=torch.channels_last) for m in (student, teacher))
-    if recipe.run.compile_teacher:
-        teacher = torch.compile(teacher)
+    teacher = apply_run_options(recipe, student, teacher)
     images = torch.rand(b, 3, d.image_size, d.image_size, device=device)
     labels = torch.randint(0, d.num_classes, (b,), device=device)
     optimizer = torch.optim.Adam(student.parameters(), lr=1e-6)
     ref_optimizer = torch.optim.Adam(ref_student.parameters(), lr=1e-6) if ref_student is not student else optimizer
-    explainer = recipe.distill.explainer if recipe.distill.explainer != "auto" else info(student).explainer
+    explainer = choose_explainer(recipe.distill.explainer, info(student).bcos)
 
     def autocast() -> torch.autocast:
         return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
@@ -195,16 +189,18 @@ def build_rows(recipe: Recipe, batch: int, precision: str, device: torch.device)
         with autocast():
             explain_with_logits(teacher, t_in, None, explainer)
 
+    def e2kd(teacher_model: nn.Module | None, **kw) -> Callable[[int], None]:
+        return method_step(build_method(cfg(method="e2kd", **kw), student, teacher_model),
+                           **({"frozen": frozen} if kw.get("frozen") else {}))
+
     k = 16
-    rows: list[Row] = [
-        ("ce", "student only (CE)", method_step(LabelsOnly(cfg(method="ce"), student)), 1),
-        ("kd", "KD (live teacher)", method_step(KD(cfg(method="kd"), student, teacher)), 1),
-        ("e2kd_k1", "e2KD live K=1", method_step(E2KD(cfg(guided_every=1), student, teacher)), 1),
-        (f"e2kd_k{k}", f"e2KD live K={k}", method_step(E2KD(cfg(guided_every=k), student, teacher)), k),
-        ("e2kd_frozen", "e2KD frozen K=1", method_step(E2KD(cfg(frozen=True, guided_every=1), student, None),
-                                                        frozen=frozen), 1),
-        (f"e2kd_frozen_k{k}", f"e2KD frozen K={k}", method_step(E2KD(cfg(frozen=True, guided_every=k), student,
-                                                                      None), frozen=frozen), k),
+    rows: list[BenchRow] = [
+        ("ce", "student only (CE)", method_step(build_method(cfg(method="ce"), student, None)), 1),
+        ("kd", "KD (live teacher)", method_step(build_method(cfg(method="kd"), student, teacher)), 1),
+        ("e2kd_k1", "e2KD live K=1", e2kd(teacher, guided_every=1), 1),
+        (f"e2kd_k{k}", f"e2KD live K={k}", e2kd(teacher, guided_every=k), k),
+        ("e2kd_frozen", "e2KD frozen K=1", e2kd(None, frozen=True, guided_every=1), 1),
+        (f"e2kd_frozen_k{k}", f"e2KD frozen K={k}", e2kd(None, frozen=True, guided_every=k), k),
         ("reference", "e2KD reference (official)",
          train_step(lambda i: reference_e2kd_loss(ref_student, ref_teacher, images, cfg(), explainer), ref_optimizer),
          1),
@@ -217,7 +213,7 @@ def build_rows(recipe: Recipe, batch: int, precision: str, device: torch.device)
     return rows, meta
 
 
-def memory_rows(rows: list[Row], device: torch.device, console: Console) -> dict[str, float]:
+def memory_rows(rows: list[BenchRow], device: torch.device, console: Console) -> dict[str, float]:
     """Peak MiB of each row's step (a K row: its guided step)."""
     out = {}
     for key, label, step, _ in rows:
@@ -302,31 +298,3 @@ def run_bench(recipe: Recipe, *, steps: int = 10, batch: int = 0, warmup: int = 
         "floor": {"step_s": floor, "x_kd": floor / kd_t,
                   "formula": "KD + (teacher forward + W(x) - teacher forward) + (e2KD frozen K=1 - CE)"},
     }
-
-
-def table(result: dict[str, Any]) -> Table:
-    t = Table(title=f"{result['student']} ← {result['teacher']}, {result['image_size']}², batch {result['batch']}, "
-                    f"{result['device']}")
-    for col in ("method", "ms/step", "img/s", "peak MiB", "× CE", "× KD", "speed-up vs reference"):
-        t.add_column(col, justify="left" if col == "method" else "right")
-    for r in result["rows"]:
-        t.add_row(r["name"], f"{1000 * r['step_s']:.1f}", f"{r['img_per_s']:.1f}", f"{r['peak_mem_mib']:.0f}",
-                  f"{r['x_ce']:.2f}", f"{r['x_kd']:.2f}", f"{r['speedup_vs_reference']:.2f}")
-    return t
-
-
-def bench_command(recipe: Recipe, *, steps: int, batch: int, warmup: int, precision: str,
-                  json_out: str | None) -> dict[str, Any]:
-    err = Console(stderr=True)
-    result = run_bench(recipe, steps=steps, batch=batch, warmup=warmup, precision=precision, console=err)
-    out = Console()
-    out.print(table(result))
-    live, floor = next(r for r in result["rows"] if r["key"] == "e2kd_k1"), result["floor"]
-    out.print(f"floor for e2KD live K=1 ({floor['formula']}): {1000 * floor['step_s']:.1f} ms = "
-              f"{floor['x_kd']:.2f}× KD; measured {live['x_kd']:.2f}× KD, "
-              f"{100 * (live['step_s'] / floor['step_s'] - 1):+.0f} % over the floor", highlight=False)
-    out.print(f"memory: {result['memory']}", highlight=False)
-    if json_out:
-        with open(json_out, "w") as f:
-            json.dump(result, f, indent=2)
-    return result

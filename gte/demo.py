@@ -9,7 +9,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -18,10 +17,12 @@ from rich.table import Table
 
 from gte import __version__
 from gte.config import Recipe
-from gte.data import demo as demo_data
+from gte.data import synthetic
 from gte.errors import GteError
 from gte.evaluate import evaluate
+from gte.io import write_with
 from gte.models import freeze, load_model
+from gte.train import train
 from gte.paths import gte_home  # defined there so light commands need not import this module
 
 
@@ -39,14 +40,12 @@ def _cache_dir(recipe: Recipe) -> Path:
 
 def prepare(recipe: Recipe, console: Console) -> Recipe:
     """Generate the shards and train the teacher once (cached); return the recipe pointing at them."""
-    from gte.train import train
-
     dm, d = recipe.demo, recipe.data
     cache = _cache_dir(recipe)
     data_dir = cache / "data"
     if not (data_dir / "DONE.json").is_file():
         console.print(f"[bold]demo[/]: writing synthetic shards to {data_dir}")
-        demo_data.write_demo_shards(data_dir, n_teacher=dm.n_teacher, n_distill=dm.n_distill, n_test=dm.n_test,
+        synthetic.write_demo_shards(data_dir, n_teacher=dm.n_teacher, n_distill=dm.n_distill, n_test=dm.n_test,
                                     image_size=d.image_size, num_classes=d.num_classes, seed=recipe.run.seed,
                                     background=dm.background)
     specs = json.loads((data_dir / "DONE.json").read_text())["specs"]
@@ -60,15 +59,14 @@ def prepare(recipe: Recipe, console: Console) -> Recipe:
         t.optim.epochs, t.optim.lr = dm.teacher_epochs, dm.teacher_lr
         t.run.out = str(cache / "teacher-run")
         result = train(t, console)
-        shutil.copyfile(result.out / "model.safetensors", cache / "teacher.tmp")
-        os.replace(cache / "teacher.tmp", teacher_path)
+        write_with(teacher_path, lambda tmp: shutil.copyfile(result.out / "model.safetensors", tmp))
     ready = copy.deepcopy(recipe)
     ready.data.train, ready.data.train_size, ready.data.test = specs["distill"], dm.n_distill, specs["test"]
     ready.teacher.arch, ready.teacher.weights = dm.teacher_arch, str(teacher_path)
     return ready
 
 
-ROWS = (("acc1", "acc"), ("aligned", "aligned acc"), ("conflicting", "conflicting acc"),
+COLUMNS = (("acc1", "acc"), ("aligned", "aligned acc"), ("conflicting", "conflicting acc"),
         ("agreement", "agreement"), ("explanation_similarity", "expl. sim."), ("epg", "EPG"))
 
 
@@ -81,10 +79,8 @@ def _row(metrics: dict) -> dict[str, float]:
 
 def run_demo(recipe: Recipe, console: Console) -> dict[str, dict[str, float]]:
     """Distil the same student with each of ``demo.methods``; print and write (results.json/.md) one table."""
-    from gte.train import train
-
-    if recipe.demo.background not in demo_data.BACKGROUNDS:
-        raise GteError(f"demo.background must be one of {', '.join(demo_data.BACKGROUNDS)}, got "
+    if recipe.demo.background not in synthetic.BACKGROUNDS:
+        raise GteError(f"demo.background must be one of {', '.join(synthetic.BACKGROUNDS)}, got "
                        f"'{recipe.demo.background}'")
     ready = prepare(recipe, console)
     out = Path(recipe.run.out)
@@ -101,11 +97,11 @@ def run_demo(recipe: Recipe, console: Console) -> dict[str, dict[str, float]]:
 
     table = Table(title="gte demo: test split (aligned = background matches the class, conflicting = it does not)")
     table.add_column("model")
-    for _, title in ROWS:
+    for _, title in COLUMNS:
         table.add_column(title, justify="right")
-    md = ["| model | " + " | ".join(t for _, t in ROWS) + " |", "|---" * (len(ROWS) + 1) + "|"]
+    md = ["| model | " + " | ".join(t for _, t in COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
     for name, row in rows.items():
-        cells = [f"{100 * row[k]:.1f}" for k, _ in ROWS]
+        cells = [f"{100 * row[k]:.1f}" for k, _ in COLUMNS]
         table.add_row(name, *cells)
         md.append(f"| {name} | " + " | ".join(cells) + " |")
     Console().print(table)

@@ -13,13 +13,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from gte import dist
 from gte import metrics as M
 from gte.config import DataConfig
-from gte.data.shards import make_loader
+from gte.data.loader import make_loader
 from gte.errors import GteError
 from gte.explain import contribution_map, explain, explain_with_logits
 from gte.models import info, to_model_input
@@ -62,34 +62,6 @@ def _explainer(student: nn.Module, teacher: nn.Module) -> str:
         raise GteError(f"cannot compare explanations of {t.arch} (teacher) and {s.arch} (student): "
                        "one is a B-cos network and the other is not")
     return s.explainer
-
-
-# --------------------------------------------------------------------------------------------- distributed
-def _world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _gather(obj: object) -> list:
-    """``[obj of rank 0, obj of rank 1, …]`` (``[obj]`` in a single process)."""
-    if _world()[1] == 1:
-        return [obj]
-    out: list = [None] * _world()[1]
-    dist.all_gather_object(out, obj)
-    return out
-
-
-def _reduce(sums: dict[str, float]) -> dict[str, float]:
-    """Sum ``sums`` over ranks (keys may differ between ranks: a group seen by one rank only)."""
-    if _world()[1] == 1:
-        return dict(sums)
-    keys = sorted(set().union(*_gather(sorted(sums))))
-    vec = torch.tensor([float(sums.get(k, 0.0)) for k in keys], dtype=torch.float64)
-    if dist.get_backend() == "nccl":
-        vec = vec.cuda()
-    dist.all_reduce(vec)
-    return dict(zip(keys, vec.cpu().tolist()))
 
 
 # --------------------------------------------------------------------------------------------- per batch
@@ -151,7 +123,7 @@ def run_eval(model: nn.Module, spec: str, *, data: DataConfig, teacher: nn.Modul
              device: torch.device | str = "cpu", options: EvalOptions | None = None) -> EvalOutput:
     """Evaluate ``model`` (and ``teacher``) on the shards ``spec`` with the eval transform; see :func:`evaluate`."""
     o = options or EvalOptions()
-    rank, world = _world()
+    rank, world = dist.group_rank_world()
     was_training = model.training
     model.eval()
     mi = info(model)
@@ -225,10 +197,10 @@ def run_eval(model: nn.Module, spec: str, *, data: DataConfig, teacher: nn.Modul
     finally:
         model.train(was_training)
 
-    total = _reduce(sums)
+    total = dist.reduce_sums(sums)
     if total.get("n", 0) == 0:
         raise GteError(f"no samples could be read from {spec}")
-    scores = {p: np.concatenate([a for part in _gather(ml.get(p, [])) for a in part] or [np.zeros((0, 1))])
+    scores = {p: np.concatenate([a for part in dist.gather_object(ml.get(p, [])) for a in part] or [np.zeros((0, 1))])
               for p in ("s", "t", "targets")} if total.get("ml_n") else {}
     metrics = _finalise(total, scores, teacher is not None, mi.num_classes, o)
     metrics["explainer"] = method
@@ -317,82 +289,3 @@ def evaluate(model: nn.Module, spec: str, *, data: DataConfig, teacher: nn.Modul
     """
     opts = EvalOptions(batch_size=batch_size, **options)  # type: ignore[arg-type]
     return run_eval(model, spec, data=data, teacher=teacher, device=device, options=opts).metrics
-
-
-# --------------------------------------------------------------------------------------------- command line
-def default_geometry(model_path: str, arch: str) -> tuple[int, int]:
-    """(image_size, eval_resize) for ``gte eval`` without ``--image-size``: the ``[data]`` of a ``recipe.toml`` next
-    to the model (what gte wrote when training it), else 32 for ``*cifar_*`` archs, else 224 (resize 0 = size/0.875)."""
-    import tomllib
-    from pathlib import Path
-
-    recipe = Path(model_path).with_name("recipe.toml")
-    if recipe.is_file():
-        try:
-            d = tomllib.loads(recipe.read_text()).get("data", {})
-            return int(d.get("image_size", 224)), int(d.get("eval_resize", 0))
-        except (tomllib.TOMLDecodeError, ValueError, TypeError, OSError):
-            pass
-    return (32 if "cifar_" in arch else 224), 0
-
-
-def eval_command(model_path: str, spec: str, *, teacher_path: str | None, arch: str | None, teacher_arch: str | None,
-                 image_size: int | None, eval_resize: int, options: EvalOptions, json_out: str | None,
-                 report: str | None) -> dict:
-    """``gte eval``: load, evaluate (torchrun-aware: gloo process group from the env), write JSON/report on rank 0."""
-    import json
-    import os
-    from pathlib import Path
-
-    from rich.console import Console
-
-    from gte.models import freeze, load_model
-
-    started = False
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        dist.init_process_group("gloo")  # the collectives here are a few small CPU tensors
-        started = True
-    try:
-        rank = _world()[0]
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
-        student = load_model(model_path, arch=arch).to(device)
-        teacher = freeze(load_model(teacher_path, arch=teacher_arch)).to(device) if teacher_path else None
-        if image_size is None:
-            image_size, resize = default_geometry(model_path, info(student).arch)
-            eval_resize = eval_resize or resize
-        data = DataConfig(image_size=image_size, eval_resize=eval_resize, num_workers=2)
-        out = run_eval(student, spec, data=data, teacher=teacher, device=device, options=options)
-        if rank != 0:
-            return out.metrics
-        m = {**out.metrics, "image_size": image_size, "eval_resize": eval_resize or round(image_size / 0.875)}
-        text = json.dumps(m, indent=2)
-        if json_out == "-":
-            print(text)
-        else:
-            from gte.report import print_summary
-
-            print_summary(m, Console())
-            if json_out:
-                tmp = Path(json_out).with_name(Path(json_out).name + ".tmp")
-                tmp.write_text(text)
-                os.replace(tmp, json_out)
-        if report:
-            from gte.render import class_names
-            from gte.report import write_report
-
-            shard_dir = Path(spec.split("::")[0]).parent
-            classes = shard_dir / "classes.json"
-            try:  # the demo's shards carry a classes.json; one that does not fit is ignored
-                names = class_names(info(student).num_classes, str(classes) if classes.is_file() else None,
-                                    [model_path])
-            except GteError:
-                names = class_names(info(student).num_classes, None, [model_path])
-            about = {"model": model_path, "data": spec, **({"teacher": teacher_path} if teacher_path else {}),
-                     "explainer": m["explainer"], "processes": str(m["world_size"])}
-            page = write_report(report, m, examples=out.examples, student=student, teacher=teacher, names=names,
-                                about=about)
-            Console(stderr=True).print(f"report written to {page}")
-        return m
-    finally:
-        if started:
-            dist.destroy_process_group()

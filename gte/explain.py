@@ -15,9 +15,19 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from gte.errors import GteError
-from gte.models import get_submodule, info
+from gte.models import get_submodule, info, own_explainer
 
-METHODS = ("bcos", "gradcam")
+EXPLAINERS = ("bcos", "gradcam")
+
+
+def choose_explainer(name: str, student_bcos: bool) -> str:
+    """The explainer a run uses — decided here only: ``distill.explainer``, or for ``"auto"`` the student's own (W(x)
+    for a B-cos student, GradCAM otherwise). Teacher maps (live, precomputed, evaluated) are made with the same one."""
+    if name == "auto":
+        return own_explainer(student_bcos)
+    if name not in EXPLAINERS:
+        raise GteError(f"unknown distill.explainer '{name}' (known: auto, {', '.join(EXPLAINERS)})")
+    return name
 
 
 @contextlib.contextmanager
@@ -41,8 +51,8 @@ def explain_with_logits(
     model: nn.Module, x: torch.Tensor, classes: torch.Tensor | None, method: str, create_graph: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Explanation maps and logits of one forward pass; ``classes=None`` explains each sample's top-1 class."""
-    if method not in METHODS:
-        raise GteError(f"unknown explainer '{method}' (known: {', '.join(METHODS)})")
+    if method not in EXPLAINERS:
+        raise GteError(f"unknown explainer '{method}' (known: {', '.join(EXPLAINERS)})")
     x = x.detach().requires_grad_(True)
     with torch.enable_grad():
         if method == "bcos":

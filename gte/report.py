@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from gte.evaluate import Example
 
 # (key, label) of the headline metrics; percentages unless noted
-ROWS = (("acc1", "acc@1"), ("acc5", "acc@5"), ("agreement", "top-1 agreement"),
+METRIC_ROWS = (("acc1", "acc@1"), ("acc5", "acc@5"), ("agreement", "top-1 agreement"),
         ("explanation_similarity", "explanation similarity (cos)"), ("worst_group_acc", "worst-group acc"),
         ("id_acc", "Waterbirds ID acc"), ("ood_acc", "Waterbirds OOD acc"), ("f1", "micro-F1 (logit > 0)"),
         ("map", "mAP"), ("epg", "EPG"), ("iou", "IoU"))
@@ -37,7 +37,7 @@ def _pct(v: object) -> str:
 def metric_rows(metrics: dict) -> list[list[str]]:
     """[label, student, teacher] for every headline metric present (percent, one decimal)."""
     teacher = metrics.get("teacher", {})
-    return [[label, _pct(metrics.get(k)), _pct(teacher.get(k))] for k, label in ROWS if k in metrics or k in teacher]
+    return [[label, _pct(metrics.get(k)), _pct(teacher.get(k))] for k, label in METRIC_ROWS if k in metrics or k in teacher]
 
 
 def group_rows(metrics: dict) -> list[list[str]]:

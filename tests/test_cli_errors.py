@@ -38,11 +38,11 @@ def run_gte(args: list[str], home: Path, cwd: Path, timeout: float = 180) -> sub
 def workspace(tmp_path_factory):
     import tomli_w
 
-    from gte.data.demo import write_split
+    from gte.data.synthetic import write_synthetic_split
     from gte.models import build_model, save_model
 
     root = tmp_path_factory.mktemp("cli")
-    spec = write_split(root, "distill", 64, image_size=32, num_classes=4)
+    spec = write_synthetic_split(root, "distill", 64, image_size=32, num_classes=4)
     assert Path(spec).is_file()
     save_model(build_model("bcos_cifar_resnet20", 3), root / "teacher3.safetensors")
     import torch

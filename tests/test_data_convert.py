@@ -14,12 +14,15 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from gte.data.convert import (VOC_CLASSES, convert_imagefolder, convert_voc, convert_waterbirds, parse_size,
-                              plan_shards, Item)
-from gte.data.shards import make_loader
-from gte.data.tario import expand_spec
-from gte.data.testing import jpeg_bytes, write_imagefolder, write_jpeg_shards
+from gte.data.loader import make_loader
+from gte.data.spec import expand_spec
+from gte.data.writers.core import Item, parse_size, plan_shards
+from gte.data.writers.imagefolder import convert_imagefolder
+from gte.data.writers.voc import VOC_CLASSES, convert_voc
+from gte.data.writers.waterbirds import convert_waterbirds
 from gte.errors import GteError
+
+from _fixtures import jpeg_bytes, write_imagefolder, write_jpeg_shards
 
 GTE = str(Path(sys.executable).parent / "gte")
 

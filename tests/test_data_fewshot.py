@@ -12,10 +12,11 @@ from pathlib import Path
 import pytest
 import webdataset as wds
 
-from gte.data.fewshot import fewshot, priority
-from gte.data.tario import expand_spec
-from gte.data.testing import write_jpeg_shards
+from gte.data.spec import expand_spec
+from gte.data.writers.fewshot import fewshot, priority
 from gte.errors import GteError
+
+from _fixtures import write_jpeg_shards
 
 CLASSES, PER_CLASS = 5, 12  # class 4 gets fewer samples below
 
@@ -76,7 +77,7 @@ def test_exact_counts_disjoint_deterministic(tmp_path, sources):
 def test_output_is_readable_by_the_loader_and_errors(tmp_path, sources):
     src_a, _, _ = sources
     fewshot(str(src_a), tmp_path / "o", shots=2, holdout=1, seed=1, max_samples=4)
-    from gte.data.shards import make_loader
+    from gte.data.loader import make_loader
 
     got = [k for b in make_loader(str(tmp_path / "o" / "train-*.tar"), train=False, image_size=16, batch_size=4)
            for k in b["key"]]

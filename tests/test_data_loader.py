@@ -17,12 +17,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from gte.data import plan
-from gte.data.shards import DataWarning, make_loader, train_steps
-from gte.data.tario import expand_spec, scan_shard, shard_counts
-from gte.data.testing import corrupt_images, truncate_tar, write_jpeg_shards
+from gte.data import index, plan
+from gte.data.guard import DataWarning
+from gte.data.index import scan_shard, shard_counts
+from gte.data.loader import make_loader, steps_per_epoch
+from gte.data.spec import expand_spec
 from gte.data.transforms import SampleTransform
 from gte.errors import GteError
+
+from _fixtures import corrupt_images, truncate_tar, write_jpeg_shards
 
 SIZES = [23, 7, 31, 0, 12]  # uneven, one empty tar
 
@@ -99,7 +102,7 @@ def test_counts_from_headers(uneven):
     spec, keys = uneven
     counts = shard_counts(expand_spec(spec))
     assert [c.n for c in counts] == SIZES and not any(c.truncated for c in counts)
-    assert train_steps(spec, batch_size=8, world_size=2) == sum(SIZES) // 16
+    assert steps_per_epoch(spec, batch_size=8, world_size=2) == sum(SIZES) // 16
 
 
 @pytest.mark.parametrize("world,workers", [(2, 0), (3, 2)])  # 3 × 2 slots > 4 non-empty shards
@@ -197,10 +200,8 @@ def test_unexpected_truncation_while_reading(tmp_path):
         cut = [m for m in tar][30].offset_data + 5  # inside sample 10 of that shard
     with open(path, "r+b") as f:
         f.truncate(cut)
-    from gte.data import tario
-
     st = os.stat(path)
-    tario._mem_cache[(str(path), st.st_size, st.st_mtime_ns)] = tario.ShardCount(20)  # a stale count
+    index._mem_cache[(str(path), st.st_size, st.st_mtime_ns)] = index.ShardCount(20)  # a stale count
     with pytest.warns(DataWarning, match="truncated"):
         loader = make_loader(spec, train=False, image_size=16, batch_size=8, max_bad_fraction=1.0)
         seen = _keys(loader)
@@ -256,7 +257,7 @@ def test_torchrun_two_ranks_two_workers_exact_eval_and_equal_train_steps(tmp_pat
         out = tmp_path / mode
         out.mkdir()
         cmd = [torchrun, "--nproc_per_node", "2", "--master_port", str(random.randint(20000, 40000)),
-               "-m", "gte.data.testing", spec_, str(out), mode, "2", "4", "1"]
+               str(Path(__file__).parent / "scripts" / "dump_keys.py"), spec_, str(out), mode, "2", "4", "1"]
         res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
         assert res.returncode == 0, res.stderr[-3000:]
         results[mode] = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
@@ -272,7 +273,7 @@ def test_torchrun_two_ranks_two_workers_exact_eval_and_equal_train_steps(tmp_pat
 
 
 def test_bench_smoke(tmp_path):
-    from gte.data.bench import run_bench
+    from gte.data.bench import bench_loader
 
-    r = run_bench(workers=[1], images=12, image_size=32, batch_size=4, decoders=["pil"], model=None)
+    r = bench_loader(workers=[1], images=12, image_size=32, batch_size=4, decoders=["pil"], model=None)
     assert r["jpeg"]["width"] == 500 and r["loader"][0]["img_per_s"] > 0

@@ -9,9 +9,10 @@ import pytest
 
 import gte.train
 from gte.config import from_dict
-from gte.data.shards import DataWarning
-from gte.data.testing import corrupt_images, truncate_tar, write_jpeg_shards
+from gte.data.guard import DataWarning
 from gte.errors import GteError
+
+from _fixtures import corrupt_images, truncate_tar, write_jpeg_shards
 
 
 @pytest.fixture(autouse=True)

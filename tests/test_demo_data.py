@@ -1,4 +1,4 @@
-"""Tests for the synthetic Waterbirds-like WebDataset generator (gte.data.demo)."""
+"""Tests for the synthetic Waterbirds-like WebDataset generator (gte.data.synthetic)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from gte.data import demo
+from gte.data import synthetic
 
 SIZE, K, SEED = 32, 4, 0
 N = {"teacher": 240, "distill": 120, "test": 100}
@@ -31,7 +31,7 @@ def _read(spec: str) -> list[dict]:
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
     out = tmp_path_factory.mktemp("demo")
-    specs = demo.write_demo_shards(
+    specs = synthetic.write_demo_shards(
         out, n_teacher=N["teacher"], n_distill=N["distill"], n_test=N["test"], image_size=SIZE, num_classes=K, seed=SEED
     )
     return out, specs
@@ -44,7 +44,7 @@ def samples(shards: tuple[Path, dict[str, str]]) -> dict[str, list[dict]]:
 
 def test_layout_and_metadata_files(shards: tuple[Path, dict[str, str]]) -> None:
     out, specs = shards
-    assert set(specs) == set(demo.SPLITS)
+    assert set(specs) == set(synthetic.SPLITS)
     assert specs["teacher"] == str(out / "teacher-000000.tar")
     assert json.loads((out / "classes.json").read_text()) == ["circle", "square", "triangle", "plus"]
     done = json.loads((out / "DONE.json").read_text())
@@ -82,10 +82,10 @@ def test_split_correlations(samples: dict[str, list[dict]]) -> None:
     assert abs(aligned - 1 / K) < 0.1  # place independent of class
 
 
-@pytest.mark.parametrize("split", demo.SPLITS)
+@pytest.mark.parametrize("split", synthetic.SPLITS)
 def test_rerender_matches_shards(samples: dict[str, list[dict]], split: str) -> None:
     for r in samples[split][:40]:
-        img, box = demo.render_sample(demo.sample_rng(SEED, split, int(r["key"])), r["cls"], r["place"], SIZE, K)
+        img, box = synthetic.render_sample(synthetic.image_rng(SEED, split, int(r["key"])), r["cls"], r["place"], SIZE, K)
         stored = Image.open(io.BytesIO(r["png"]))
         assert stored.format == "PNG" and stored.mode == "RGB" and stored.size == (SIZE, SIZE)
         assert np.array_equal(np.asarray(stored), np.asarray(img))
@@ -107,7 +107,7 @@ def test_render_box_is_tight_and_object_contrasts(image_size: int, num_classes: 
     for label in range(num_classes):
         for _ in range(10):
             place = int(rng.integers(num_classes))
-            img_pil, box = demo.render_sample(rng, label, place, image_size, num_classes)
+            img_pil, box = synthetic.render_sample(rng, label, place, image_size, num_classes)
             img = np.asarray(img_pil).astype(np.float32)
             mask = _object_mask(np.asarray(img_pil), box)
             ys, xs = np.nonzero(mask)
@@ -122,7 +122,7 @@ def test_render_box_is_tight_and_object_contrasts(image_size: int, num_classes: 
             grey = np.where(mask, 0.0, grey - grey[~mask].mean())
             energy = []
             for p in range(num_classes):
-                sin_a, cos_a = demo._stripe_basis(p, image_size, num_classes)
+                sin_a, cos_a = synthetic._stripe_basis(p, image_size, num_classes)
                 energy.append(np.hypot((grey * sin_a[..., 0]).sum(), (grey * cos_a[..., 0]).sum()))
             assert int(np.argmax(energy)) == place
             assert bg.std(0).max() > 3  # textured, not a flat colour
@@ -131,17 +131,17 @@ def test_render_box_is_tight_and_object_contrasts(image_size: int, num_classes: 
 def test_render_rejects_bad_arguments() -> None:
     rng = np.random.default_rng(0)
     with pytest.raises(ValueError):
-        demo.render_sample(rng, 0, 0, SIZE, 7)
+        synthetic.render_sample(rng, 0, 0, SIZE, 7)
     with pytest.raises(ValueError):
-        demo.render_sample(rng, 4, 0, SIZE, 4)
+        synthetic.render_sample(rng, 4, 0, SIZE, 4)
     with pytest.raises(ValueError):
-        demo.write_split(Path("unused"), "val", 10)
+        synthetic.write_synthetic_split(Path("unused"), "val", 10)
 
 
 def test_multi_shard_spec_and_determinism(tmp_path: Path) -> None:
-    a = demo.write_split(tmp_path / "a", "test", 50, seed=7, samples_per_shard=16)
-    demo.write_split(tmp_path / "b", "test", 50, seed=7, samples_per_shard=16)
-    demo.write_split(tmp_path / "c", "test", 50, seed=8, samples_per_shard=16)
+    a = synthetic.write_synthetic_split(tmp_path / "a", "test", 50, seed=7, samples_per_shard=16)
+    synthetic.write_synthetic_split(tmp_path / "b", "test", 50, seed=7, samples_per_shard=16)
+    synthetic.write_synthetic_split(tmp_path / "c", "test", 50, seed=8, samples_per_shard=16)
     assert a == str(tmp_path / "a" / "test-{000000..000003}.tar")
     assert [r["key"] for r in _read(a)] == [f"{i:06d}" for i in range(50)]
     files = sorted(p.name for p in (tmp_path / "a").iterdir())
@@ -152,12 +152,12 @@ def test_multi_shard_spec_and_determinism(tmp_path: Path) -> None:
         with tarfile.open(tmp_path / "a" / name) as tf:
             assert all(m.mtime == 0 for m in tf.getmembers())  # no wall-clock time embedded
     # Splits use independent streams: same seed, different split -> different data.
-    d = demo.write_split(tmp_path / "d", "distill", 16, seed=7, samples_per_shard=16)
+    d = synthetic.write_synthetic_split(tmp_path / "d", "distill", 16, seed=7, samples_per_shard=16)
     assert Path(d).read_bytes() != (tmp_path / "a" / "test-000000.tar").read_bytes()
 
 
 def test_interrupted_write_leaves_no_partial_shard(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    real = demo.render_sample
+    real = synthetic.render_sample
     calls = {"n": 0}
 
     def flaky(*args: object, **kwargs: object) -> tuple[Image.Image, list[float]]:
@@ -166,10 +166,10 @@ def test_interrupted_write_leaves_no_partial_shard(tmp_path: Path, monkeypatch: 
             raise KeyboardInterrupt
         return real(*args, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(demo, "render_sample", flaky)
+    monkeypatch.setattr(synthetic, "render_sample", flaky)
     (tmp_path / "DONE.json").write_text("{}")  # stale marker from an earlier run
     with pytest.raises(KeyboardInterrupt):
-        demo.write_demo_shards(tmp_path, n_teacher=40, n_distill=8, n_test=8)
+        synthetic.write_demo_shards(tmp_path, n_teacher=40, n_distill=8, n_test=8)
     # Shard 0 of teacher would need 40 samples: nothing final, nothing temporary, no DONE marker.
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 
@@ -180,7 +180,7 @@ def test_colour_backgrounds_code_the_place_by_hue() -> None:
     import colorsys
 
     def bg_hue(place: int, i: int, background: str) -> float:
-        img, box = demo.render_sample(np.random.default_rng([7, place, i]), 0, place, 32, 4, background)
+        img, box = synthetic.render_sample(np.random.default_rng([7, place, i]), 0, place, 32, 4, background)
         a = np.asarray(img, dtype=np.float32)
         mask = np.ones(a.shape[:2], bool)
         x0, y0, x1, y1 = (int(v) for v in box)
@@ -194,4 +194,4 @@ def test_colour_backgrounds_code_the_place_by_hue() -> None:
     stripes = [bg_hue(0, i, "stripes") for i in range(8)]
     assert max(stripes) - min(stripes) > 0.3  # stripe backgrounds draw their hue at random
     with pytest.raises(ValueError, match="background"):
-        demo.render_sample(np.random.default_rng(0), 0, 0, 32, 4, "plaid")
+        synthetic.render_sample(np.random.default_rng(0), 0, 0, 32, 4, "plaid")

@@ -35,7 +35,7 @@ def gte_eval(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
 
 def reference_row(student, teacher, spec: str) -> dict[str, float]:
     """The demo table's row computed the plain way, independent of gte.evaluate."""
-    from gte.data.shards import make_loader
+    from gte.data.loader import make_loader
     from gte.explain import explain
     from gte.models import info, to_model_input
 
@@ -67,12 +67,12 @@ def test_gte_eval_reproduces_demo_evaluation_and_report(tmp_path):
     import tomli_w
 
     from gte.config import DataConfig
-    from gte.data.demo import write_split
+    from gte.data.synthetic import write_synthetic_split
     from gte.demo import _row
     from gte.evaluate import evaluate
     from gte.models import build_model, freeze, save_model
 
-    spec = write_split(tmp_path / "data", "test", 80, image_size=32, num_classes=4)
+    spec = write_synthetic_split(tmp_path / "data", "test", 80, image_size=32, num_classes=4)
     torch.manual_seed(0)
     teacher = freeze(build_model("bcos_cifar_resnet20", 4))
     save_model(teacher, tmp_path / "teacher.safetensors")

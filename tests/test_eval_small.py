@@ -112,7 +112,7 @@ def test_multilabel_f1_map_through_evaluate(tmp_path):
 
 
 def test_boxes_follow_resize_and_centre_crop(tmp_path):
-    from gte.data.shards import make_loader
+    from gte.data.loader import make_loader
 
     # 40×20 image -> Resize(short 10) = 20×10 -> CenterCrop(8): x offset round(6) = 6, y offset 1
     spec = write_shards(tmp_path, [{"boxes": [[12, 2, 28, 18], [0, 0, 4, 4]], "box_labels": [1, 0]}],

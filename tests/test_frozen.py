@@ -13,12 +13,12 @@ import torch
 
 from gte import checkpoint
 from gte.config import from_dict
-from gte.data.demo import write_split
-from gte.data.tario import iter_samples
+from gte.data.synthetic import write_synthetic_split
+from gte.data.tar import iter_samples
 from gte.data.transforms import SampleTransform
 from gte.errors import GteError
 from gte.explain import explain_with_logits
-from gte.models import build_model, freeze, load_model, save_model, to_model_input, info
+from gte.models import freeze, load_model, to_model_input, info
 from gte.precompute import LOGITS, MAP, npy_bytes, precompute
 from gte.train import train
 
@@ -26,15 +26,7 @@ from gte.train import train
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
     root = tmp_path_factory.mktemp("frozen-shards")
-    return write_split(root, "distill", 64, image_size=32, num_classes=4, samples_per_shard=24)
-
-
-@pytest.fixture(scope="module")
-def teacher_path(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("frozen-teacher") / "teacher.safetensors"
-    save_model(build_model("bcos_cifar_resnet20", 4), path)
-    return path
+    return write_synthetic_split(root, "distill", 64, image_size=32, num_classes=4, samples_per_shard=24)
 
 
 def _recipe(out, train_spec, teacher_weights, **distill):
@@ -145,7 +137,7 @@ def test_precompute_map_scale_and_resume(tmp_path, shards, teacher_path, frozen_
 
 @pytest.mark.usefixtures("one_thread")
 def test_frozen_training_needs_no_teacher_and_resumes(tmp_path, frozen_dir, monkeypatch):
-    import gte.train as gt
+    import gte.engine as gt
 
     built = []
     real = gt.build_model

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from gte.config import from_dict
-from gte.data.demo import write_split
+from gte.data.synthetic import write_synthetic_split
 from gte.errors import GteError
 from gte.models import build_model, save_model
 from gte.train import train
@@ -17,7 +17,7 @@ from gte.train import train
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("mp")
-    spec = write_split(root, "distill", 64, image_size=32, num_classes=4)
+    spec = write_synthetic_split(root, "distill", 64, image_size=32, num_classes=4)
     teacher = root / "teacher.safetensors"
     save_model(build_model("bcos_cifar_resnet20", 4), teacher)
     return root, spec, teacher

@@ -10,7 +10,7 @@ import tomllib
 import pytest
 
 from gte.config import load_recipe, shipped_recipes
-from gte.data.demo import write_split
+from gte.data.synthetic import write_synthetic_split
 from gte.models import REGISTRY, build_model, save_model
 
 PAPER = [name for name in shipped_recipes() if not name.startswith("demo")]
@@ -36,7 +36,7 @@ def test_recipe_is_complete(name):
 @pytest.fixture(scope="module")
 def local(tmp_path_factory):
     root = tmp_path_factory.mktemp("recipes")
-    spec = write_split(root, "test", 20, image_size=32, num_classes=4)
+    spec = write_synthetic_split(root, "test", 20, image_size=32, num_classes=4)
     teacher = root / "teacher.safetensors"
     save_model(build_model("cifar_resnet20", 4), teacher)
     return root, spec, teacher

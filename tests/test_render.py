@@ -25,7 +25,8 @@ from PIL import Image
 
 from gte.errors import GteError
 from gte.models import build_model, info, load_model, save_model, to_model_input
-from gte.render import (JET, cam_overlay, class_names, explain_images, explain_rows, load_image, preprocess)
+from gte.commands.explain import explain_images
+from gte.render import JET, cam_overlay, class_names, explain_rows, load_image, preprocess
 
 NAMES = ["heron", "puffin", "osprey", "wren"]
 SIZE = 32

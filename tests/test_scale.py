@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from gte.data.demo import write_split
+from gte.data.synthetic import write_synthetic_split
 from gte.models import build_model, save_model
 
 SCRIPTS = Path(__file__).parent / "scripts"
@@ -60,7 +60,7 @@ def test_two_processes_match_one_process_on_the_same_global_batch(tmp_path, teac
 @pytest.mark.slow
 @pytest.mark.parametrize("launch", ["accelerate-cpu", "world-size-without-group"])
 def test_launches_that_would_not_synchronise_are_refused(tmp_path, teacher, launch):
-    shards = write_split(tmp_path / "data", "distill", 32, image_size=32, num_classes=4)
+    shards = write_synthetic_split(tmp_path / "data", "distill", 32, image_size=32, num_classes=4)
     recipe = _recipe(tmp_path, teacher, shards, tmp_path / "out")
     env = _env(tmp_path)
     if launch == "accelerate-cpu":  # documented to run ONE process silently
@@ -127,7 +127,7 @@ def _wait_for_step(out: Path, step: int, proc: subprocess.Popen, timeout: float 
 @pytest.mark.slow
 @pytest.mark.parametrize("how", ["sigkill", "sigterm"])
 def test_killed_run_resumes_to_identical_weights(tmp_path, teacher, how):
-    shards = write_split(tmp_path / "data", "distill", 96, image_size=32, num_classes=4, samples_per_shard=30)
+    shards = write_synthetic_split(tmp_path / "data", "distill", 96, image_size=32, num_classes=4, samples_per_shard=30)
     env = _env(tmp_path)
     gte = [sys.executable, "-m", "gte", "distill", "--recipe"]
     ref_out, run_out = tmp_path / "ref", tmp_path / "run"

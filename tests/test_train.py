@@ -11,16 +11,16 @@ import torch
 from safetensors import safe_open
 
 from gte.config import from_dict
-from gte.data.demo import write_split
-from gte.models import build_model, load_model, save_model
+from gte.data.synthetic import write_synthetic_split
+from gte.models import load_model
 from gte.train import train
 
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
     root = tmp_path_factory.mktemp("shards")
-    return {"train": write_split(root, "distill", 96, image_size=32, num_classes=4, samples_per_shard=40),
-            "test": write_split(root, "test", 64, image_size=32, num_classes=4)}
+    return {"train": write_synthetic_split(root, "distill", 96, image_size=32, num_classes=4, samples_per_shard=40),
+            "test": write_synthetic_split(root, "test", 64, image_size=32, num_classes=4)}
 
 
 def _recipe(tmp_path, shards, teacher_path, **distill):
@@ -33,14 +33,6 @@ def _recipe(tmp_path, shards, teacher_path, **distill):
         "optim": {"epochs": 2, "batch_size": 16, "warmup_epochs": 1},
         "run": {"out": str(tmp_path / "run"), "seed": 1, "log_every": 1},
     })
-
-
-@pytest.fixture(scope="module")
-def teacher_path(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("teacher") / "teacher.safetensors"
-    save_model(build_model("bcos_cifar_resnet20", 4), path)
-    return path
 
 
 def test_e2kd_run_writes_artifacts_and_logs_both_terms(tmp_path, shards, teacher_path):
@@ -119,7 +111,7 @@ def test_compiled_teacher_trains_like_eager(tmp_path, shards, teacher_path):
 
 def test_compiled_teacher_refused_with_gradcam(tmp_path, shards, teacher_path):
     from gte.errors import GteError
-    from gte.train import validate
+    from gte.validate import validate
 
     recipe = _recipe(tmp_path, shards, teacher_path)
     recipe.run.compile_teacher = True

@@ -1,9 +1,14 @@
 """Data: WebDataset shards (design.md format) and everything around them.
 
-- ``shards``: the loader (``make_loader``), exact over ranks × DataLoader workers, bad samples skipped and bounded;
-- ``plan``: who reads what (split plans, training quotas); ``tario``: tar reading, counts, specs;
-  ``transforms``: decode + train/eval geometry (boxes too);
-- ``convert``: ``gte data shard`` converters (ImageFolder, Waterbirds, VOC); ``fewshot``: ``gte data fewshot``;
-  ``info``: ``gte data info``; ``bench``: ``gte data bench``; ``cli``: the ``gte data`` commands;
-- ``demo``: the synthetic demo task; ``testing``: small fixtures (JPEG shards, corruption, truncation).
+- ``spec``: shard specs → URLs;
+- ``tar``: the WebDataset key rule, ranged sample reading, header walks (``ReadProblem`` instead of exceptions);
+- ``index``: sample counts from tar headers (cached; a spec resolved once into a ``ShardSet``), the ``shards.json``
+  side index, ``classes.json``;
+- ``plan``: who reads what (split plans, training quotas);
+- ``loader``: ``make_loader`` / ``LoaderConfig``, exact over ranks × DataLoader workers; ``stream``: what one (rank,
+  worker) slot reads; ``guard``: bad samples skipped, counted and bounded;
+- ``transforms``: decode + train/eval geometry (boxes too);
+- ``writers``: shards from datasets (``core``, ``imagefolder``, ``waterbirds``, ``voc``) and few-shot subsets
+  (``fewshot``);
+- ``synthetic``: the demo's synthetic task; ``info``: shard summaries; ``bench``: loader throughput.
 """

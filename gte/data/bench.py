@@ -38,18 +38,18 @@ def realistic_jpeg(rng: np.random.Generator, width: int = 500, height: int = 375
 
 def write_bench_shards(directory: Path, n: int, shards: int = 4, seed: int = 0) -> tuple[str, float]:
     """``n`` JPEG samples in ``shards`` shards; returns (spec, mean JPEG kB)."""
-    import webdataset as wds
+    from gte.data.writers.core import atomic_tar, shard_name, shard_spec
 
     rng = np.random.default_rng(seed)
     sizes = []
     per = -(-n // shards)
     for s in range(shards):
-        with wds.TarWriter(str(directory / f"bench-{s:06d}.tar"), encoder=False, mtime=0) as sink:
+        with atomic_tar(directory / shard_name("bench", s)) as sink:
             for i in range(s * per, min(n, (s + 1) * per)):
                 jpg = realistic_jpeg(rng)
                 sizes.append(len(jpg))
                 sink.write({"__key__": f"{i:08d}", "jpg": jpg, "cls": str(i % 1000).encode()})
-    return str(directory / f"bench-{{000000..{shards - 1:06d}}}.tar"), float(np.mean(sizes)) / 1e3
+    return shard_spec(directory, "bench", shards), float(np.mean(sizes)) / 1e3
 
 
 def decode_only(spec: str, decoder: str, limit: int = 100) -> float:
@@ -58,10 +58,10 @@ def decode_only(spec: str, decoder: str, limit: int = 100) -> float:
 
     import torch
     from PIL import Image
-
-    from gte.data.tario import expand_spec, iter_samples
-
     from torchvision.io import decode_jpeg
+
+    from gte.data.spec import expand_spec
+    from gte.data.tar import iter_samples
 
     blobs = [s["jpg"] for s in iter_samples(expand_spec(spec)[0]) if isinstance(s, dict)][:limit]
 
@@ -83,7 +83,7 @@ def decode_only(spec: str, decoder: str, limit: int = 100) -> float:
 
 def loader_rate(spec: str, *, workers: int, decoder: str, image_size: int, batch_size: int) -> dict:
     """Steady-state img/s of the training loader (from the first batch on, so worker start-up is excluded)."""
-    from gte.data.shards import make_loader
+    from gte.data.loader import make_loader
 
     loader = make_loader(spec, train=True, image_size=image_size, batch_size=batch_size, num_workers=workers,
                          shuffle_buffer=64, seed=0, decoder=decoder)
@@ -128,9 +128,10 @@ def training_rate(model_name: str, image_size: int, batch_size: int, steps: int 
             "img_per_s": round(rate, 1)}
 
 
-def run_bench(*, workers: list[int], images: int = 256, image_size: int = 224, batch_size: int = 32,
-              decoders: list[str] = ("pil", "torchvision"), model: str | None = "bcos_resnet18",
-              console=None) -> dict:
+def bench_loader(*, workers: list[int], images: int = 256, image_size: int = 224, batch_size: int = 32,
+              decoders: list[str] = ("pil", "torchvision"), model: str | None = "bcos_resnet18") -> dict:
+    """``{"cpu_count", "image_size", "batch_size", "jpeg", "decode_only_img_per_s_1_thread", "loader": [one row per
+    decoder × workers], "training"}`` (see the module docstring)."""
     result: dict = {"cpu_count": os.cpu_count(), "image_size": image_size, "batch_size": batch_size}
     with tempfile.TemporaryDirectory(prefix="gte-bench-") as tmp:
         spec, kb = write_bench_shards(Path(tmp), images)
@@ -140,21 +141,4 @@ def run_bench(*, workers: list[int], images: int = 256, image_size: int = 224, b
                             for d in decoders for w in workers]
     if model:
         result["training"] = training_rate(model, image_size, min(batch_size, 16))
-    if console is not None:
-        from rich.table import Table
-
-        t = Table(title=f"loader: {images} JPEGs 500×375 q90 ({kb:.0f} kB) → RandomResizedCrop {image_size}², "
-                        f"{os.cpu_count()} CPUs")
-        for c in ("decoder", "workers", "img/s", "img/s per worker", "worker start-up s"):
-            t.add_column(c, justify="right")
-        for r in result["loader"]:
-            t.add_row(r["decoder"], str(r["workers"]), str(r["img_per_s"]), str(r["img_per_s_per_worker"]),
-                      str(r["startup_s"]))
-        console.print(t)
-        console.print("decode only, 1 thread (img/s): " + ", ".join(
-            f"{k} {v}" for k, v in result["decode_only_img_per_s_1_thread"].items()))
-        if model:
-            tr = result["training"]
-            console.print(f"one training process ({tr['model']}, batch {tr['batch_size']}, {tr['threads']} threads, "
-                          f"fwd+bwd+step): {tr['img_per_s']} img/s")
     return result

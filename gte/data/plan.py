@@ -4,7 +4,7 @@ Every process of a launch builds the same plan from the same inputs (shard list,
 epoch, world size, workers per rank); a *slot* is one (rank, worker) pair, ``slot = rank * workers + worker``, and a
 plan is a list of :class:`Piece` per slot.
 
-**Counted shards (local files; counts come from tar headers, see gte.data.tario).** The shards are laid end to end
+**Counted shards (local files; counts come from tar headers, see gte.data.index).** The shards are laid end to end
 (training: in an order shuffled per epoch) and slot ``s`` gets one *contiguous* range of that sequence. Ranges
 partition the samples, so evaluation reads every sample exactly once however many shards there are and whatever
 their sizes, and range sizes differ by at most one sample. A range that starts inside a shard is reached with seeks

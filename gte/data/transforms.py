@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from gte.data.tario import IMAGE_EXTS
+from gte.data.tar import IMAGE_EXTS
 
 Image.MAX_IMAGE_PIXELS = 200_000_000  # decompression-bomb guard stays on, above any real dataset image
 

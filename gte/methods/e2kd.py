@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from gte.errors import GteError
-from gte.explain import explain_with_logits
+from gte.explain import choose_explainer, explain_with_logits
 from gte.losses import explanation_loss, log_norm_gap
 from gte.methods.kd import KD
 from gte.onepass import OnePass, supports_one_pass
@@ -28,7 +28,7 @@ class E2KD(KD):
 
     def __init__(self, cfg, student, teacher):
         super().__init__(cfg, student, teacher)
-        self.explainer = cfg.explainer if cfg.explainer != "auto" else self.student_info.explainer
+        self.explainer = choose_explainer(cfg.explainer, self.student_info.bcos)
         if self.explainer == "bcos" and not supports_one_pass(student):
             raise GteError(f"e2KD with B-cos explanations needs a B-cos student gte can differentiate exactly; "
                            f"{self.student_info.arch} is not one")

@@ -20,7 +20,8 @@ import pytest
 import torch
 from rich.console import Console
 
-from gte import teachers
+from gte import hub
+from gte.models import convert_release
 from gte.errors import GteError
 from gte.models import build_model, load_model
 
@@ -88,11 +89,11 @@ def home(tmp_path, monkeypatch) -> Path:
     return tmp_path / "home" / "teachers"
 
 
-def entry(data: bytes, prefix: str | None = None) -> teachers.Teacher:
+def entry(data: bytes, prefix: str | None = None) -> hub.Teacher:
     """A catalog entry for ``data``; ``prefix`` overrides the (correct) SHA-256 prefix in the file name."""
     prefix = prefix or hashlib.sha256(data).hexdigest()[:10]
     # The catalog URL is unreachable on purpose: every test goes through the mirror.
-    return teachers.Teacher("tiny", "cifar_resnet20", f"http://0.0.0.0:9/never/tiny-{prefix}.pth", 91.0, "test",
+    return hub.Teacher("tiny", "cifar_resnet20", f"http://0.0.0.0:9/never/tiny-{prefix}.pth", 91.0, "test",
                             num_classes=10)
 
 
@@ -110,12 +111,12 @@ def test_fetch_verifies_converts_and_caches(server, tiny, home, monkeypatch):
     state, url = server
     model, data = tiny
     t = entry(data)
-    monkeypatch.setitem(teachers.CATALOG, t.name, t)
+    monkeypatch.setitem(hub.CATALOG, t.name, t)
     state.files[t.file] = data
-    out = teachers.fetch("tiny", mirror=url, console=quiet())
+    out = hub.fetch("tiny", convert_release, mirror=url, console=quiet())
     assert out == home / "tiny.safetensors" and sorted(p.name for p in home.iterdir()) == ["tiny.safetensors"]
     assert state.requests == [(f"/mirror/{t.file}", None)]
-    assert teachers.resolve("tiny") == out
+    assert hub.resolve("tiny") == out
     loaded = load_model("tiny")  # by catalog name
     assert same_outputs(model, loaded)
     assert same_outputs(model, build_model("cifar_resnet20", 10, weights="tiny"))
@@ -125,7 +126,7 @@ def test_fetch_verifies_converts_and_caches(server, tiny, home, monkeypatch):
         meta = f.metadata()
     assert meta["teacher"] == "tiny" and meta["arch"] == "cifar_resnet20" and meta["source_sha256"].startswith(t.sha256)
     log = Console(file=io.StringIO())
-    assert teachers.fetch("tiny", mirror=url, console=log) == out  # cached: no second download
+    assert hub.fetch("tiny", convert_release, mirror=url, console=log) == out  # cached: no second download
     assert len(state.requests) == 1 and "already cached" in log.file.getvalue()
 
 
@@ -136,7 +137,7 @@ def test_hash_mismatch_is_refused_and_leaves_nothing(server, tiny, home):
     t = entry(data, prefix=("0" if real[0] != "0" else "1") * 10)
     state.files[t.file] = data
     with pytest.raises(GteError) as e:
-        teachers.fetch(t, mirror=url, console=quiet())
+        hub.fetch(t, convert_release, mirror=url, console=quiet())
     msg = str(e.value)
     assert "\n" not in msg and f"expected {t.sha256}" in msg and f"got {real[:10]}" in msg
     assert list(home.iterdir()) == []  # no .part, no .pth, no .safetensors
@@ -149,7 +150,7 @@ def test_resume_after_connection_cut(server, tiny, home, ignore_range):
     t = entry(data)
     state.files[t.file] = data
     state.cut_first_after, state.ignore_range = len(data) // 3, ignore_range
-    out = teachers.fetch(t, mirror=url + "/", console=quiet())
+    out = hub.fetch(t, convert_release, mirror=url + "/", console=quiet())
     assert [r[1] for r in state.requests] == [None, f"bytes={len(data) // 3}-"]
     assert same_outputs(model, load_model(str(out)))
     assert sorted(p.name for p in home.iterdir()) == ["tiny.safetensors"]
@@ -162,7 +163,7 @@ def test_resume_of_partial_file_from_earlier_run(server, tiny, home):
     state.files[t.file] = data
     home.mkdir(parents=True)
     (home / f"{t.file}.part").write_bytes(data[:1000])  # an interrupted earlier download
-    out = teachers.fetch(t, mirror=url, console=quiet())
+    out = hub.fetch(t, convert_release, mirror=url, console=quiet())
     assert state.requests == [(f"/mirror/{t.file}", "bytes=1000-")]
     assert same_outputs(model, load_model(str(out)))
 
@@ -173,27 +174,28 @@ def test_local_directory_mirror(tiny, tmp_path, home):
     mirror = tmp_path / "mirror"
     mirror.mkdir()
     (mirror / t.file).write_bytes(data)
-    out = teachers.fetch(t, mirror=str(mirror), console=quiet())
+    out = hub.fetch(t, convert_release, mirror=str(mirror), console=quiet())
     assert same_outputs(model, load_model(str(out)))
     with pytest.raises(GteError, match="not in the mirror directory"):
-        teachers.fetch(replace(entry(data, prefix="ab" * 5), name="other"), mirror=str(mirror), console=quiet())
+        hub.fetch(replace(entry(data, prefix="ab" * 5), name="other"), convert_release, mirror=str(mirror),
+                  console=quiet())
 
 
 def test_http_404_is_one_clear_error(server, tiny, home):
     _, url = server
     with pytest.raises(GteError, match="HTTP 404"):
-        teachers.fetch(entry(tiny[1]), mirror=url, console=quiet())
+        hub.fetch(entry(tiny[1]), convert_release, mirror=url, console=quiet())
 
 
 def test_catalog_names_sha_prefixes_and_models():
     from gte.models import REGISTRY
 
-    assert {"bcos_densenet169", "bcos_resnet34", "resnet34"} <= set(teachers.CATALOG)
-    for t in teachers.CATALOG.values():
+    assert {"bcos_densenet169", "bcos_resnet34", "resnet34"} <= set(hub.CATALOG)
+    for t in hub.CATALOG.values():
         assert t.arch in REGISTRY and t.num_classes == 1000
         assert len(t.sha256) == (10 if t.source == "B-cos v2" else 8)
         assert t.url.endswith("/" + t.file)
-    assert teachers.CATALOG["bcos_resnet34"].sha256 == "a63425a03e"
+    assert hub.CATALOG["bcos_resnet34"].sha256 == "a63425a03e"
 
 
 def test_uncached_teacher_name_says_how_to_fetch(home):

@@ -16,13 +16,15 @@ from __future__ import annotations
 import colorsys
 import io
 import json
-import os
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
-import webdataset as wds
 from PIL import Image, ImageDraw
+
+from gte.data.index import write_class_names
+from gte.data.writers.core import atomic_tar, shard_name, shard_spec
+from gte.io import atomic_write_json
 
 SPLITS = ("teacher", "distill", "test")
 BACKGROUNDS = ("stripes", "colour")  # how a place is coded: stripe texture (the demo) or mean colour (its limit)
@@ -30,7 +32,7 @@ CLASS_NAMES = ("circle", "square", "triangle", "plus", "diamond", "ring")
 _MIN_CONTRAST = 80.0  # mean |RGB diff| (0..255) between object and background mean
 
 
-def sample_rng(seed: int, split: str, index: int) -> np.random.Generator:
+def image_rng(seed: int, split: str, index: int) -> np.random.Generator:
     """Generator used to render sample ``index`` of ``split``.
 
     One generator per sample makes any sample re-renderable in isolation (tests,
@@ -177,15 +179,9 @@ def _assign(rng: np.random.Generator, split: str, n: int, k: int) -> tuple[np.nd
     return labels, places
 
 
-def _shard_spec(out_dir: Path, split: str, num_shards: int) -> str:
-    if num_shards == 1:
-        return str(out_dir / f"{split}-000000.tar")
-    return str(out_dir / f"{split}-{{000000..{num_shards - 1:06d}}}.tar")
-
-
 def _encode_sample(seed: int, split: str, i: int, label: int, place: int, image_size: int, num_classes: int,
                    background: str = "stripes") -> dict:
-    img, box = render_sample(sample_rng(seed, split, i), label, place, image_size, num_classes, background)
+    img, box = render_sample(image_rng(seed, split, i), label, place, image_size, num_classes, background)
     buf = io.BytesIO()
     img.save(buf, format="PNG", compress_level=1)  # level 1: ~6x smaller than raw, still fast
     meta = {"group": int(place != label), "place": place, "boxes": [box], "box_labels": [label]}
@@ -197,7 +193,7 @@ def _encode_sample(seed: int, split: str, i: int, label: int, place: int, image_
     }
 
 
-def write_split(
+def write_synthetic_split(
     out_dir: Path,
     split: str,
     n: int,
@@ -210,7 +206,7 @@ def write_split(
 ) -> str:
     """Write ``n`` samples of ``split`` to ``out_dir/{split}-{i:06d}.tar``; return the shard spec.
 
-    ``seed`` must be a non-negative int. Key ``i`` is rendered by ``sample_rng(seed, split, i)``.
+    ``seed`` must be a non-negative int. Key ``i`` is rendered by ``image_rng(seed, split, i)``.
     """
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
@@ -222,25 +218,12 @@ def write_split(
     labels, places = _assign(_split_rng(seed, split), split, n, num_classes)
     num_shards = -(-n // samples_per_shard)
     for shard in range(num_shards):
-        final = out_dir / f"{split}-{shard:06d}.tar"
-        tmp = final.with_name(final.name + ".tmp")
-        try:
-            # mtime=0 makes the tar bytes a pure function of the arguments.
-            with open(tmp, "wb") as f, wds.TarWriter(f, encoder=False, mtime=0) as sink:
-                for i in range(shard * samples_per_shard, min(n, (shard + 1) * samples_per_shard)):
-                    sink.write(_encode_sample(seed, split, i, int(labels[i]), int(places[i]), image_size, num_classes,
-                                              background))
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        os.replace(tmp, final)  # atomic: readers never see a truncated shard
-    return _shard_spec(out_dir, split, num_shards)
-
-
-def _write_json_atomic(path: Path, obj: object) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+        # mtime 0 makes the tar bytes a pure function of the arguments; atomic: readers never see a truncated shard
+        with atomic_tar(out_dir / shard_name(split, shard)) as sink:
+            for i in range(shard * samples_per_shard, min(n, (shard + 1) * samples_per_shard)):
+                sink.write(_encode_sample(seed, split, i, int(labels[i]), int(places[i]), image_size, num_classes,
+                                          background))
+    return shard_spec(out_dir, split, num_shards)
 
 
 def write_demo_shards(
@@ -261,12 +244,12 @@ def write_demo_shards(
     done.unlink(missing_ok=True)  # a rewrite in progress must not look complete
     sizes = {"teacher": n_teacher, "distill": n_distill, "test": n_test}
     specs = {
-        split: write_split(out_dir, split, sizes[split], image_size=image_size, num_classes=num_classes, seed=seed,
-                           background=background)
+        split: write_synthetic_split(out_dir, split, sizes[split], image_size=image_size, num_classes=num_classes,
+                                     seed=seed, background=background)
         for split in SPLITS
     }
-    _write_json_atomic(out_dir / "classes.json", list(CLASS_NAMES[:num_classes]))
+    write_class_names(out_dir, list(CLASS_NAMES[:num_classes]))
     args = {"image_size": image_size, "num_classes": num_classes, "seed": seed, "background": background,
             **{f"n_{k}": v for k, v in sizes.items()}}
-    _write_json_atomic(done, {"args": args, "specs": specs})
+    atomic_write_json(done, {"args": args, "specs": specs})
     return specs

@@ -22,15 +22,17 @@ import hashlib
 import heapq
 import json
 import os
-import shutil
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from gte.data.convert import Item, SplitSummary, write_json_atomic, write_split
-from gte.data.tario import expand_spec, is_local, iter_index, local_path, read_members
+from gte.data.index import copy_class_names
+from gte.data.spec import expand_spec, is_local, local_path
+from gte.data.tar import iter_index, read_members
+from gte.data.writers.core import Item, SplitSummary, write_split
 from gte.errors import GteError
+from gte.io import atomic_write_json
 
 RULE = ("per class, samples sorted by blake2b(f'{seed}\\0{key}') (ties: key): the first `holdout` are held out "
         "for validation, the next `shots` form the training subset")
@@ -171,10 +173,7 @@ def fewshot(src: str, out: Path, *, shots: int, holdout: int = 50, seed: int = 4
 
     t1 = time.time()
     out.mkdir(parents=True, exist_ok=True)
-    classes_src = Path(paths[0]).parent / "classes.json"
-    if classes_src.is_file():
-        shutil.copyfile(classes_src, out / "classes.json.tmp")
-        os.replace(out / "classes.json.tmp", out / "classes.json")
+    copy_class_names(Path(paths[0]).parent, out)
 
     def items(cands: list[Candidate]) -> list[Item]:
         return [Item(c.key, Path(c.path), c.cls, {"members": c.members, **({"group": c.group} if c.group is not None
@@ -186,7 +185,7 @@ def fewshot(src: str, out: Path, *, shots: int, holdout: int = 50, seed: int = 4
     s_train = write_split(out, "train", items(train), description="fewshot train", **opts)
     s_val = write_split(out, "val", items(val), description="fewshot val", **opts) if val else SplitSummary("val")
     write_s = time.time() - t1
-    write_json_atomic(out / "fewshot.json", {
+    atomic_write_json(out / "fewshot.json", {
         "source": src, "shots": shots, "holdout": holdout, "seed": seed, "rule": RULE,
         "source_samples": seen, "unusable": bad, "short_classes": {str(k): v for k, v in short.items()},
         "train": {"samples": s_train.samples, "shards": s_train.shards},

@@ -1,7 +1,7 @@
 """``gte data …``: shard converters, few-shot subsets, shard summaries, the loader benchmark.
 
-Registered on the main app in gte/cli.py (``app.add_typer(data_app, name="data")``); heavy imports stay inside the
-commands so that ``gte --help`` stays fast.
+Registered on the main app in gte/cli.py (``app.add_typer(data_app, name="data")``); the library halves live in
+gte.data (writers, info, bench); the tables printed here are this module's.
 """
 
 from __future__ import annotations
@@ -9,20 +9,22 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import List, Optional
+from typing import TYPE_CHECKING, List, Optional
 
 import typer
-from rich.console import Console
 
+from gte.commands._common import err
 from gte.errors import GteError
+
+if TYPE_CHECKING:
+    from gte.data.writers.core import SplitSummary
 
 data_app = typer.Typer(no_args_is_help=True, help="Datasets as WebDataset shards: convert, subset, inspect, benchmark.")
 shard_app = typer.Typer(no_args_is_help=True, help="Write a dataset as design.md WebDataset shards "
                         "(HF timm/imagenet-1k-wds shards need no conversion: use them as they are).")
 data_app.add_typer(shard_app, name="shard")
-err = Console(stderr=True)
 
-OutOpt = typer.Option(..., "--out", "-o", help="Output directory.")
+RequiredOutOpt = typer.Option(..., "--out", "-o", help="Output directory.")
 MaxSamplesOpt = typer.Option(1000, "--max-samples", help="Samples per shard at most (0 = no limit).")
 MaxBytesOpt = typer.Option("1GB", "--max-bytes", help="Bytes per shard at most, e.g. 500MB, 1GiB (0 = no limit).")
 SeedOpt = typer.Option(0, "--seed", help="Seed of the sample order across shards.")
@@ -34,14 +36,14 @@ OverwriteOpt = typer.Option(False, "--overwrite", help="Replace shards of a diff
 
 def _options(max_samples: int, max_bytes: str, seed: int, shuffle: bool, check: str, workers: int,
              overwrite: bool) -> dict:
-    from gte.data.convert import parse_size
+    from gte.data.writers.core import parse_size
 
     return dict(max_samples=max_samples, max_bytes=parse_size(max_bytes), seed=seed, shuffle=shuffle, check=check,
                 workers=workers, overwrite=overwrite)
 
 
 def _report(out: Path, summaries, classes: list[str], groups: list[str] | None = None) -> None:
-    from gte.data.convert import shard_spec, summary_table
+    from gte.data.writers.core import shard_spec
 
     err.print(summary_table(summaries, classes, groups))
     for s in summaries:
@@ -55,7 +57,7 @@ def _report(out: Path, summaries, classes: list[str], groups: list[str] | None =
 @shard_app.command("imagefolder")
 def shard_imagefolder(
     root: Path = typer.Argument(..., help="root/<class>/<image>; class index = sorted folder order."),
-    out: Path = OutOpt,
+    out: Path = RequiredOutOpt,
     split: str = typer.Option("train", "--split", help="Name of the written split (file prefix)."),
     classes: Optional[Path] = typer.Option(None, "--classes", help="classes.json to impose (e.g. the train "
                                            "split's, so that a val tree missing a class keeps the indices)."),
@@ -63,7 +65,7 @@ def shard_imagefolder(
     check: str = CheckOpt, workers: int = WorkersOpt, overwrite: bool = OverwriteOpt,
 ) -> None:
     """An ImageFolder tree → shards + classes.json."""
-    from gte.data.convert import convert_imagefolder
+    from gte.data.writers.imagefolder import convert_imagefolder
 
     names = None
     if classes is not None:
@@ -81,12 +83,12 @@ def shard_imagefolder(
 @shard_app.command("waterbirds")
 def shard_waterbirds(
     root: Path = typer.Argument(..., help="Waterbirds directory with metadata.csv (img_filename, y, place, split)."),
-    out: Path = OutOpt,
+    out: Path = RequiredOutOpt,
     max_samples: int = MaxSamplesOpt, max_bytes: str = MaxBytesOpt, seed: int = SeedOpt, shuffle: bool = ShuffleOpt,
     check: str = CheckOpt, workers: int = WorkersOpt, overwrite: bool = OverwriteOpt,
 ) -> None:
     """Waterbirds → train/val/test shards; cls = y, json.group = 2·y + place."""
-    from gte.data.convert import WATERBIRDS_GROUPS, convert_waterbirds
+    from gte.data.writers.waterbirds import WATERBIRDS_GROUPS, convert_waterbirds
 
     summaries, names = convert_waterbirds(root, out, console=err, **_options(max_samples, max_bytes, seed, shuffle,
                                                                              check, workers, overwrite))
@@ -96,13 +98,13 @@ def shard_waterbirds(
 @shard_app.command("voc")
 def shard_voc(
     root: Path = typer.Argument(..., help="VOCdevkit/VOC2007 or VOC2012 (Annotations, ImageSets/Main, JPEGImages)."),
-    out: Path = OutOpt,
+    out: Path = RequiredOutOpt,
     split: List[str] = typer.Option(["trainval", "test"], "--split", help="ImageSets/Main/<split>.txt (repeatable)."),
     max_samples: int = MaxSamplesOpt, max_bytes: str = MaxBytesOpt, seed: int = SeedOpt, shuffle: bool = ShuffleOpt,
     check: str = CheckOpt, workers: int = WorkersOpt, overwrite: bool = OverwriteOpt,
 ) -> None:
     """PASCAL VOC → multi-label shards: json.labels, json.boxes, json.box_labels (the 20 classes, standard order)."""
-    from gte.data.convert import convert_voc
+    from gte.data.writers.voc import convert_voc
 
     summaries, names = convert_voc(root, out, splits=split, console=err,
                                    **_options(max_samples, max_bytes, seed, shuffle, check, workers, overwrite))
@@ -113,16 +115,16 @@ def shard_voc(
 def fewshot_cmd(
     src: str = typer.Argument(..., help="Source shard spec (local), e.g. 'train-{000000..001023}.tar' or a directory."),
     shots: int = typer.Option(..., "--shots", help="Training images per class."),
-    out: Path = OutOpt,
+    out: Path = RequiredOutOpt,
     seed: int = typer.Option(42, "--seed"),
     holdout: int = typer.Option(50, "--holdout", help="Held-out validation images per class (disjoint)."),
     max_samples: int = MaxSamplesOpt, max_bytes: str = MaxBytesOpt,
     workers: int = typer.Option(max(1, min(8, os.cpu_count() or 1)), "--workers", help="Processes scanning shards."),
     overwrite: bool = OverwriteOpt,
 ) -> None:
-    """N images per class for training + M per class held out, deterministic for a seed (see gte.data.fewshot)."""
-    from gte.data.convert import parse_size, shard_spec, summary_table
-    from gte.data.fewshot import fewshot
+    """N images per class for training + M per class held out, deterministic for a seed (gte.data.writers.fewshot)."""
+    from gte.data.writers.core import parse_size, shard_spec
+    from gte.data.writers.fewshot import fewshot
 
     r = fewshot(src, out, shots=shots, holdout=holdout, seed=seed, max_samples=max_samples,
                 max_bytes=parse_size(max_bytes), workers=workers, overwrite=overwrite, console=err)
@@ -140,13 +142,10 @@ def fewshot_cmd(
 
 
 def _class_names(directory: Path, n: int) -> list[str]:
-    try:
-        names = json.loads((Path(directory) / "classes.json").read_text())
-        if isinstance(names, list) and len(names) >= n:
-            return [str(x) for x in names]
-    except (OSError, ValueError):
-        pass
-    return [str(i) for i in range(n)]
+    from gte.data.index import read_class_names
+
+    names = read_class_names(directory)
+    return names if names is not None and len(names) >= n else [str(i) for i in range(n)]
 
 
 @data_app.command("info")
@@ -158,12 +157,15 @@ def info_cmd(
 ) -> None:
     """Samples per shard, class and group; truncated shards. Reads any design.md / timm-wds shards as they are."""
     from gte.data.info import shard_info
+    from gte.data.index import resolve_shards
+    from gte.data.spec import local_path
+    from gte.io import atomic_write_json
 
-    info = shard_info(spec, classes=classes, console=err)
+    shards = resolve_shards(spec)
+    info = shard_info(shards, classes=classes)
+    err.print(info_table(info, os.path.dirname(local_path(shards.urls[0])) or "."))
     if json_out:
-        from gte.data.convert import write_json_atomic
-
-        write_json_atomic(json_out, info)
+        atomic_write_json(json_out, info)
 
 
 @data_app.command("bench")
@@ -178,13 +180,90 @@ def bench_cmd(
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the results as JSON."),
 ) -> None:
     """Loader throughput (decode + augment img/s per worker) vs what one training process consumes."""
-    from gte.data.bench import run_bench
+    from gte.data.bench import bench_loader
+    from gte.io import atomic_write_json
 
-    result = run_bench(workers=[int(w) for w in workers.split(",") if w.strip()], images=images,
+    result = bench_loader(workers=[int(w) for w in workers.split(",") if w.strip()], images=images,
                        image_size=image_size, batch_size=batch_size,
-                       decoders=[d.strip() for d in decoder.split(",") if d.strip()], model=train_model or None,
-                       console=err)
+                       decoders=[d.strip() for d in decoder.split(",") if d.strip()], model=train_model or None)
+    print_bench(result)
     if json_out:
-        from gte.data.convert import write_json_atomic
+        atomic_write_json(json_out, result)
 
-        write_json_atomic(json_out, result)
+
+# ------------------------------------------------------------------------------------------------------ tables
+
+
+def summary_table(summaries: list[SplitSummary], class_names: list[str], group_names: list[str] | None = None,
+                  max_rows: int = 30):
+    """A rich table of samples per class (and group) per split; long class lists are shown as min/median/max."""
+    from rich.table import Table
+
+    t = Table(title="samples written", show_lines=False)
+    t.add_column("class" if len(class_names) <= max_rows else "classes")
+    for s in summaries:
+        t.add_column(s.split, justify="right")
+    if len(class_names) <= max_rows:
+        for i, name in enumerate(class_names):
+            t.add_row(f"{i} {name}", *(str(s.classes.get(i, 0)) for s in summaries))
+    else:
+        def stats(s: SplitSummary) -> str:
+            v = sorted(s.classes.get(i, 0) for i in range(len(class_names)))
+            return f"{v[0]} / {v[len(v) // 2]} / {v[-1]}"
+
+        t.add_row(f"{len(class_names)} classes: min / median / max per class", *(stats(s) for s in summaries))
+    if any(s.groups for s in summaries):
+        groups = sorted({g for s in summaries for g in s.groups})
+        for g in groups:
+            name = group_names[g] if group_names and 0 <= g < len(group_names) else str(g)
+            t.add_row(f"group {g} {name}", *(str(s.groups.get(g, 0)) for s in summaries))
+    t.add_row("[bold]total", *(f"[bold]{s.samples}" for s in summaries))
+    t.add_row("skipped", *(str(s.skipped) for s in summaries))
+    t.add_row("shards (written now)", *(f"{s.shards} ({s.written})" for s in summaries))
+    return t
+
+
+def info_table(info: dict, directory: str):
+    """The rich table of ``gte data info`` (``info`` from gte.data.info.shard_info)."""
+    from rich.table import Table
+
+    t = Table(title=f"{info['samples']} samples in {info['shards']} shards ({directory})")
+    t.add_column("what")
+    t.add_column("value", overflow="fold")
+    if "classes" in info:
+        v = list(info["classes"].values())
+        if v:
+            indices = list(map(int, info["classes"]))
+            t.add_row("classes", f"{len(v)} (indices {min(indices)}..{max(indices)}); "
+                      f"per class min / median / max {min(v)} / {sorted(v)[len(v) // 2]} / {max(v)}")
+        if info["groups"]:
+            t.add_row("groups", ", ".join(f"{k}: {n}" for k, n in info["groups"].items()))
+        t.add_row("members", ", ".join(f"{k}: {n}" for k, n in info["members"].items()))
+        if info["without_cls"]:
+            t.add_row("[red]without cls", str(info["without_cls"]))
+    if info["empty"]:
+        t.add_row("empty shards", f"{len(info['empty'])}: {', '.join(info['empty'][:3])}")
+    for u, why in list(info["truncated"].items())[:10]:
+        t.add_row("[red]truncated", f"{u}: {why}")
+    return t
+
+
+def print_bench(result: dict) -> None:
+    """The loader table and the decode-only and training rates of ``gte data bench`` (on stderr)."""
+    from rich.table import Table
+
+    jpeg = result["jpeg"]
+    t = Table(title=f"loader: {jpeg['images']} JPEGs 500×375 q90 ({jpeg['mean_kB']:.0f} kB) → RandomResizedCrop "
+                    f"{result['image_size']}², {result['cpu_count']} CPUs")
+    for c in ("decoder", "workers", "img/s", "img/s per worker", "worker start-up s"):
+        t.add_column(c, justify="right")
+    for r in result["loader"]:
+        t.add_row(r["decoder"], str(r["workers"]), str(r["img_per_s"]), str(r["img_per_s_per_worker"]),
+                  str(r["startup_s"]))
+    err.print(t)
+    err.print("decode only, 1 thread (img/s): " + ", ".join(
+        f"{k} {v}" for k, v in result["decode_only_img_per_s_1_thread"].items()))
+    if "training" in result:
+        tr = result["training"]
+        err.print(f"one training process ({tr['model']}, batch {tr['batch_size']}, {tr['threads']} threads, "
+                  f"fwd+bwd+step): {tr['img_per_s']} img/s")

@@ -1,9 +1,10 @@
-"""Teacher catalog and verified downloads (``gte fetch-teachers``).
+"""The teacher catalog, its cache and verified downloads (``gte fetch-teachers``) — no model code here.
 
 A download lands in ``DEST/<file>.part`` (resumed with an HTTP Range request when a partial file exists), its SHA-256
-must start with the hex digits in the release file name (torch.hub's rule) before anything else happens, then it is
-loaded weights-only into the gte model strictly and written as ``DEST/<name>.safetensors`` with gte metadata. The
-``.pth`` is deleted: the safetensors file holds the same tensors. This is the only module of gte that uses the network.
+must start with the hex digits in the release file name (torch.hub's rule) before anything else happens, then the
+caller's ``convert`` (``gte.models.convert_release``: weights-only load into the gte model, strict) writes
+``DEST/<name>.safetensors`` with gte metadata. The ``.pth`` is deleted: the safetensors file holds the same tensors.
+This is the only module of gte that uses the network; the model builder resolves catalog names through it.
 """
 
 from __future__ import annotations
@@ -16,13 +17,12 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 from urllib.error import HTTPError
 from urllib.request import Request, urlopen
 
-from rich import box
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
-from rich.table import Table
 
 from gte import __version__
 from gte.errors import GteError
@@ -92,6 +92,11 @@ def cache_dir() -> Path:
     return gte_home() / "teachers"
 
 
+def cached_path(name: str, dest: str | Path | None = None) -> Path:
+    """Where teacher ``name`` is (or would be) cached: ``DEST/<name>.safetensors``."""
+    return (Path(dest) if dest is not None else cache_dir()) / f"{name}.safetensors"
+
+
 def get(name: str) -> Teacher:
     """The catalog entry ``name``, or a one-line error naming close matches."""
     if name in CATALOG:
@@ -108,22 +113,25 @@ def resolve(name_or_path: str) -> Path | None:
     """
     if name_or_path not in CATALOG:
         return None
-    path = cache_dir() / f"{name_or_path}.safetensors"
+    path = cached_path(name_or_path)
     if not path.is_file():
         raise GteError(f"teacher '{name_or_path}' is not downloaded; run `gte fetch-teachers {name_or_path}`")
     return path
 
 
-def fetch(teacher: str | Teacher, dest: str | Path | None = None, mirror: str | None = None,
+Convert = Callable[[Teacher, Path, Path, str], None]  # (entry, verified .pth, out .safetensors, its SHA-256)
+
+
+def fetch(teacher: str | Teacher, convert: Convert, dest: str | Path | None = None, mirror: str | None = None,
           console: Console | None = None) -> Path:
-    """Download (or copy from ``mirror``), verify and convert one teacher; return its cached ``.safetensors``.
+    """Download (or copy from ``mirror``), verify and ``convert`` one teacher; return its cached ``.safetensors``.
 
     ``mirror`` is a URL prefix (the release file name is appended) or a local directory holding the release files.
     """
     t = teacher if isinstance(teacher, Teacher) else get(teacher)
     console = console or Console(stderr=True)
     dest = Path(dest) if dest is not None else cache_dir()
-    out = dest / f"{t.name}.safetensors"
+    out = cached_path(t.name, dest)
     if out.is_file():
         console.print(f"{t.name}: already cached at {out}")
         return out
@@ -147,20 +155,11 @@ def fetch(teacher: str | Teacher, dest: str | Path | None = None, mirror: str | 
             raise GteError(f"{t.name}: SHA-256 mismatch for {t.file}: expected {t.sha256}…, got "
                            f"{got[:len(t.sha256)]}… (download deleted; nothing was cached)")
         console.print(f"{t.name}: SHA-256 {got[:len(t.sha256)]}… verified")
-        _convert(t, part, out, got)
+        convert(t, part, out, got)
     finally:
         part.unlink(missing_ok=True)
     console.print(f"{t.name}: wrote {out} (the verified .pth was converted and deleted)")
     return out
-
-
-def _convert(t: Teacher, pth: Path, out: Path, sha256: str) -> None:
-    """Load the verified checkpoint weights-only into the gte model (strict) and save it as safetensors."""
-    from gte.models import build_model, load_weights, save_model
-
-    model = build_model(t.arch, t.num_classes)
-    load_weights(model, pth)  # torch.load(weights_only=True); strict: every key and shape must fit
-    save_model(model, out, teacher=t.name, source=t.source, source_url=t.url, source_sha256=sha256)
 
 
 def sha256_of(path: Path) -> str:
@@ -227,16 +226,3 @@ def _attempt(url: str, part: Path, have: int, console: Console, timeout: float) 
 def _progress(console: Console) -> Progress:
     return Progress(TextColumn("  {task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
                     TimeRemainingColumn(), console=console, transient=True)
-
-
-def catalog_table(dest: str | Path | None = None) -> Table:
-    """The catalog as a rich table, with whether each teacher is cached in ``dest``."""
-    where = Path(dest) if dest is not None else cache_dir()
-    # Compact enough that names stay whole in an 80-column terminal.
-    table = Table(title=f"teachers (cache: {where})", box=box.SIMPLE_HEAD, pad_edge=False, title_justify="left")
-    for col in ("name", "arch", "top-1 %", "cached"):
-        table.add_column(col, no_wrap=True, justify="right" if col == "top-1 %" else "left")
-    for t in CATALOG.values():
-        cached = "yes" if (where / f"{t.name}.safetensors").is_file() else "no"
-        table.add_row(t.name, t.arch, f"{t.acc1:.2f}", cached)
-    return table

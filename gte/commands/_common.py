@@ -1,0 +1,27 @@
+"""Options and helpers shared by several commands."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+
+err = Console(stderr=True)  # progress, notes and summaries; stdout is kept for results (tables, JSON)
+RecipeOpt = typer.Option("demo", "--recipe", "-r", help="Shipped recipe name or a TOML file.")
+RequiredRecipeOpt = typer.Option(..., "--recipe", "-r", help="Shipped recipe name or a TOML file.")
+SetOpt = typer.Option(None, "--set", "-s", help="Override a recipe key: --set optim.lr=1e-4 (repeatable).")
+OutOpt = typer.Option(None, "--out", "-o", help="Output directory (overrides run.out).")
+ArchOpt = typer.Option(None, "--arch", help="Architecture of a .pth MODEL.")
+TeacherArchOpt = typer.Option(None, "--teacher-arch", help="Architecture of a .pth teacher.")
+
+
+def recipe(name: str, overrides: Optional[List[str]], out: Optional[Path] = None):
+    """The recipe ``name`` (shipped or a file) with ``--set`` overrides and ``--out``."""
+    from gte.config import load_recipe
+
+    r = load_recipe(name, overrides)
+    if out is not None:
+        r.run.out = str(out)
+    return r

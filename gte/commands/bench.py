@@ -1,0 +1,49 @@
+"""``gte bench``: the cost of one training step of each method (table, floor, optional JSON)."""
+
+from __future__ import annotations
+
+from typing import Any, List, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from gte.commands._common import RecipeOpt, SetOpt, err, recipe
+from gte.errors import GteError
+
+
+def bench_command(recipe_name: str = RecipeOpt, set_: Optional[List[str]] = SetOpt,
+          steps: int = typer.Option(10, "--steps", help="Timed steps per row (after warm-up)."),
+          batch: int = typer.Option(0, "--batch", help="Batch size (0 = optim.batch_size)."),
+          warmup: int = typer.Option(1, "--warmup", help="Untimed steps per row first."),
+          precision: str = typer.Option("fp32", "--precision", help="fp32 or bf16 (autocast)."),
+          json_out: Optional[str] = typer.Option(None, "--json", help="Also write the results as JSON.")) -> None:
+    """Time one training step of CE, KD, e2KD live and frozen (K=1, K=16) and a reference e2KD step."""
+    if steps < 1 or batch < 0 or warmup < 0:
+        raise GteError("--steps must be positive, --batch and --warmup not negative")
+    from gte.bench import run_bench
+    from gte.io import atomic_write_json
+
+    result = run_bench(recipe(recipe_name, set_), steps=steps, batch=batch, warmup=warmup, precision=precision,
+                       console=err)
+    out = Console()
+    out.print(table(result))
+    live, floor = next(r for r in result["rows"] if r["key"] == "e2kd_k1"), result["floor"]
+    out.print(f"floor for e2KD live K=1 ({floor['formula']}): {1000 * floor['step_s']:.1f} ms = "
+              f"{floor['x_kd']:.2f}× KD; measured {live['x_kd']:.2f}× KD, "
+              f"{100 * (live['step_s'] / floor['step_s'] - 1):+.0f} % over the floor", highlight=False)
+    out.print(f"memory: {result['memory']}", highlight=False)
+    if json_out:
+        atomic_write_json(json_out, result)
+
+
+def table(result: dict[str, Any]) -> Table:
+    """The bench result as a rich table."""
+    t = Table(title=f"{result['student']} ← {result['teacher']}, {result['image_size']}², batch {result['batch']}, "
+                    f"{result['device']}")
+    for col in ("method", "ms/step", "img/s", "peak MiB", "× CE", "× KD", "speed-up vs reference"):
+        t.add_column(col, justify="left" if col == "method" else "right")
+    for r in result["rows"]:
+        t.add_row(r["name"], f"{1000 * r['step_s']:.1f}", f"{r['img_per_s']:.1f}", f"{r['peak_mem_mib']:.0f}",
+                  f"{r['x_ce']:.2f}", f"{r['x_kd']:.2f}", f"{r['speedup_vs_reference']:.2f}")
+    return t

@@ -1,0 +1,101 @@
+"""``gte eval``: metrics of a model (and a teacher) on shards; a table, JSON and an HTML/Markdown report."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+from gte.commands._common import ArchOpt, TeacherArchOpt, err
+from gte.errors import GteError
+
+
+def eval_command(
+    model: str = typer.Argument(..., help="A gte .safetensors, a .pth with --arch, or a teacher name."),
+    data: str = typer.Option(..., "--data", help="Shard spec, e.g. 'val-{000000..000003}.tar'."),
+    teacher: Optional[str] = typer.Option(None, "--teacher", help="Teacher model for agreement/explanations."),
+    arch: Optional[str] = ArchOpt,
+    teacher_arch: Optional[str] = TeacherArchOpt,
+    json_out: Optional[str] = typer.Option(None, "--json", help="Write the metrics as JSON (- = stdout, no table)."),
+    report: Optional[Path] = typer.Option(None, "--report", help="Write report.md + self-contained report.html here."),
+    image_size: Optional[int] = typer.Option(None, "--image-size", help="Centre-crop size (default: the recipe.toml "
+                                             "next to MODEL, else 32 for cifar_* archs, else 224)."),
+    eval_resize: int = typer.Option(0, "--eval-resize", help="Resize (short side) before the crop (0 = size/0.875)."),
+    batch_size: int = typer.Option(64, "--batch-size"),
+    waterbirds: Optional[bool] = typer.Option(None, "--waterbirds/--no-waterbirds", help="ID/OOD accuracy with "
+                                              "group = 2·label + place, OOD = groups 1, 2 (default: detect 4 groups "
+                                              "+ 2 classes)."),
+    shift: bool = typer.Option(False, "--shift", help="Shift test: explanation cosine under diagonal shifts."),
+    shift_max: int = typer.Option(16, "--shift-max", help="Largest shift in pixels."),
+    shift_samples: int = typer.Option(256, "--shift-samples", help="Samples used by the shift test."),
+    examples: int = typer.Option(6, "--examples", help="Images in the report's explanation grid."),
+) -> None:
+    """acc@1/5, agreement, explanation similarity, groups, F1/mAP, EPG/IoU, shift test (torchrun for many processes)."""
+    if batch_size < 1 or shift_max < 0 or shift_samples < 1 or examples < 0:
+        raise GteError("--batch-size and --shift-samples must be positive, --shift-max and --examples not negative")
+    from gte import dist
+    from gte.evaluate import EvalOptions
+
+    opts = EvalOptions(batch_size=batch_size, waterbirds=waterbirds, shift=shift, shift_max=shift_max,
+                       shift_samples=shift_samples, examples=examples if report else 0)
+    started = not dist.initialized() and dist.launched_world_size() > 1
+    if started:  # torchrun: the collectives here are a few small tensors
+        dist.init_process_group()
+    try:
+        _evaluate(model, data, teacher, arch, teacher_arch, image_size, eval_resize, opts, json_out, report)
+    finally:
+        if started:
+            import torch.distributed
+
+            torch.distributed.destroy_process_group()
+
+
+def _evaluate(model_path: str, spec: str, teacher_path: str | None, arch: str | None, teacher_arch: str | None,
+              image_size: int | None, eval_resize: int, options, json_out: str | None, report: Path | None) -> None:
+    from gte import dist
+    from gte.config import DataConfig
+    from gte.evaluate import run_eval
+    from gte.models import eval_geometry, freeze, info, load_model
+    from gte.report import print_summary
+
+    device = dist.device()
+    student = load_model(model_path, arch=arch).to(device)
+    teacher = freeze(load_model(teacher_path, arch=teacher_arch)).to(device) if teacher_path else None
+    image_size, eval_resize = eval_geometry(model_path, info(student).arch, image_size, eval_resize)
+    data = DataConfig(image_size=image_size, eval_resize=eval_resize, num_workers=2)
+    out = run_eval(student, spec, data=data, teacher=teacher, device=device, options=options)
+    if not dist.is_main():
+        return
+    m = {**out.metrics, "image_size": image_size, "eval_resize": eval_resize or round(image_size / 0.875)}
+    if json_out == "-":
+        import json
+
+        print(json.dumps(m, indent=2))
+    else:
+        print_summary(m, Console())
+        if json_out:
+            from gte.io import atomic_write_json
+
+            atomic_write_json(json_out, m)
+    if report:
+        from gte.report import write_report
+
+        names = _class_names(spec, info(student).num_classes, model_path)
+        about = {"model": model_path, "data": spec, **({"teacher": teacher_path} if teacher_path else {}),
+                 "explainer": m["explainer"], "processes": str(m["world_size"])}
+        page = write_report(report, m, examples=out.examples, student=student, teacher=teacher, names=names,
+                            about=about)
+        err.print(f"report written to {page}")
+
+
+def _class_names(spec: str, num_classes: int, model_path: str) -> list[str]:
+    """The shards' classes.json when it fits the model, else the model's own names (or generic ones)."""
+    from gte.data.index import read_class_names
+    from gte.render import class_names
+
+    names = read_class_names(Path(spec.split("::")[0]).parent)  # the demo's shards carry a classes.json
+    if names is not None and len(names) == num_classes:  # one that does not fit is ignored
+        return names
+    return class_names(num_classes, None, [model_path])

@@ -1,0 +1,48 @@
+"""``gte fetch-teachers``: the teacher catalog, verified downloads, conversion to gte's safetensors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich import box
+from rich.console import Console
+from rich.table import Table
+
+from gte.commands._common import err
+
+
+def fetch_teachers_command(
+    names: Optional[List[str]] = typer.Argument(None, help="Catalog names (default: the whole catalog)."),
+    list_: bool = typer.Option(False, "--list", help="Show the catalog and what is cached, download nothing."),
+    mirror: Optional[str] = typer.Option(None, "--mirror", help="URL prefix, or local directory, with the release "
+                                         "file names (air-gapped clusters)."),
+    dest: Optional[Path] = typer.Option(None, "--dest", help="Cache directory (default: $GTE_HOME/teachers)."),
+) -> None:
+    """Download B-cos v2 / torchvision teachers, verify their SHA-256 and cache them as safetensors."""
+    from gte import hub
+
+    if list_:
+        Console().print(catalog_table(dest))
+        return
+    entries = [hub.get(n) for n in names or hub.CATALOG]  # unknown names fail before any download
+    from gte.models import convert_release
+
+    for t in entries:
+        hub.fetch(t, convert_release, dest=dest, mirror=mirror, console=err)
+
+
+def catalog_table(dest: str | Path | None = None) -> Table:
+    """The catalog as a rich table, with whether each teacher is cached in ``dest``."""
+    from gte import hub
+
+    # Compact enough that names stay whole in an 80-column terminal.
+    where = Path(dest) if dest is not None else hub.cache_dir()
+    table = Table(title=f"teachers (cache: {where})", box=box.SIMPLE_HEAD, pad_edge=False,
+                  title_justify="left")
+    for col in ("name", "arch", "top-1 %", "cached"):
+        table.add_column(col, no_wrap=True, justify="right" if col == "top-1 %" else "left")
+    for t in hub.CATALOG.values():
+        table.add_row(t.name, t.arch, f"{t.acc1:.2f}", "yes" if hub.cached_path(t.name, dest).is_file() else "no")
+    return table

@@ -1,0 +1,301 @@
+"""Writing samples as design.md WebDataset shards: shard names, the atomic tar writer, ``write_split``.
+
+Output, per split: ``OUT/<split>-000000.tar, …`` (:func:`shard_name`, :func:`shard_spec`) holding samples
+``{key}.jpg|png|webp`` (the source bytes, never re-encoded unless the format is another one, then PNG), ``{key}.cls``
+(ASCII int) and ``{key}.json``; plus ``OUT/shards.json`` (per shard: samples, bytes, counts per class and group — the
+loader reads sample counts from it instead of scanning tar headers; gte.data.index owns it).
+
+How it is written:
+- The sample list is built first, in a fixed order (sorted; then shuffled with ``seed`` unless ``shuffle=False``, so
+  that every shard mixes classes, which streaming training needs), and cut into shards of at most ``max_samples``
+  samples and ``max_bytes`` bytes (sizes of the source files plus tar headers; a re-encoded image can differ).
+- A shard is written to a temporary file and renamed to ``NAME.tar`` when complete (:func:`atomic_tar`,
+  byte-deterministic: mtime 0). The plan's digest is recorded in ``shards.json`` before writing; re-running the same
+  conversion skips every finished shard, while a different conversion into the same directory is refused
+  (``overwrite=True`` replaces it).
+- An image that cannot be read or identified (``check="header"``, the default; ``"decode"`` decodes fully; ``"none"``
+  trusts the extension) is skipped and counted in the summary.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import random
+import re
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+from gte.data.index import read_side_index, update_side_index
+from gte.errors import GteError
+from gte.io import atomic_path
+
+_FORMAT_EXT = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp"}
+_TAR_OVERHEAD = 512 * 4  # per sample: 3 member headers + padding, roughly
+
+
+# ------------------------------------------------------------------------------------------------ shard files
+
+
+def shard_name(split: str, i: int) -> str:
+    """File name of shard ``i`` of ``split``: ``<split>-NNNNNN.tar``."""
+    return f"{split}-{i:06d}.tar"
+
+
+def shard_spec(out: str | os.PathLike, split: str, shards: int) -> str:
+    """The spec naming the ``shards`` shards of ``split`` in ``out`` (a brace range, or the one file)."""
+    if shards == 1:
+        return str(Path(out) / shard_name(split, 0))
+    return str(Path(out) / f"{split}-{{000000..{shards - 1:06d}}}.tar")
+
+
+def _is_shard_of(name: str, split: str) -> bool:
+    return re.fullmatch(rf"{re.escape(split)}-\d{{6}}\.tar", name) is not None
+
+
+@contextmanager
+def atomic_tar(path: str | os.PathLike) -> Iterator:
+    """A ``webdataset.TarWriter`` (no encoding, mtime 0: the bytes are a pure function of the samples) onto a
+    temporary file that replaces ``path`` when the block completes; on any error it is removed, so readers never
+    see a partial shard."""
+    import webdataset as wds
+
+    with atomic_path(path) as tmp, open(tmp, "wb") as f, wds.TarWriter(f, encoder=False, mtime=0) as sink:
+        yield sink
+
+
+# ------------------------------------------------------------------------------------------------ items, plans
+
+
+def parse_size(text: str | int) -> int:
+    """``1000000``, ``"500MB"``, ``"1GiB"``, ``"2G"`` → bytes (0 = no limit)."""
+    if isinstance(text, int):
+        return text
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)(i?)b?\s*", str(text).lower())
+    if not m:
+        raise GteError(f"not a size: '{text}' (e.g. 1GB, 500MB, 3000000)")
+    base = 1024 if m.group(3) else 1000
+    power = "kmgt".index(m.group(2)) + 1 if m.group(2) else 0
+    return int(float(m.group(1)) * base**power)
+
+
+def safe_key(relative: str) -> str:
+    """A WebDataset key from a relative file path without extension: dots and spaces become ``_`` (a key must not
+    contain a dot, which would start the extension), path separators stay ``/``."""
+    key = re.sub(r"[.\s]", "_", relative.replace(os.sep, "/"))
+    return key.strip("/") or "_"
+
+
+@dataclass
+class Item:
+    """One sample to write: its image file, label and json metadata."""
+
+    key: str
+    path: Path
+    cls: int
+    meta: dict = field(default_factory=dict)
+    size: int = 0
+
+    def digest_entry(self) -> list:
+        return [self.key, str(self.path), self.cls, self.meta, self.size]
+
+
+@dataclass
+class SplitSummary:
+    split: str
+    samples: int = 0
+    skipped: int = 0
+    shards: int = 0
+    written: int = 0          # shards written by this run (the others were already complete)
+    classes: dict[int, int] = field(default_factory=dict)
+    groups: dict[int, int] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
+
+    def add(self, n: int, skipped: int, classes: dict, groups: dict) -> None:
+        """Count one shard's samples (class and group keys may be JSON strings)."""
+        self.samples += n
+        self.skipped += skipped
+        for k, v in classes.items():
+            self.classes[int(k)] = self.classes.get(int(k), 0) + v
+        for k, v in groups.items():
+            self.groups[int(k)] = self.groups.get(int(k), 0) + v
+
+
+def _unique_keys(items: list[Item]) -> None:
+    seen: dict[str, int] = {}
+    for it in items:
+        if it.key in seen:
+            seen[it.key] += 1
+            it.key = f"{it.key}-{seen[it.key]}"
+        else:
+            seen[it.key] = 0
+
+
+def plan_shards(items: list[Item], max_samples: int, max_bytes: int) -> list[list[Item]]:
+    """Consecutive runs of ``items`` with at most ``max_samples`` samples and ``max_bytes`` bytes (0 = no limit);
+    a sample larger than ``max_bytes`` gets a shard of its own."""
+    shards: list[list[Item]] = []
+    cur: list[Item] = []
+    cur_bytes = 0
+    for it in items:
+        cost = it.size + _TAR_OVERHEAD
+        if cur and ((max_samples and len(cur) >= max_samples) or (max_bytes and cur_bytes + cost > max_bytes)):
+            shards.append(cur)
+            cur, cur_bytes = [], 0
+        cur.append(it)
+        cur_bytes += cost
+    if cur:
+        shards.append(cur)
+    return shards
+
+
+def _plan_digest(split: str, shards: list[list[Item]], settings: dict) -> str:
+    h = hashlib.sha256(json.dumps([split, settings], sort_keys=True).encode())
+    for shard in shards:
+        h.update(json.dumps([it.digest_entry() for it in shard], default=str).encode())
+        h.update(b"|")
+    return h.hexdigest()[:16]
+
+
+def load_image_item(item: Item, check: str) -> tuple[dict | None, str]:
+    """The sample dict of ``item`` (image bytes as stored), or (None, why) when the image is unusable."""
+    try:
+        data = item.path.read_bytes()
+    except OSError as e:
+        return None, f"{item.path}: {e.strerror or e}"
+    ext = item.path.suffix.lower().lstrip(".")
+    ext = {"jpeg": "jpg"}.get(ext, ext)
+    if check != "none" or ext not in ("jpg", "png", "webp"):
+        from PIL import Image
+
+        try:
+            with Image.open(io.BytesIO(data)) as im:
+                fmt = im.format
+                if check == "decode" or fmt not in _FORMAT_EXT:
+                    im.load()
+                else:
+                    im.verify()
+                if fmt in _FORMAT_EXT:
+                    ext = _FORMAT_EXT[fmt]
+                else:  # another format: stored as PNG
+                    buf = io.BytesIO()
+                    im.convert("RGB").save(buf, format="PNG")
+                    data, ext = buf.getvalue(), "png"
+        except Exception as e:  # noqa: BLE001 - PIL raises many types for bad files
+            return None, f"{item.path}: not a readable image ({e})"
+    return {"__key__": item.key, ext: data, "cls": str(item.cls).encode(),
+            "json": json.dumps(item.meta, sort_keys=True).encode()}, ""
+
+
+# ---------------------------------------------------------------------------------------------------- writing
+
+
+def _ordered(items: list[Item], keep_order: bool, shuffle: bool, seed: int) -> list[Item]:
+    """The write order (see the module docstring), with file sizes filled in for the byte limit."""
+    if not keep_order:
+        items = sorted(items, key=lambda it: it.key)
+        _unique_keys(items)
+        if shuffle:
+            random.Random(f"gte-convert/{seed}").shuffle(items)
+    for it in items:
+        if not it.size:
+            try:
+                it.size = it.path.stat().st_size
+            except OSError:
+                it.size = 0
+    return items
+
+
+def _start_plan(out: Path, split: str, names: list[str], digest: str, planned: int, overwrite: bool) -> None:
+    """Record the plan in ``shards.json``; shards of a different earlier conversion are refused (or removed)."""
+    existing = sorted(p.name for p in out.glob(f"{split}-[0-9][0-9][0-9][0-9][0-9][0-9].tar"))
+    recorded = read_side_index(out).get("splits", {}).get(split, {}).get("digest")
+    if (recorded and recorded != digest) or (existing and not recorded):
+        if not overwrite:
+            raise GteError(f"{out} already holds '{split}' shards of a different conversion "
+                           "(use --overwrite to replace them, or another --out)")
+        for name in existing:
+            (out / name).unlink()
+
+    def record_plan(data: dict) -> None:
+        data["splits"][split] = {"digest": digest, "shards": len(names), "samples_planned": planned}
+        for name in list(data["shards"]):
+            if _is_shard_of(name, split) and name not in names:
+                del data["shards"][name]
+
+    update_side_index(out, record_plan)
+
+
+def write_split(out: Path, split: str, items: list[Item], *, max_samples: int = 1000, max_bytes: int = 0,
+                check: str = "header", workers: int = 4, overwrite: bool = False, shuffle: bool = True,
+                seed: int = 0, console=None, description: str = "", keep_order: bool = False,
+                load: Callable[[Item], tuple[dict | None, str]] | None = None) -> SplitSummary:
+    """Write ``items`` as ``out/<split>-NNNNNN.tar`` (see the module docstring); returns the split's summary.
+
+    ``keep_order``: write the items in the given order (no sorting, no shuffling). ``load``: item → (sample dict,
+    "") or (None, why); default: read ``item.path`` as an image file.
+    """
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                               TimeRemainingColumn)
+
+    if check not in ("none", "header", "decode"):
+        raise GteError(f"check must be none, header or decode, got '{check}'")
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", split):
+        raise GteError(f"split name '{split}' must use letters, digits, '_', '-', '.' only")
+    if max_samples < 0 or max_bytes < 0 or (max_samples == 0 and max_bytes == 0):
+        raise GteError("a shard needs a limit: max_samples > 0 or max_bytes > 0")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    items = _ordered(items, keep_order, shuffle, seed)
+    load = load or (lambda it: load_image_item(it, check))
+    shards = plan_shards(items, max_samples, max_bytes)
+    names = [shard_name(split, i) for i in range(len(shards))]
+    _start_plan(out, split, names, _plan_digest(split, shards, {"check": check}), len(items), overwrite)
+    summary = SplitSummary(split, shards=len(shards))
+    index = read_side_index(out)["shards"]
+    progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                        TextColumn("{task.fields[note]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                        console=console, disable=console is None)
+    with progress, ThreadPoolExecutor(max(1, workers)) as pool:
+        task = progress.add_task(description or split, total=len(items), note="")
+        for name, shard in zip(names, shards):
+            final = out / name
+            entry = index.get(name)
+            if final.is_file() and entry and entry.get("bytes") == final.stat().st_size:  # finished by an earlier run
+                summary.add(entry["n"], entry.get("skipped", 0), entry.get("classes", {}), entry.get("groups", {}))
+                progress.update(task, advance=len(shard))
+                continue
+            n, skipped = 0, 0
+            classes: dict[int, int] = {}
+            groups: dict[int, int] = {}
+            with atomic_tar(final) as sink:
+                for item, (sample, why) in zip(shard, pool.map(load, shard)):
+                    if sample is None:
+                        skipped += 1
+                        if len(summary.problems) < 20:
+                            summary.problems.append(why)
+                    else:
+                        sink.write(sample)
+                        n += 1
+                        classes[item.cls] = classes.get(item.cls, 0) + 1
+                        g = item.meta.get("group")
+                        if isinstance(g, int):
+                            groups[g] = groups.get(g, 0) + 1
+                    progress.update(task, advance=1, note=f"{summary.skipped + skipped} skipped")
+            size = final.stat().st_size
+
+            def record_shard(data: dict, name=name, n=n, size=size, skipped=skipped, classes=classes,
+                             groups=groups) -> None:
+                data["shards"][name] = {"n": n, "bytes": size, "skipped": skipped,
+                                        "classes": {str(k): v for k, v in sorted(classes.items())},
+                                        "groups": {str(k): v for k, v in sorted(groups.items())}}
+
+            update_side_index(out, record_shard)
+            summary.add(n, skipped, classes, groups)
+            summary.written += 1
+    return summary

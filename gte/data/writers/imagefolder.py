@@ -1,0 +1,52 @@
+"""``gte data shard imagefolder``: an ImageFolder tree (``root/<class>/…/<image>``) → shards + ``classes.json``."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from gte.data.index import keep_class_names
+from gte.data.writers.core import Item, SplitSummary, safe_key, write_split
+from gte.errors import GteError
+
+IMAGE_FILE_EXTS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")  # torchvision's
+
+
+def imagefolder_items(root: Path, classes: list[str] | None = None) -> tuple[list[Item], list[str]]:
+    """Items of ``root/<class>/…/<image>`` (class index = position in ``classes``, default the sorted folders)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise GteError(f"not a directory: {root}")
+    folders = sorted(e.name for e in os.scandir(root) if e.is_dir())
+    if classes is None:
+        classes = folders
+    else:
+        unknown = sorted(set(folders) - set(classes))
+        if unknown:
+            raise GteError(f"{root}: folder '{unknown[0]}' is not in the given class list")
+    if not classes:
+        raise GteError(f"{root} has no class folders (expected root/<class>/<image>)")
+    items: list[Item] = []
+    for idx, name in enumerate(classes):
+        d = root / name
+        if not d.is_dir():
+            continue
+        for dirpath, dirnames, filenames in os.walk(d, followlinks=True):
+            dirnames.sort()
+            for fn in sorted(filenames):
+                if fn.lower().endswith(IMAGE_FILE_EXTS):
+                    p = Path(dirpath) / fn
+                    rel = p.relative_to(root).with_suffix("")
+                    items.append(Item(safe_key(str(rel)), p, idx))
+    if not items:
+        raise GteError(f"no images under {root} (extensions: {', '.join(IMAGE_FILE_EXTS)})")
+    return items, classes
+
+
+def convert_imagefolder(root: Path, out: Path, *, split: str = "train", classes: list[str] | None = None,
+                        console=None, **options) -> tuple[list[SplitSummary], list[str]]:
+    items, classes = imagefolder_items(root, classes)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    keep_class_names(out, classes)
+    return [write_split(out, split, items, console=console, description=f"imagefolder {split}", **options)], classes

@@ -1,0 +1,226 @@
+"""One training setup for every caller: ``gte distill`` / ``gte train``, ``gte bench`` and the multi-process test
+script build their models, method and optimiser here, and step through :class:`Engine`.
+
+A step: ``grad_accum`` micro-batches, each ``method.loss(images, labels, step, frozen=…)`` under autocast and
+``accelerator.backward(loss / accum)`` (gradients synchronised on the last micro-batch only); then one agreement
+between ranks (stop signal, non-finite loss — the step's only host sync); then clip, optimiser and schedule steps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import torch
+import torch.nn as nn
+
+from gte import dist, frozen
+from gte.config import Recipe
+from gte.errors import GteError
+from gte.methods import METHODS, Method, build_method
+from gte.models import build_model, freeze, info
+from gte.optim import apply_update, build_optimizer, warmup_cosine
+
+
+def make_accelerator(recipe: Recipe):
+    """An Accelerator for this launch; refuses launches whose processes did not join one process group."""
+    from accelerate import Accelerator  # ~1 s of imports: only commands that train pay for them
+    from accelerate.state import AcceleratorState, GradientState
+
+    # Several trainings in one process (the demo, the tests) each set their own precision; the process group
+    # (PartialState) is kept.
+    AcceleratorState._reset_state()
+    GradientState._reset_state()
+    kwargs: dict[str, Any] = {}
+    if recipe.run.trackers:
+        kwargs = {"log_with": recipe.run.trackers, "project_dir": recipe.run.out}
+    try:
+        acc = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=recipe.run.mixed_precision, **kwargs)
+    except (ValueError, ImportError) as e:  # e.g. a tracker whose package is not installed
+        raise GteError(f"cannot set up Accelerate: {e}") from None
+    n = _processes_asked_of_accelerate_cpu()
+    if n > 1:
+        raise GteError(f"`accelerate launch --cpu --num_processes {n}` starts ONE process: "
+                       f"use `accelerate launch --multi_gpu --num_processes {n}` (CPU is used when there is no GPU) "
+                       "or torchrun")
+    world = dist.launched_world_size()
+    if acc.num_processes != world:
+        raise GteError(f"launched {world} processes but Accelerate joined {acc.num_processes}: "
+                       "use torchrun or `accelerate launch --multi_gpu`, not `--cpu`")
+    return acc
+
+
+def _processes_asked_of_accelerate_cpu() -> int:
+    """--num_processes of a parent `accelerate launch --cpu` that started this single process (0 if none)."""
+    if "WORLD_SIZE" in os.environ or "ACCELERATE_USE_CPU" not in os.environ:
+        return 0
+    try:
+        with open(f"/proc/{os.getppid()}/cmdline", "rb") as f:
+            args = [a.decode(errors="replace") for a in f.read().split(b"\0")]
+    except OSError:
+        return 0
+    for i, a in enumerate(args):
+        for flag in ("--num_processes", "--num-processes"):
+            value = a[len(flag) + 1:] if a.startswith(flag + "=") else (args[i + 1] if a == flag and i + 1 < len(args)
+                                                                         else None)
+            if value is not None and value.isdigit() and "--multi_gpu" not in args:
+                return int(value)
+    return 0
+
+
+class StopFlags:
+    """SIGINT/SIGTERM become a flag checked between steps, agreed on by all ranks together with non-finite losses."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+        self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def _handle(self, signum, frame) -> None:
+        self.signal = signum
+
+    def restore(self) -> None:
+        for s, handler in self._old.items():
+            signal.signal(s, handler)
+
+    def agree(self, accelerator, nonfinite: torch.Tensor) -> tuple[bool, bool]:
+        """(stop requested on any rank, a non-finite loss on any rank) — one tiny all-reduce when distributed."""
+        flags = torch.stack([torch.tensor(float(self.signal is not None), device=nonfinite.device),
+                             nonfinite.float()])
+        if accelerator.num_processes > 1:
+            flags = accelerator.reduce(flags, reduction="sum")
+        stop, bad = flags.tolist()
+        return stop > 0, bad > 0
+
+
+def build_models(recipe: Recipe, *, pretrained: bool = True, teacher: bool | None = None
+                 ) -> tuple[nn.Module, nn.Module | None]:
+    """(student, frozen teacher or None). ``teacher=None``: built when the method needs one and it is not frozen
+    teaching (whose shards carry its outputs). ``pretrained=False`` (``gte bench``) skips the weights: the cost of a
+    step does not depend on them."""
+    d = recipe.data
+    student = build_model(recipe.student.arch, d.num_classes, (recipe.student.weights or None) if pretrained else None)
+    if teacher is None:
+        teacher = METHODS[recipe.distill.method].needs_teacher and not recipe.distill.frozen
+    if teacher:
+        return student, freeze(build_model(recipe.teacher.arch, d.num_classes,
+                                           recipe.teacher.weights if pretrained else None))
+    return student, None
+
+
+def apply_run_options(recipe: Recipe, student: nn.Module, teacher: nn.Module | None) -> nn.Module | None:
+    """``run.channels_last`` (convolutions run NHWC; inputs follow the weights' format) and ``run.compile_teacher``
+    (the student cannot be compiled: torch.compile has no double backward). Returns the (compiled) teacher."""
+    if recipe.run.channels_last:
+        for m in (student, teacher):
+            if m is not None:
+                m.to(memory_format=torch.channels_last)
+    if recipe.run.compile_teacher and teacher is not None:
+        teacher = torch.compile(teacher)
+    return teacher
+
+
+def multilabel_targets(batch: dict, num_classes: int, source: str) -> torch.Tensor:
+    """N×C targets from each sample's ``json.labels`` (multi-label data such as VOC)."""
+    out = torch.zeros(len(batch["labels"]), num_classes)
+    for i, labels in enumerate(batch["labels"]):
+        if labels is None:
+            raise GteError(f"distill.multilabel is set but a sample in {source} has no json.labels")
+        if any(not 0 <= c < num_classes for c in labels):
+            raise GteError(f"label {max(labels)} in {source}, but data.num_classes = {num_classes}")
+        out[i, list(labels)] = 1.0
+    return out
+
+
+@dataclass
+class Engine:
+    """Everything one training run steps with (built by :func:`setup`)."""
+
+    recipe: Recipe
+    accelerator: Any
+    student: nn.Module  # prepared (DDP-wrapped when distributed)
+    teacher: nn.Module | None
+    method: Method
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    steps_per_epoch: int
+    clip: str
+    clip_value: float
+
+    @property
+    def per_step(self) -> int:
+        """Samples per optimiser step over all processes."""
+        o = self.recipe.optim
+        return o.batch_size * self.accelerator.num_processes * o.grad_accum
+
+    @property
+    def total_steps(self) -> int:
+        return self.steps_per_epoch * self.recipe.optim.epochs
+
+    def model(self) -> nn.Module:
+        """The student without DDP/compile wrappers (for saving and evaluation)."""
+        return self.accelerator.unwrap_model(self.student)
+
+    def accumulate(self, loader: Iterator[dict], step: int, flags: StopFlags) -> tuple[dict[str, torch.Tensor], bool]:
+        """Forward/backward over ``grad_accum`` micro-batches; returns (mean logged terms, stop requested)."""
+        acc, d, accum = self.accelerator, self.recipe.data, self.recipe.optim.grad_accum
+        totals: dict[str, torch.Tensor] = {}
+        nonfinite = torch.zeros((), dtype=torch.bool, device=acc.device)
+        for j in range(accum):
+            try:
+                batch = next(loader)
+            except StopIteration:
+                raise GteError(f"{d.train} ran out of samples before the epoch's last step "
+                               "(data.train_size larger than the shards?)") from None
+            labels = multilabel_targets(batch, d.num_classes, d.train) if self.recipe.distill.multilabel else batch["label"]
+            if labels.ndim == 1 and (labels.min() < 0 or labels.max() >= d.num_classes):
+                raise GteError(f"label {int(labels.max())} in {d.train}, but data.num_classes = {d.num_classes}")
+            images = batch["image"].to(acc.device, non_blocking=True)
+            labels = labels.to(acc.device, non_blocking=True)
+            sync = contextlib.nullcontext() if j == accum - 1 else acc.no_sync(self.student)
+            with sync:
+                with acc.autocast():
+                    loss, logs = self.method.loss(images, labels, step,
+                                                  frozen=frozen.from_batch(batch, acc.device))
+                nonfinite |= ~torch.isfinite(loss.detach())
+                acc.backward(loss / accum)
+            for k, v in {"loss": loss.detach(), **logs}.items():
+                totals[k] = totals.get(k, 0.0) + v.float() / accum
+        stop, bad = flags.agree(acc, nonfinite)  # the step's one host sync
+        if bad:
+            raise GteError(f"non-finite loss at step {step}: stopped; the last good checkpoint is kept "
+                           "(lower optim.lr, or check the data)")
+        return totals, stop
+
+    def update(self) -> None:
+        """Clip, optimiser and schedule steps, gradients cleared."""
+        apply_update(self.accelerator, self.student, self.optimizer, self.scheduler, self.clip, self.clip_value)
+
+
+def setup(recipe: Recipe, n_train: int) -> Engine:
+    """Accelerator, seeded models, optimiser, warm-up + cosine schedule over ``n_train`` samples an epoch, method."""
+    from accelerate.utils import set_seed
+
+    o = recipe.optim
+    accelerator = make_accelerator(recipe)
+    set_seed(recipe.run.seed)
+    student, teacher = build_models(recipe)
+    if teacher is not None:
+        teacher.to(accelerator.device)
+    teacher = apply_run_options(recipe, student, teacher)
+    optimizer = build_optimizer(recipe, student.parameters())
+    per_step = o.batch_size * accelerator.num_processes * o.grad_accum
+    steps_per_epoch = n_train // per_step
+    if steps_per_epoch == 0:
+        raise GteError(f"{n_train} training samples make no global batch of {per_step} "
+                       f"({o.batch_size} × {accelerator.num_processes} processes × {o.grad_accum} accumulation)")
+    total = steps_per_epoch * o.epochs
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, warmup_cosine(total, round(o.warmup_epochs * steps_per_epoch), o.warmup_decay))
+    student, optimizer = accelerator.prepare(student, optimizer)
+    method = build_method(recipe.distill, student, teacher)
+    clip = o.clip if o.clip != "auto" else ("agc" if info(student).bcos else "norm")
+    return Engine(recipe, accelerator, student, teacher, method, optimizer, scheduler, steps_per_epoch, clip,
+                  o.clip_value or (0.01 if clip == "agc" else 1.0))

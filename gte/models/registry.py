@@ -1,0 +1,154 @@
+"""Model specs and builders: every architecture gte can build, with what gte needs to know about it.
+
+Every model built here carries a :class:`ModelInfo` as ``model.gte_info``: whether it is a B-cos network (6-channel
+``[x, 1-x]`` input, explained by its dynamic linear weights W(x)) or a standard one (mean/std input, explained by
+GradCAM at ``gradcam_layer``). Data pipelines hand models images in [0, 1]; :func:`to_model_input` applies the spec.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn as nn
+
+from gte.errors import GteError
+from gte.models.small import SmallResNet
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def own_explainer(bcos: bool) -> str:
+    """W(x) for a B-cos network, GradCAM for any other."""
+    return "bcos" if bcos else "gradcam"
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the rest of gte needs to know about a model."""
+
+    arch: str
+    num_classes: int
+    bcos: bool
+    gradcam_layer: str | None  # dotted module path of the last conv stage, None where GradCAM makes no sense
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+    @property
+    def in_channels(self) -> int:
+        return 6 if self.bcos else 3
+
+    @property
+    def explainer(self) -> str:
+        """The model's own explainer (what ``distill.explainer = "auto"`` means for it)."""
+        return own_explainer(self.bcos)
+
+
+def info(model: nn.Module) -> ModelInfo:
+    """The :class:`ModelInfo` of a model built by gte (unwrapping DDP/compile wrappers)."""
+    for m in (model, getattr(model, "module", None), getattr(model, "_orig_mod", None)):
+        if m is not None and hasattr(m, "gte_info"):
+            return m.gte_info
+    raise GteError("this model was not built by gte.models.build_model (it has no gte_info)")
+
+
+def to_model_input(model_info: ModelInfo, x: torch.Tensor) -> torch.Tensor:
+    """Images in [0, 1] (N×3×H×W) → the model's input: ``[x, 1-x]`` for B-cos, mean/std-normalised otherwise."""
+    if model_info.bcos:
+        return torch.cat([x, 1.0 - x], dim=1)
+    mean = torch.tensor(model_info.mean, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    std = torch.tensor(model_info.std, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+# --------------------------------------------------------------------------------------------- builders
+def _bcos_imagenet(entry: str) -> Callable[[int], nn.Module]:
+    def build(num_classes: int) -> nn.Module:
+        import bcos.models.pretrained as pretrained
+
+        # The `pretrained.` entry points carry the released configuration (BatchNormUncentered, B=2, logit bias).
+        return getattr(pretrained, entry)(pretrained=False, progress=False, num_classes=num_classes)
+
+    return build
+
+
+def _bcos_cifar(depth: int) -> Callable[[int], nn.Module]:
+    def build(num_classes: int) -> nn.Module:
+        from bcos.models import resnet
+        from bcos.modules import norms
+
+        # The CIFAR config's Identity norm does not learn on small tasks; the ImageNet norm (uncentered BN, no bias) does.
+        norm = norms.NoBias(norms.BatchNormUncentered2d)
+        return getattr(resnet, f"cifar10_resnet{depth}")(num_classes=num_classes, norm_layer=norm)
+
+    return build
+
+
+def _torchvision(name: str) -> Callable[[int], nn.Module]:
+    def build(num_classes: int) -> nn.Module:
+        import torchvision
+
+        return getattr(torchvision.models, name)(weights=None, num_classes=num_classes)
+
+    return build
+
+
+# name -> (builder, is_bcos, gradcam layer)
+REGISTRY: dict[str, tuple[Callable[[int], nn.Module], bool, str | None]] = {
+    "bcos_resnet18": (_bcos_imagenet("resnet18"), True, "layer4"),
+    "bcos_resnet34": (_bcos_imagenet("resnet34"), True, "layer4"),
+    "bcos_resnet50": (_bcos_imagenet("resnet50"), True, "layer4"),
+    "bcos_densenet121": (_bcos_imagenet("densenet121"), True, "features"),
+    "bcos_densenet169": (_bcos_imagenet("densenet169"), True, "features"),
+    "bcos_vit_ti_patch16_224": (_bcos_imagenet("simple_vit_ti_patch16_224"), True, None),
+    "bcos_cifar_resnet20": (_bcos_cifar(20), True, "layer3"),
+    "bcos_cifar_resnet56": (_bcos_cifar(56), True, "layer3"),
+    "resnet18": (_torchvision("resnet18"), False, "layer4"),
+    "resnet34": (_torchvision("resnet34"), False, "layer4"),
+    "resnet50": (_torchvision("resnet50"), False, "layer4"),
+    "cifar_resnet20": (lambda c: SmallResNet(20, c), False, "layer3"),
+    "cifar_resnet56": (lambda c: SmallResNet(56, c), False, "layer3"),
+}
+
+
+def check_arch(name: str) -> None:
+    """Raise a one-line error naming close matches if ``name`` is not a known architecture."""
+    if name not in REGISTRY:
+        close = difflib.get_close_matches(name, REGISTRY, n=3, cutoff=0.5)
+        hint = f"; did you mean {', '.join(close)}?" if close else f"; known: {', '.join(sorted(REGISTRY))}"
+        raise GteError(f"unknown model '{name}'{hint}")
+
+
+def create(name: str, num_classes: int) -> nn.Module:
+    """Architecture ``name`` with a ``num_classes``-way head, randomly initialised, carrying its ``gte_info``."""
+    check_arch(name)
+    if num_classes < 2:
+        raise GteError(f"num_classes must be at least 2, got {num_classes}")
+    builder, is_bcos, cam_layer = REGISTRY[name]
+    model = builder(num_classes)
+    if is_bcos:
+        from bcos.modules import LogitLayer
+
+        # B-cos heads are trained with BCE; a prior of 1/C per class means a logit bias of -ln(C-1).
+        for m in model.modules():
+            if isinstance(m, LogitLayer):
+                m.logit_bias = -math.log(num_classes - 1)
+    model.gte_info = ModelInfo(arch=name, num_classes=num_classes, bcos=is_bcos, gradcam_layer=cam_layer)
+    return model
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    """Make ``model`` a teacher: eval mode and no parameter gradients."""
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def get_submodule(model: nn.Module, dotted: str) -> nn.Module:
+    """``model.get_submodule`` that also looks through DDP/compile wrappers."""
+    inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None) or model
+    return inner.get_submodule(dotted)

@@ -1,0 +1,159 @@
+"""Weights on disk: reading state dicts safely, gte's ``model.safetensors`` (tensors + string metadata), building a
+model from a file or a catalog name, and converting a released checkpoint into gte's format.
+
+Nothing is ever unpickled: ``.pth`` files go through ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from gte import __version__, hub
+from gte.errors import GteError
+from gte.io import write_with
+from gte.models.registry import create, info
+
+
+def build_model(name: str, num_classes: int, weights: str | None = None) -> nn.Module:
+    """Build architecture ``name`` with a ``num_classes``-way head; optionally load ``weights`` (a file path, or a
+    teacher catalog name meaning its cached download — an existing file path wins)."""
+    model = create(name, num_classes)
+    if weights is not None:
+        load_weights(model, weights if Path(weights).exists() else (hub.resolve(weights) or weights))
+    return model
+
+
+def _clean_state_dict(obj: object, source: str) -> dict[str, torch.Tensor]:
+    """Unwrap ``{"model": …}`` / ``{"state_dict": …}`` checkpoints and strip DDP/compile prefixes."""
+    for key in ("model", "state_dict", "model_state_dict"):
+        if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
+            obj = obj[key]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise GteError(f"{source}: not a state dict of tensors")
+    out = {}
+    for k, v in obj.items():
+        for prefix in ("module.", "_orig_mod."):
+            if k.startswith(prefix):
+                k = k[len(prefix):]
+        out[k] = v
+    return out
+
+
+def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Read tensors and string metadata from ``.safetensors`` or a ``.pth``/``.pt`` (never unpickling code)."""
+    p = Path(path)
+    if not p.is_file():
+        raise GteError(f"weights file not found: {p}")
+    if p.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(p), framework="pt") as f:
+                meta = f.metadata() or {}
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except Exception as e:  # safetensors raises several types for corrupt headers
+            raise GteError(f"{p}: not a readable safetensors file ({e})") from None
+        return _clean_state_dict(tensors, str(p)), meta
+    try:
+        obj = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise GteError(f"{p}: cannot be loaded as a weights-only torch checkpoint ({type(e).__name__})") from None
+    return _clean_state_dict(obj, str(p)), {}
+
+
+def load_weights(model: nn.Module, path: str | os.PathLike) -> None:
+    """Load a released B-cos v2 / torchvision / gte state dict into ``model`` (strict, shapes checked)."""
+    _load_state(model, *read_state_dict(path), path)
+
+
+def _load_state(model: nn.Module, state: dict[str, torch.Tensor], meta: dict[str, str], path: object) -> None:
+    mi = info(model)
+    if "num_classes" in meta and int(meta["num_classes"]) != mi.num_classes:
+        raise GteError(f"{path}: has {meta['num_classes']} classes, the model {mi.num_classes}")
+    own = model.state_dict()
+    bad = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
+    if bad:
+        k = bad[0]
+        raise GteError(f"{path}: does not fit {mi.arch}: {k} is {tuple(state[k].shape)}, the model's "
+                       f"{tuple(own[k].shape)} (a different number of classes?)")
+    result = model.load_state_dict(state, strict=False)
+    problems = list(result.missing_keys) + list(result.unexpected_keys)
+    if problems:
+        raise GteError(f"{path}: does not fit {mi.arch} ({len(result.missing_keys)} missing, "
+                       f"{len(result.unexpected_keys)} unexpected keys, e.g. {problems[0]})")
+
+
+def model_metadata(model: nn.Module, **extra: str) -> dict[str, str]:
+    """The string metadata gte writes into every ``model.safetensors``."""
+    mi = info(model)
+    meta = {"format": "gte", "gte_version": __version__, "arch": mi.arch, "num_classes": str(mi.num_classes),
+            "input_spec": json.dumps(asdict(mi))}
+    meta.update({k: str(v) for k, v in extra.items()})
+    return meta
+
+
+def save_model(model: nn.Module, path: str | os.PathLike, **extra: str) -> None:
+    """Write the model's weights as safetensors with metadata, atomically."""
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    write_with(path, lambda tmp: save_file(state, str(tmp), metadata=model_metadata(model, **extra)))
+
+
+def load_model(path_or_name: str, arch: str | None = None, num_classes: int | None = None) -> nn.Module:
+    """Build and load a model from a gte ``.safetensors`` (self-describing), a ``.pth`` given ``arch``, or a teacher
+    catalog name that ``gte fetch-teachers`` has cached."""
+    p = Path(path_or_name)
+    if not p.exists():
+        p = hub.resolve(path_or_name) or p  # GteError for a catalog name that is not downloaded
+    if not p.exists():
+        raise GteError(f"model not found: {path_or_name} (expected a .safetensors/.pth file or a teacher name)")
+    state, meta = read_state_dict(p)
+    arch = arch or meta.get("arch")
+    if arch is None:
+        raise GteError(f"{p}: the architecture is unknown; pass --arch")
+    num_classes = num_classes or (int(meta["num_classes"]) if "num_classes" in meta else _infer_num_classes(state))
+    model = create(arch, num_classes)
+    _load_state(model, state, meta, p)
+    return model
+
+
+def _infer_num_classes(state: dict[str, torch.Tensor]) -> int:
+    """The output size of the last weight matrix in a state dict (released checkpoints carry no metadata)."""
+    heads = [v for k, v in state.items() if k.endswith("weight") and v.ndim in (2, 4)]
+    if not heads:
+        raise GteError("cannot infer the number of classes from the state dict")
+    return int(heads[-1].shape[0])
+
+
+def eval_geometry(model_path: str, arch: str, image_size: int | None = None, eval_resize: int = 0) -> tuple[int, int]:
+    """(image_size, eval_resize) to evaluate or explain a saved model at — decided here only: the sizes given, else the
+    ``[data]`` of the ``recipe.toml`` gte wrote next to the model, else 32 for ``*cifar_*`` archs and 224 otherwise
+    (``eval_resize`` 0 means size/0.875, the torchvision convention)."""
+    if image_size is not None:
+        return image_size, eval_resize
+    size, resize = (32 if "cifar_" in arch else 224), 0
+    recipe = Path(model_path).with_name("recipe.toml")
+    if Path(model_path).is_file() and recipe.is_file():
+        import tomllib
+
+        try:
+            d = tomllib.loads(recipe.read_text()).get("data", {})
+            size, resize = int(d.get("image_size", 224)), int(d.get("eval_resize", 0))
+        except (tomllib.TOMLDecodeError, ValueError, TypeError, OSError):
+            pass
+    return size, eval_resize or resize
+
+
+def convert_release(teacher: hub.Teacher, pth: Path, out: Path, sha256: str) -> None:
+    """``hub.fetch``'s conversion: load a verified release checkpoint weights-only into the gte model (strict: every
+    key and shape must fit) and save it as ``out`` with gte metadata naming its source."""
+    model = build_model(teacher.arch, teacher.num_classes)
+    load_weights(model, pth)
+    save_model(model, out, teacher=teacher.name, source=teacher.source, source_url=teacher.url, source_sha256=sha256)
