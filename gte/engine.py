@@ -195,8 +195,35 @@ class Engine:
         return totals, stop
 
     def update(self) -> None:
-        """Clip, optimiser and schedule steps, gradients cleared."""
+        """Clip, optimiser and schedule steps, gradients cleared; on CPU, freed heap memory handed back."""
         apply_update(self.accelerator, self.student, self.optimizer, self.scheduler, self.clip, self.clip_value)
+        if self.accelerator.device.type == "cpu":
+            release_host_memory()
+
+
+def release_host_memory() -> None:
+    """glibc ``malloc_trim(0)``: return freed heap pages to the system.
+
+    A CPU training step frees hundreds of activation-sized tensors; glibc's adaptive mmap threshold soon serves them
+    from the heap, whose free pages it keeps. Measured here (e2KD, B-cos ResNet-20, batch 64 at 32 px, 24 steps): the
+    resident set grew from 0.76 to 2.8 GB without a trim (the demo reached 13 GB) and stays at 1.3 GB with one per
+    step, at no measurable cost in step time. No-op where the C library has no ``malloc_trim``.
+    """
+    if _TRIM is not None:
+        _TRIM(0)
+
+
+def _malloc_trim():
+    import ctypes
+    import ctypes.util
+
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc (macOS, musl)
+        return None
+
+
+_TRIM = _malloc_trim()
 
 
 def setup(recipe: Recipe, n_train: int) -> Engine:
