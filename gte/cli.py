@@ -3,6 +3,7 @@ line on stderr and its exit code (2 for usage and input errors; 128 + N after si
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 
@@ -24,10 +25,30 @@ for name, command in (("distill", distill.distill_command), ("train", distill.tr
 app.add_typer(data_app, name="data")  # shard converters, few-shot subsets, shard info, loader benchmark
 
 
+def _version(value: bool) -> None:
+    if value:
+        from gte import __version__
+
+        print(f"gte {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
-def _root(debug: bool = typer.Option(False, "--debug", help="Show tracebacks.")) -> None:
+def _root(debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
+          version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="Print the version and exit.")) -> None:
     if debug:
         os.environ["GTE_DEBUG"] = "1"
+
+
+def os_error_line(e: OSError) -> str:
+    """An OSError as one line: what failed, on which path, and for a full disk, that it is the disk."""
+    what = e.strerror or str(e)
+    paths = " -> ".join(str(p) for p in (e.filename, e.filename2) if p)
+    line = f"{what}: {paths}" if paths else what
+    if e.errno == errno.ENOSPC:
+        line += " (the disk is full: free space, or write elsewhere with --out; finished files are kept)"
+    return line
 
 
 def main() -> None:
@@ -39,3 +60,8 @@ def main() -> None:
             raise
         print(f"gte: error: {e}", file=sys.stderr)
         sys.exit(e.exit_code)
+    except OSError as e:  # unreadable inputs, read-only or full output directories, …
+        if os.environ.get("GTE_DEBUG"):
+            raise
+        print(f"gte: error: {os_error_line(e)}", file=sys.stderr)
+        sys.exit(2)

@@ -136,8 +136,73 @@ def _coerce(key: str, value: Any, default: Any) -> Any:
     return value
 
 
+# Value ranges, checked when a recipe loads: key -> (test, what it must be). Names (methods, explainers, archs) and
+# checks across sections are in gte.validate.
+def _positive(v) -> bool:
+    return v > 0
+
+
+def _not_negative(v) -> bool:
+    return v >= 0
+
+
+RANGES: dict[str, tuple[Any, str]] = {
+    "data.num_classes": (lambda v: v >= 2, ">= 2"),
+    "data.image_size": (lambda v: v >= 8, ">= 8"),
+    "data.eval_resize": (_not_negative, ">= 0 (0 = image_size / 0.875)"),
+    "data.crop_scale": (lambda v: len(v) == 2 and all(isinstance(x, (int, float)) and not isinstance(x, bool)
+                                                       for x in v) and 0 < v[0] <= v[1] <= 1,
+                        "two numbers [min, max] with 0 < min <= max <= 1"),
+    "data.train_size": (_not_negative, ">= 0 (0 = count the shards)"),
+    "data.num_workers": (_not_negative, ">= 0"),
+    "data.shuffle_buffer": (_not_negative, ">= 0"),
+    "data.max_bad_fraction": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "distill.temperature": (_positive, "> 0"),
+    "distill.lambda_exp": (_not_negative, ">= 0"),
+    "distill.ce_weight": (_not_negative, ">= 0"),
+    "distill.guided_every": (_positive, ">= 1"),
+    "distill.exp_topk": (_positive, ">= 1"),
+    "distill.exp_norm_weight": (_not_negative, ">= 0"),
+    "optim.name": (lambda v: v in ("adam", "adamw", "sgd"), "adam, adamw or sgd"),
+    "optim.lr": (_positive, "> 0"),
+    "optim.weight_decay": (_not_negative, ">= 0"),
+    "optim.epochs": (_positive, ">= 1"),
+    "optim.batch_size": (_positive, ">= 1"),
+    "optim.grad_accum": (_positive, ">= 1"),
+    "optim.warmup_epochs": (_not_negative, ">= 0"),
+    "optim.warmup_decay": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "optim.clip": (lambda v: v in ("auto", "agc", "norm", "none"), "auto, agc, norm or none"),
+    "optim.clip_value": (_not_negative, ">= 0 (0 = the clip's default)"),
+    "run.mixed_precision": (lambda v: v in ("no", "bf16", "fp16"), "no, bf16 or fp16"),
+    "run.log_every": (_positive, ">= 1"),
+    "run.checkpoint_every": (_not_negative, ">= 0 (0 = at epoch ends only)"),
+    "run.keep_checkpoints": (_positive, ">= 1"),
+    "demo.n_teacher": (_positive, ">= 1"),
+    "demo.n_distill": (_positive, ">= 1"),
+    "demo.n_test": (_positive, ">= 1"),
+    "demo.teacher_epochs": (_positive, ">= 1"),
+    "demo.teacher_lr": (_positive, "> 0"),
+    "demo.background": (lambda v: v in ("stripes", "colour"), "stripes or colour"),
+}
+
+
+def range_problems(recipe: Recipe) -> list[str]:
+    """Every value out of its range (one line each), and an eval resize smaller than the crop."""
+    out = []
+    for key, (ok, what) in RANGES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(recipe, section), name)
+        if not ok(value):
+            out.append(f"recipe key '{key}' must be {what}, got {value!r}")
+    d = recipe.data
+    if 0 < d.eval_resize < d.image_size:
+        out.append(f"data.eval_resize {d.eval_resize} is smaller than data.image_size {d.image_size}: the centre "
+                   "crop would be padded with black (use eval_resize = 0 or >= image_size)")
+    return out
+
+
 def from_dict(raw: dict[str, Any]) -> Recipe:
-    """Build a :class:`Recipe`, naming the first unknown section or key."""
+    """Build a :class:`Recipe`, naming the first unknown section or key and the first value out of range."""
     recipe = Recipe()
     for section, values in raw.items():
         if not hasattr(recipe, section):
@@ -149,6 +214,9 @@ def from_dict(raw: dict[str, Any]) -> Recipe:
             if not hasattr(target, key):
                 raise GteError(f"unknown recipe key '{section}.{key}'")
             setattr(target, key, _coerce(f"{section}.{key}", value, getattr(target, key)))
+    problems = range_problems(recipe)
+    if problems:
+        raise GteError(problems[0])
     return recipe
 
 

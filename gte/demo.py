@@ -16,12 +16,13 @@ from rich.console import Console
 from rich.table import Table
 
 from gte import __version__
-from gte.config import Recipe
+from gte.config import Recipe, range_problems
 from gte.data import synthetic
 from gte.errors import GteError
 from gte.evaluate import evaluate
 from gte.io import write_with
-from gte.models import freeze, load_model
+from gte.methods import METHODS
+from gte.models import REGISTRY, freeze, load_model
 from gte.train import train
 from gte.paths import gte_home  # defined there so light commands need not import this module
 
@@ -63,7 +64,26 @@ def prepare(recipe: Recipe, console: Console) -> Recipe:
     ready = copy.deepcopy(recipe)
     ready.data.train, ready.data.train_size, ready.data.test = specs["distill"], dm.n_distill, specs["test"]
     ready.teacher.arch, ready.teacher.weights = dm.teacher_arch, str(teacher_path)
+    ready.demo.enabled = False  # the recipe.toml each run saves is an ordinary recipe: re-running it never re-demos
     return ready
+
+
+def problems(recipe: Recipe) -> list[str]:
+    """What keeps the demo recipe from running (``--dry-run`` lists them all; :func:`run_demo` raises the first)."""
+    dm, d = recipe.demo, recipe.data
+    out = list(range_problems(recipe))
+    if not 2 <= d.num_classes <= len(synthetic.CLASS_NAMES):
+        out.append(f"the demo draws {len(synthetic.CLASS_NAMES)} shapes: data.num_classes must be in "
+                   f"2..{len(synthetic.CLASS_NAMES)}, got {d.num_classes}")
+    if d.image_size < 16:
+        out.append(f"the demo's shapes need data.image_size >= 16, got {d.image_size}")
+    for role, arch in (("demo.teacher_arch", dm.teacher_arch), ("student.arch", recipe.student.arch)):
+        if arch not in REGISTRY:
+            out.append(f"{role}: unknown model '{arch}'")
+    unknown = [m for m in dm.methods if m not in METHODS]
+    if unknown or not dm.methods:
+        out.append(f"demo.methods must name methods among {', '.join(METHODS)}, got {dm.methods}")
+    return out
 
 
 COLUMNS = (("acc1", "acc"), ("aligned", "aligned acc"), ("conflicting", "conflicting acc"),
@@ -79,9 +99,9 @@ def _row(metrics: dict) -> dict[str, float]:
 
 def run_demo(recipe: Recipe, console: Console) -> dict[str, dict[str, float]]:
     """Distil the same student with each of ``demo.methods``; print and write (results.json/.md) one table."""
-    if recipe.demo.background not in synthetic.BACKGROUNDS:
-        raise GteError(f"demo.background must be one of {', '.join(synthetic.BACKGROUNDS)}, got "
-                       f"'{recipe.demo.background}'")
+    found = problems(recipe)
+    if found:
+        raise GteError(found[0])
     ready = prepare(recipe, console)
     out = Path(recipe.run.out)
     teacher = freeze(load_model(ready.teacher.weights))

@@ -140,6 +140,8 @@ def run_eval(model: nn.Module, spec: str, *, data: DataConfig, teacher: nn.Modul
         for batch in loader:
             sums["skipped"] += int(batch.get("skipped", 0))  # reported by loaders that count unreadable samples
             images, labels = batch["image"].to(device), batch["label"].to(device)
+            if len(labels) and int(labels.max()) >= mi.num_classes:  # would be counted as wrong, silently
+                raise GteError(f"label {int(labels.max())} in {spec}, but the model has {mi.num_classes} classes")
             groups = [int(g) for g in batch["group"].tolist()]
             x_s = to_model_input(mi, images)
             runs = [("s", model, x_s)]
@@ -168,6 +170,9 @@ def run_eval(model: nn.Module, spec: str, *, data: DataConfig, teacher: nn.Modul
 
             multi = [i for i, lab in enumerate(batch.get("labels") or []) if lab is not None]
             if multi:
+                top = max((max(batch["labels"][i], default=0) for i in multi), default=0)
+                if top >= mi.num_classes:
+                    raise GteError(f"json.labels has class {top} in {spec}, but the model has {mi.num_classes} classes")
                 targets = torch.from_numpy(np.stack([M.multi_hot(batch["labels"][i], mi.num_classes) for i in multi]))
                 sums["ml_n"] += len(multi)
                 for p, lg in (("s", logits), ("t", t_logits if teacher is not None else None)):

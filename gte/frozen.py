@@ -42,6 +42,17 @@ def write_info(directory: Path, meta: dict[str, Any]) -> None:
     atomic_write_json(directory / INFO, meta)
 
 
+def read_info(directory: Path) -> dict[str, Any] | None:
+    """``DIR/gte-frozen.json`` (None when there is none); a file that is not a JSON object is a one-line error."""
+    path = Path(directory) / INFO
+    if not path.exists():
+        return None
+    meta = read_json(path)
+    if not isinstance(meta, dict):
+        raise GteError(f"{path} is unreadable or corrupt: re-run `gte precompute` into a new directory")
+    return meta
+
+
 def members_needed(recipe: Recipe) -> tuple[str, ...]:
     """The stored members a frozen run of this recipe's method reads."""
     return (LOGITS, MAP) if recipe.distill.method == "e2kd" else (LOGITS,)
@@ -58,8 +69,8 @@ def check_shards(recipe: Recipe) -> None:
         if missing:
             raise GteError(f"distill.frozen: {urls[0]} has no {', '.join(missing)} member: point data.train at the "
                            "shards written by `gte precompute`")
-    meta = read_json(Path(urls[0]).parent / INFO)
-    for key in ("image_size", "eval_resize", "num_classes") if isinstance(meta, dict) else ():
+    meta = read_info(Path(urls[0]).parent)
+    for key in ("image_size", "eval_resize", "num_classes") if meta is not None else ():
         if meta.get(key) != getattr(d, key):
             raise GteError(f"distill.frozen: the shards were precomputed with data.{key} = {meta.get(key)}, "
                            f"the recipe has {getattr(d, key)}")

@@ -9,6 +9,7 @@ This is the only module of gte that uses the network; the model builder resolves
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import hashlib
 import http.client
@@ -17,7 +18,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 from urllib.error import HTTPError
 from urllib.request import Request, urlopen
 
@@ -135,12 +136,22 @@ def fetch(teacher: str | Teacher, convert: Convert, dest: str | Path | None = No
     if out.is_file():
         console.print(f"{t.name}: already cached at {out}")
         return out
-    part = dest / f"{t.file}.part"
     local = mirror is not None and "://" not in mirror
     src = Path(mirror).expanduser() / t.file if local else None
     if src is not None and not src.is_file():
         raise GteError(f"{t.name}: {t.file} is not in the mirror directory {mirror}")
     dest.mkdir(parents=True, exist_ok=True)
+    with _exclusive(dest / f".{t.file}.lock", console, t.name):  # two fetches of one teacher share no .part
+        if out.is_file():  # the other process finished it while this one waited
+            console.print(f"{t.name}: already cached at {out}")
+            return out
+        _fetch_verified(t, convert, dest / f"{t.file}.part", out, src, mirror, console)
+    console.print(f"{t.name}: wrote {out} (the verified .pth was converted and deleted)")
+    return out
+
+
+def _fetch_verified(t: Teacher, convert: Convert, part: Path, out: Path, src: Path | None, mirror: str | None,
+                    console: Console) -> None:
     if src is not None:
         console.print(f"{t.name}: copying {src}")
         shutil.copyfile(src, part)
@@ -158,8 +169,23 @@ def fetch(teacher: str | Teacher, convert: Convert, dest: str | Path | None = No
         convert(t, part, out, got)
     finally:
         part.unlink(missing_ok=True)
-    console.print(f"{t.name}: wrote {out} (the verified .pth was converted and deleted)")
-    return out
+
+
+@contextlib.contextmanager
+def _exclusive(lock: Path, console: Console, name: str) -> Iterator[None]:
+    """An exclusive advisory lock (fcntl) on ``lock``: a second fetch of the same file waits for the first."""
+    import fcntl
+
+    with open(lock, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            console.print(f"{name}: another gte process is fetching it; waiting")
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def sha256_of(path: Path) -> str:

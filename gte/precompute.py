@@ -27,7 +27,7 @@ from gte.data.transforms import BadSample, SampleTransform
 from gte.data.writers.core import atomic_tar
 from gte.errors import GteError
 from gte.explain import choose_explainer, explain_with_logits
-from gte.frozen import LOGITS, MAP, npy_bytes, write_info
+from gte.frozen import LOGITS, MAP, npy_bytes, read_info, write_info
 from gte.models import REGISTRY, build_model, freeze, info, to_model_input
 
 
@@ -66,6 +66,11 @@ def precompute(recipe: Recipe, out: str | Path, *, map_scale: int = 1, batch_siz
     meta = {"teacher_arch": recipe.teacher.arch, "teacher_weights": str(recipe.teacher.weights),
             "explainer": explainer, "num_classes": d.num_classes, "image_size": d.image_size,
             "eval_resize": d.eval_resize, "map_scale": map_scale, "source": d.train, "members": [LOGITS, MAP]}
+    earlier = read_info(out)
+    if earlier is not None and earlier != meta and any((out / n).is_file() for n in names):
+        changed = ", ".join(f"{k}: {earlier.get(k)!r} -> {meta[k]!r}" for k in meta if earlier.get(k) != meta[k])
+        raise GteError(f"{out} holds shards precomputed with other settings ({changed}): choose another --out, or "
+                       "delete it to start again")
     if rank == 0:
         write_info(out, meta)
     transform = SampleTransform(False, d.image_size, d.eval_resize)

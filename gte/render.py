@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Sequence
 import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
 
+from gte.data.images import max_pixels, to_rgb
 from gte.errors import GteError
 
 if TYPE_CHECKING:
@@ -25,7 +26,6 @@ if TYPE_CHECKING:
     import torch.nn as nn
     from rich.console import Console
 
-DEFAULT_MAX_PIXELS = 64_000_000  # a 8000×8000 photo still loads; a 1 kB PNG declaring 400 MP does not
 TOP_K = 5
 
 # OpenCV's COLORMAP_JET as RGB: channel c is clip(1.5 − |4x − (3, 2, 1)_c|) at x = i/255, rounded half to even.
@@ -36,15 +36,6 @@ del _i
 
 
 # --------------------------------------------------------------------------------------------- loading
-def max_pixels() -> int:
-    """The decompression-bomb limit: ``GTE_MAX_IMAGE_PIXELS`` or 64 MP."""
-    raw = os.environ.get("GTE_MAX_IMAGE_PIXELS", "")
-    try:
-        return int(raw) if raw else DEFAULT_MAX_PIXELS
-    except ValueError:
-        raise GteError(f"GTE_MAX_IMAGE_PIXELS must be an integer, got '{raw}'") from None
-
-
 def load_image(path: str | os.PathLike, limit: int | None = None) -> Image.Image:
     """Decode an image file fully to RGB; bombs, non-images and unreadable files raise a one-line GteError."""
     p, limit = Path(path), limit or max_pixels()
@@ -57,7 +48,7 @@ def load_image(path: str | os.PathLike, limit: int | None = None) -> Image.Image
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(p) as im:
                 im.load()  # decode now, so truncation surfaces here and not inside a transform
-                return im.convert("RGB")
+                return to_rgb(im)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise GteError(f"{p}: refused, more than {limit} pixels (a decompression bomb?); "
                        "raise GTE_MAX_IMAGE_PIXELS to allow it") from None

@@ -25,7 +25,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 
 from gte import checkpoint, frozen
 from gte.config import Recipe
-from gte.data.index import count_samples, resolve_shards
+from gte.data.index import ShardSet, count_samples, resolve_shards
 from gte.data.loader import make_loader
 from gte.engine import Engine, StopFlags, setup
 from gte.errors import GteError, Interrupted
@@ -75,13 +75,21 @@ class _Run:
         found = checkpoint.checkpoints(self.ckpt_dir)
         if found and not r.resume:
             raise GteError(f"{self.ckpt_dir} holds checkpoints and run.resume is false: choose another --out")
-        if found:
-            self.position = checkpoint.load(found[-1], model=e.model(), optimizer=e.optimizer, scheduler=e.scheduler)
+        for i, path in enumerate(reversed(found)):  # newest first; an unreadable one falls back to the one before
+            try:
+                self.position = checkpoint.load(path, model=e.model(), optimizer=e.optimizer, scheduler=e.scheduler)
+            except GteError as err:
+                if i == len(found) - 1:
+                    raise
+                if self.main:
+                    self.console.print(f"{err}; trying the previous checkpoint", markup=False)
+                continue
             if self.position["digest"] != self.digest:
                 raise GteError(f"{self.ckpt_dir} holds checkpoints of a different recipe: choose another --out")
             self.step = self.position["step"]
             if self.main:
-                self.console.print(f"resuming from {found[-1]} (step {self.step})")
+                self.console.print(f"resuming from {path} (step {self.step})")
+            break
         if self.main:
             self.out.mkdir(parents=True, exist_ok=True)
             atomic_write_text(self.out / "recipe.toml", self.recipe.to_toml())
@@ -153,6 +161,25 @@ class _Run:
         progress.update(task, stats=f"ep {epoch + 1}/{self.recipe.optim.epochs} {stats} {ips:.0f} img/s{bad}")
 
 
+def data_summary(recipe: Recipe, shards: ShardSet, engine: Engine) -> str:
+    """What the run will read, printed at its start: shards, samples and steps of each split."""
+    d, o = recipe.data, recipe.optim
+    sizes = shards.sizes
+    n = d.train_size or sum(sizes or [])
+    lines = [f"data.train: {len(shards.urls)} shard(s), {n if n else '?'} samples"
+             + (" (data.train_size)" if d.train_size else "")
+             + f"; {engine.steps_per_epoch} steps/epoch × {engine.per_step} = "
+             f"{engine.steps_per_epoch * engine.per_step} samples per epoch"
+             f" ({o.batch_size} per process × {engine.accelerator.num_processes} × {o.grad_accum} accumulation)"]
+    for key in ("val", "test"):
+        spec = getattr(d, key)
+        if spec:
+            other = resolve_shards(spec)
+            m = sum(other.sizes) if other.sizes is not None else "?"
+            lines.append(f"data.{key}: {len(other.urls)} shard(s), {m} samples")
+    return "\n".join(lines)
+
+
 def train(recipe: Recipe, console: Console | None = None) -> TrainResult:
     """Train ``recipe.student`` with ``recipe.distill.method``; resumes from ``OUT/checkpoints`` when it can."""
     console = console or Console(stderr=True)
@@ -161,6 +188,8 @@ def train(recipe: Recipe, console: Console | None = None) -> TrainResult:
     shards = resolve_shards(d.train)  # once: every epoch's loader reuses its URLs and sample counts
     engine = setup(recipe, d.train_size or count_samples(shards))
     run = _Run(recipe, engine, console)
+    if run.main:
+        console.print(data_summary(recipe, shards, engine), highlight=False, markup=False)
     run.resume()
     if recipe.run.trackers:
         engine.accelerator.init_trackers("gte", config=json.loads(json.dumps(recipe.to_dict()["optim"])))

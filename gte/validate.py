@@ -1,14 +1,18 @@
-"""Checks across a recipe's sections, before any work (``gte distill``/``train``, ``--dry-run``, ``gte bench``):
-each thing a recipe gets wrong fails here with one clear line. Per-key type checks live in :mod:`gte.config`."""
+"""Checks across a recipe's sections, before any work (``gte distill``/``train``, ``--dry-run``, ``gte bench``).
+
+:func:`problems` runs every check and lists what is wrong, one line each (``--dry-run`` prints them all);
+:func:`validate` raises the first. Value ranges of single keys are checked when the recipe loads (:mod:`gte.config`).
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from gte import frozen, hub
-from gte.config import Recipe
+from gte.config import Recipe, range_problems
 from gte.data.spec import expand_spec
 from gte.errors import GteError
 from gte.explain import choose_explainer
@@ -18,40 +22,55 @@ from gte.onepass import EXP_GRADS
 
 
 def validate(recipe: Recipe) -> None:
-    """Fail before any work on what a recipe gets wrong (one clear line each)."""
+    """Fail before any work on the first thing a recipe gets wrong (one clear line)."""
+    found = problems(recipe)
+    if found:
+        raise GteError(found[0])
+
+
+def problems(recipe: Recipe) -> list[str]:
+    """Every problem of ``recipe`` (empty when it can run), in the order a run would meet them."""
+    out = list(range_problems(recipe))
+    for check in _CHECKS:
+        try:
+            check(recipe)
+        except GteError as e:
+            out.append(str(e))
+    return out
+
+
+def _method(recipe: Recipe) -> None:
     d = recipe.distill
     if d.method not in METHODS:
         raise GteError(f"unknown distill.method '{d.method}' (known: {', '.join(METHODS)})")
-    check_arch(recipe.student.arch)
     if d.exp_grad not in EXP_GRADS:
         raise GteError(f"distill.exp_grad must be {' or '.join(EXP_GRADS)}, got '{d.exp_grad}'")
-    if d.exp_topk < 1 or d.exp_norm_weight < 0:
-        raise GteError("distill.exp_topk must be >= 1 and distill.exp_norm_weight >= 0")
     if (d.exp_topk > 1 or d.exp_student_top1) and d.frozen:
         raise GteError("distill.exp_topk / exp_student_top1 need a live teacher: frozen shards store one map")
-    if d.frozen:
-        if not METHODS[d.method].needs_teacher:
-            raise GteError(f"distill.frozen needs method kd or e2kd, not '{d.method}' (frozen teaching replaces a "
-                           "teacher)")
-        frozen.check_shards(recipe)
-    elif METHODS[d.method].needs_teacher:
-        _check_teacher(recipe)
+    choose_explainer(d.explainer, False)  # the name is checked here; the choice is made where the student is known
+
+
+def _student(recipe: Recipe) -> None:
+    check_arch(recipe.student.arch) if recipe.student.arch else _no_arch("student")
     if recipe.student.weights and not Path(recipe.student.weights).is_file():
         raise GteError(f"student.weights: no such file: {recipe.student.weights}")
-    choose_explainer(d.explainer, False)  # the name is checked here; the choice is made where the student is known
-    if d.guided_every < 1:
-        raise GteError("distill.guided_every must be >= 1")
-    if recipe.run.compile_teacher and d.method == "e2kd" and not d.frozen:
-        check_compilable_teacher(recipe)
-    _check_run_and_optim(recipe)
-    expand_spec(recipe.data.train)
-    for spec in (recipe.data.val, recipe.data.test):
-        if spec:
-            expand_spec(spec)
 
 
-def _check_teacher(recipe: Recipe) -> None:
-    check_arch(recipe.teacher.arch)
+def _no_arch(role: str) -> None:
+    raise GteError(f"{role}.arch is not set (a model name: `gte recipes` lists recipes that set one)")
+
+
+def _teacher(recipe: Recipe) -> None:
+    d = recipe.distill
+    if d.method not in METHODS or not METHODS[d.method].needs_teacher:
+        if d.frozen and d.method in METHODS:
+            raise GteError(f"distill.frozen needs method kd or e2kd, not '{d.method}' (frozen teaching replaces a "
+                           "teacher)")
+        return
+    if d.frozen:
+        frozen.check_shards(recipe)
+        return
+    check_arch(recipe.teacher.arch) if recipe.teacher.arch else _no_arch("teacher")
     if not recipe.teacher.weights:
         raise GteError("teacher.weights is empty: a distillation teacher must be trained")
     if not Path(recipe.teacher.weights).is_file() and hub.resolve(recipe.teacher.weights) is None:
@@ -59,15 +78,37 @@ def _check_teacher(recipe: Recipe) -> None:
         raise GteError(f"teacher.weights: no such file or teacher name: {recipe.teacher.weights}")
 
 
-def _check_run_and_optim(recipe: Recipe) -> None:
-    if recipe.run.mixed_precision not in ("no", "bf16", "fp16"):
-        raise GteError(f"run.mixed_precision must be no, bf16 or fp16, got '{recipe.run.mixed_precision}'")
+def _explainer_pair(recipe: Recipe) -> None:
+    """B-cos explanations need a B-cos teacher as well as a B-cos student (e2KD compares W(x) of both)."""
+    d, s, t = recipe.distill, recipe.student.arch, recipe.teacher.arch
+    if d.method != "e2kd" or d.frozen or s not in REGISTRY or t not in REGISTRY:
+        return
+    explainer = choose_explainer(d.explainer, REGISTRY[s][1]) if d.explainer in ("auto", "bcos", "gradcam") else ""
+    if explainer == "bcos" and not REGISTRY[t][1]:
+        raise GteError(f"e2KD with B-cos explanations needs a B-cos teacher too; {t} is a standard network "
+                       "(use a bcos_* teacher, or distill.explainer = 'gradcam')")
+    if recipe.run.compile_teacher:
+        check_compilable_teacher(recipe)
+
+
+def _run(recipe: Recipe) -> None:
     if recipe.run.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise GteError("run.mixed_precision = 'fp16' needs a GPU (use 'bf16' on CPU)")
-    if recipe.optim.grad_accum < 1 or recipe.optim.batch_size < 1:
-        raise GteError("optim.batch_size and optim.grad_accum must be >= 1")
-    if recipe.optim.clip not in ("auto", "agc", "norm", "none"):
-        raise GteError(f"optim.clip must be auto, agc, norm or none, got '{recipe.optim.clip}'")
+
+
+def _data(recipe: Recipe) -> None:
+    if not recipe.data.train:
+        raise GteError("data.train is not set (a shard spec: braces, globs or a directory)")
+    expand_spec(recipe.data.train)
+
+
+def _eval_data(recipe: Recipe) -> None:
+    for spec in (recipe.data.val, recipe.data.test):
+        if spec:
+            expand_spec(spec)
+
+
+_CHECKS: tuple[Callable[[Recipe], None], ...] = (_method, _student, _teacher, _explainer_pair, _run, _data, _eval_data)
 
 
 def check_compilable_teacher(recipe: Recipe) -> None:

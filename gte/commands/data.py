@@ -183,9 +183,12 @@ def bench_cmd(
     from gte.data.bench import bench_loader
     from gte.io import atomic_write_json
 
-    result = bench_loader(workers=[int(w) for w in workers.split(",") if w.strip()], images=images,
-                       image_size=image_size, batch_size=batch_size,
-                       decoders=[d.strip() for d in decoder.split(",") if d.strip()], model=train_model or None)
+    try:
+        counts = [int(w) for w in workers.split(",") if w.strip()]
+    except ValueError:
+        raise GteError(f"--workers expects comma-separated worker counts such as 1,2,4, got '{workers}'") from None
+    result = bench_loader(workers=counts, images=images, image_size=image_size, batch_size=batch_size,
+                          decoders=[d.strip() for d in decoder.split(",") if d.strip()], model=train_model or None)
     print_bench(result)
     if json_out:
         atomic_write_json(json_out, result)

@@ -21,19 +21,23 @@ def distill_command(recipe_name: str = RecipeOpt, set_: Optional[List[str]] = Se
     Multi-process: `torchrun --nproc_per_node N -m gte distill …` or `accelerate launch --multi_gpu -m gte distill …`.
     """
     r = recipe(recipe_name, set_, out)
+    if r.demo.enabled and r.data.train:  # the demo recipe as a template for one's own data: an ordinary run
+        r.demo.enabled = False
+        err.print("data.train is set: running an ordinary distillation with the demo's settings (no synthetic data)")
     if dry_run:
         return _dry_run(r)
     if r.demo.enabled:
         from gte.demo import run_demo
 
         run_demo(r, err)
+        err.print(f"results written to {Path(r.run.out) / 'results.md'} (students in {r.run.out}/<method>/)")
         return
     if r.distill.method == "ce":
         raise GteError("distill.method is 'ce' (labels only): use `gte train`")
     from gte.train import train as run_train
 
     result = run_train(r, err)
-    err.print(f"student written to {result.out / 'model.safetensors'}")
+    _written(result.out, "student")
 
 
 def train_command(recipe_name: str = RequiredRecipeOpt, set_: Optional[List[str]] = SetOpt, out: Optional[Path] = OutOpt,
@@ -46,16 +50,30 @@ def train_command(recipe_name: str = RequiredRecipeOpt, set_: Optional[List[str]
     from gte.train import train as run_train
 
     result = run_train(r, err)
-    err.print(f"model written to {result.out / 'model.safetensors'}")
+    _written(result.out, "model")
+
+
+def _written(out: Path, what: str) -> None:
+    from gte import dist
+
+    if dist.is_main():  # once per launch, not once per rank
+        err.print(f"{what} written to {out / 'model.safetensors'} (recipe.toml, metrics.jsonl, checkpoints/ beside it)")
 
 
 def _dry_run(r) -> None:
+    """Print the resolved recipe, then every problem found (exit 2 when there is one)."""
     if r.demo.enabled:  # the demo makes its own shards and teacher on the first run
-        Console().print(r.to_toml(), markup=False, highlight=False)
-        err.print("dry run: the demo generates its data and teacher under $GTE_HOME when run")
-        return
-    from gte.validate import validate
-
-    validate(r)
+        from gte.demo import problems
+    else:
+        from gte.validate import problems
+    found = problems(r)
     Console().print(r.to_toml(), markup=False, highlight=False)
-    err.print("dry run: recipe, data paths and weights are valid")
+    for p in found:
+        err.print(f"gte: problem: {p}", markup=False, highlight=False)
+    if found:
+        err.print(f"dry run: {len(found)} problem(s)", markup=False)
+        raise typer.Exit(2)
+    if r.demo.enabled:
+        err.print("dry run: the demo recipe is valid; it generates its data and teacher under $GTE_HOME when run")
+    else:
+        err.print("dry run: recipe, data paths and weights are valid")

@@ -35,6 +35,8 @@ def eval_command(
     """acc@1/5, agreement, explanation similarity, groups, F1/mAP, EPG/IoU, shift test (torchrun for many processes)."""
     if batch_size < 1 or shift_max < 0 or shift_samples < 1 or examples < 0:
         raise GteError("--batch-size and --shift-samples must be positive, --shift-max and --examples not negative")
+    if json_out and json_out != "-" and not Path(json_out).resolve().parent.is_dir():  # before, not after, the work
+        raise GteError(f"--json {json_out}: the directory {Path(json_out).resolve().parent} does not exist")
     from gte import dist
     from gte.evaluate import EvalOptions
 

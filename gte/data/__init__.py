@@ -7,7 +7,8 @@
 - ``plan``: who reads what (split plans, training quotas);
 - ``loader``: ``make_loader`` / ``LoaderConfig``, exact over ranks × DataLoader workers; ``stream``: what one (rank,
   worker) slot reads; ``guard``: bad samples skipped, counted and bounded;
-- ``transforms``: decode + train/eval geometry (boxes too);
+- ``images``: the decompression-bomb limit and 8-bit RGB conversion; ``transforms``: decode + train/eval geometry
+  (boxes too), sample metadata checks;
 - ``writers``: shards from datasets (``core``, ``imagefolder``, ``waterbirds``, ``voc``) and few-shot subsets
   (``fewshot``);
 - ``synthetic``: the demo's synthetic task; ``info``: shard summaries; ``bench``: loader throughput.

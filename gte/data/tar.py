@@ -17,7 +17,7 @@ import re
 import tarfile
 import zlib
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterable, Iterator
 
 from gte.data.spec import is_local, local_path
 
@@ -74,25 +74,50 @@ class _Truncated(Exception):
     """A member's data runs past the end of the file."""
 
 
+def _keyed(members: Iterable[tarfile.TarInfo]) -> Iterator[tuple[int, bool, str, str, tarfile.TarInfo]]:
+    """``(sample index, first member of its sample?, key, extension, member)`` for each regular member that has a
+    WebDataset key: members sharing a key form one sample (the convention :func:`split_name` implements)."""
+    index, key = -1, None
+    for m in members:
+        if not m.isreg():
+            continue
+        k, ext = split_name(m.name)
+        if k is None:
+            continue
+        first = k != key
+        if first:
+            key, index = k, index + 1
+        yield index, first, k, ext, m
+
+
+def _headers(tar: tarfile.TarFile, failed: list[bool]) -> Iterator[tarfile.TarInfo]:
+    """The members of a seekable tar, forgotten as they pass; stops quietly at a header it cannot read (and notes it
+    in ``failed``)."""
+    while True:
+        try:
+            m = tar.next()
+        except TAR_ERRORS:
+            failed.append(True)
+            return
+        if m is None:
+            return
+        tar.members.clear()
+        yield m
+
+
 def _select(members: Iterator[tarfile.TarInfo], read, url: str, start: int, stop: int | None, stride: int,
             offset: int) -> Iterator[dict | ReadProblem]:
     """Group tar members into samples by key and keep the selected ones; ``read(member)`` is only called for those.
 
     Shared by the seeking (local) and the streaming reader; a read error ends the shard with a ReadProblem.
     """
-    index, key, sample = -1, None, None
+    index, sample = -1, None
     try:
-        for m in members:
-            if not m.isreg():
-                continue
-            k, ext = split_name(m.name)
-            if k is None:
-                continue
-            if k != key:
+        for index, first, k, ext, m in _keyed(members):
+            if first:
                 if sample is not None:
                     yield sample
                     sample = None
-                key, index = k, index + 1
                 if stop is not None and index >= stop:
                     return
                 if _in_piece(index, start, stop, stride, offset):
@@ -178,29 +203,17 @@ def iter_index(path: str, read: tuple[str, ...] = ("cls", "json")) -> Iterator[d
     size = os.path.getsize(path)
     if size == 0:
         return
-    index, key, sample = -1, None, None
+    sample = None
     with open(path, "rb") as f:
         try:
             tar = tarfile.open(fileobj=f, mode="r:")
         except TAR_ERRORS:
             return
-        while True:
-            try:
-                m = tar.next()
-            except TAR_ERRORS:
-                return
-            if m is None:
-                break
-            tar.members.clear()
-            if not m.isreg():
-                continue
-            k, ext = split_name(m.name)
-            if k is None:
-                continue
-            if k != key:
+        failed: list[bool] = []
+        for index, first, k, ext, m in _keyed(_headers(tar, failed)):
+            if first:
                 if sample is not None:
                     yield sample
-                key, index = k, index + 1
                 sample = {"__key__": k, "__index__": index, "members": {}}
             if m.offset_data + m.size > size:
                 return  # the current sample is incomplete
@@ -208,6 +221,8 @@ def iter_index(path: str, read: tuple[str, ...] = ("cls", "json")) -> Iterator[d
             if ext in read:
                 f.seek(m.offset_data)
                 sample[ext] = f.read(m.size)
+        if failed:
+            return
         end = tar.offset
     if sample is not None:
         with open(path, "rb") as f:

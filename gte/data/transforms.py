@@ -29,9 +29,35 @@ import numpy as np
 import torch
 from PIL import Image
 
+from gte.data.images import max_pixels, to_rgb
 from gte.data.tar import IMAGE_EXTS
 
 Image.MAX_IMAGE_PIXELS = 200_000_000  # decompression-bomb guard stays on, above any real dataset image
+
+
+_MAX_INDEX = 2**31  # class and group indices: far above any dataset's, far below int64 overflow in a batch
+
+
+def _is_index(v: Any, low: int = 0) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and low <= v < _MAX_INDEX
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and abs(v) < 1e9
+
+
+def check_metadata(meta: dict[str, Any]) -> None:
+    """Raise :class:`BadSample` unless the ``json`` fields gte reads have the design.md types: ``group`` an index
+    (or -1), ``labels`` and ``box_labels`` lists of indices, ``boxes`` a list of ``[x0, y0, x1, y1]`` numbers."""
+    if "group" in meta and not _is_index(meta["group"], -1):
+        raise BadSample(f"json.group is not a group index: {str(meta['group'])[:20]!r}")
+    for key in ("labels", "box_labels"):
+        if meta.get(key) is not None and not (isinstance(meta[key], list) and all(map(_is_index, meta[key]))):
+            raise BadSample(f"json.{key} is not a list of class indices")
+    boxes = meta.get("boxes")
+    if boxes is not None and not (isinstance(boxes, list) and all(
+            isinstance(b, list) and len(b) == 4 and all(map(_is_number, b)) for b in boxes)):
+        raise BadSample("json.boxes is not a list of [x0, y0, x1, y1] numbers")
 
 
 class BadSample(Exception):
@@ -96,9 +122,11 @@ class SampleTransform:
     maps: tuple[str, ...] = ()      # members among ``members`` that are C×h×w maps of the EVAL view (frozen e2KD):
                                     # they follow the sample's geometry and come out C×S×S float32
     _resize: int = field(init=False, default=0)
+    _max_pixels: int = field(init=False, default=0)
 
     def __post_init__(self) -> None:
         self._resize = self.eval_resize or round(self.image_size / 0.875)
+        self._max_pixels = max_pixels()
         if self.decoder not in ("pil", "torchvision"):
             raise ValueError(f"decoder must be 'pil' or 'torchvision', got {self.decoder!r}")
 
@@ -119,8 +147,11 @@ class SampleTransform:
                     return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8),
                                        mode=ImageReadMode.RGB), ext
             with Image.open(io.BytesIO(data)) as im:
+                if im.width * im.height > self._max_pixels:  # before decoding: a bomb costs nothing
+                    raise BadSample(f"{im.width}×{im.height} {ext} has more than {self._max_pixels} pixels "
+                                    "(GTE_MAX_IMAGE_PIXELS)")
                 im.load()  # decodes fully: a truncated or corrupt image fails here, not later
-                return (im if im.mode == "RGB" else im.convert("RGB")), ext
+                return to_rgb(im), ext
         except (OSError, ValueError, SyntaxError, RuntimeError, Image.DecompressionBombError) as e:
             raise BadSample(f"undecodable {ext} ({e})") from None
 
@@ -145,12 +176,15 @@ class SampleTransform:
             label = int(sample["cls"])
         except ValueError:
             raise BadSample(f"cls is not an integer: {sample['cls'][:20]!r}") from None
+        if not 0 <= label < _MAX_INDEX:
+            raise BadSample(f"cls {label} is not a class index (0 <= cls < 2^31)")
         try:
             meta = json.loads(sample["json"]) if "json" in sample else {}
             if not isinstance(meta, dict):
                 meta = {}
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):
             raise BadSample("json member is not valid JSON") from None
+        check_metadata(meta)
         img, _ = self.decode(sample)
         s = self.image_size
         if isinstance(img, Image.Image):

@@ -20,6 +20,9 @@ from gte.io import write_with
 from gte.models.registry import create, info
 
 
+MAX_CLASSES = 1_000_000  # far above any classifier's; a head this wide is already 2 GB at 512 features
+
+
 def build_model(name: str, num_classes: int, weights: str | None = None) -> nn.Module:
     """Build architecture ``name`` with a ``num_classes``-way head; optionally load ``weights`` (a file path, or a
     teacher catalog name meaning its cached download — an existing file path wins)."""
@@ -74,7 +77,7 @@ def load_weights(model: nn.Module, path: str | os.PathLike) -> None:
 
 def _load_state(model: nn.Module, state: dict[str, torch.Tensor], meta: dict[str, str], path: object) -> None:
     mi = info(model)
-    if "num_classes" in meta and int(meta["num_classes"]) != mi.num_classes:
+    if "num_classes" in meta and meta["num_classes"] != str(mi.num_classes):
         raise GteError(f"{path}: has {meta['num_classes']} classes, the model {mi.num_classes}")
     own = model.state_dict()
     bad = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
@@ -118,10 +121,20 @@ def load_model(path_or_name: str, arch: str | None = None, num_classes: int | No
     arch = arch or meta.get("arch")
     if arch is None:
         raise GteError(f"{p}: the architecture is unknown; pass --arch")
-    num_classes = num_classes or (int(meta["num_classes"]) if "num_classes" in meta else _infer_num_classes(state))
+    num_classes = num_classes or (_meta_classes(meta, p) if "num_classes" in meta else _infer_num_classes(state))
     model = create(arch, num_classes)
     _load_state(model, state, meta, p)
     return model
+
+
+def _meta_classes(meta: dict[str, str], path: object) -> int:
+    """The metadata's class count, sanity-checked before any model is built (a corrupt value must not allocate a
+    head of that size; a wrong but plausible one fails the strict shape check of the load)."""
+    raw = meta["num_classes"]
+    if not (raw.isdigit() and 2 <= int(raw) <= MAX_CLASSES):
+        raise GteError(f"{path}: metadata num_classes {raw[:20]!r} is not a class count in 2..{MAX_CLASSES} "
+                       "(a corrupt or edited file?)")
+    return int(raw)
 
 
 def _infer_num_classes(state: dict[str, torch.Tensor]) -> int:
