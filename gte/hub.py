@@ -13,6 +13,7 @@ import contextlib
 import difflib
 import hashlib
 import http.client
+import os
 import re
 import shutil
 import time
@@ -141,7 +142,7 @@ def fetch(teacher: str | Teacher, convert: Convert, dest: str | Path | None = No
     if src is not None and not src.is_file():
         raise GteError(f"{t.name}: {t.file} is not in the mirror directory {mirror}")
     dest.mkdir(parents=True, exist_ok=True)
-    with _exclusive(dest / f".{t.file}.lock", console, t.name):  # two fetches of one teacher share no .part
+    with _exclusive(dest, console, t.name):  # two fetches of one teacher never share a .part
         if out.is_file():  # the other process finished it while this one waited
             console.print(f"{t.name}: already cached at {out}")
             return out
@@ -172,20 +173,21 @@ def _fetch_verified(t: Teacher, convert: Convert, part: Path, out: Path, src: Pa
 
 
 @contextlib.contextmanager
-def _exclusive(lock: Path, console: Console, name: str) -> Iterator[None]:
-    """An exclusive advisory lock (fcntl) on ``lock``: a second fetch of the same file waits for the first."""
+def _exclusive(directory: Path, console: Console, name: str) -> Iterator[None]:
+    """An exclusive advisory lock (fcntl) on the cache directory itself: a second fetch into it waits for the first
+    (no lock file is left behind, and none can be unlinked under a waiting process)."""
     import fcntl
 
-    with open(lock, "a") as f:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
         try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            console.print(f"{name}: another gte process is fetching it; waiting")
-            fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+            console.print(f"{name}: another gte process is fetching into {directory}; waiting")
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def sha256_of(path: Path) -> str:

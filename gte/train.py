@@ -189,7 +189,7 @@ def train(recipe: Recipe, console: Console | None = None) -> TrainResult:
     engine = setup(recipe, d.train_size or count_samples(shards))
     run = _Run(recipe, engine, console)
     if run.main:
-        console.print(data_summary(recipe, shards, engine), highlight=False, markup=False)
+        console.print(data_summary(recipe, shards, engine), highlight=False, markup=False, soft_wrap=True)
     run.resume()
     if recipe.run.trackers:
         engine.accelerator.init_trackers("gte", config=json.loads(json.dumps(recipe.to_dict()["optim"])))

@@ -92,6 +92,9 @@ def _explainer_pair(recipe: Recipe) -> None:
 
 
 def _run(recipe: Recipe) -> None:
+    out = Path(recipe.run.out)
+    if out.exists() and not out.is_dir():
+        raise GteError(f"run.out {out} is a file, not a directory (choose another --out)")
     if recipe.run.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise GteError("run.mixed_precision = 'fp16' needs a GPU (use 'bf16' on CPU)")
 

@@ -62,6 +62,8 @@ def test_dry_run_catches_missing_data_and_teacher(local):
     env = {**os.environ, "GTE_HOME": str(root)}
     res = subprocess.run(base, capture_output=True, text=True, env=env, timeout=120)
     assert res.returncode == 2 and "gte fetch-teachers bcos_densenet169" in res.stderr
+    assert "matches no files: data/imagenet-50shot/train-*.tar" in res.stderr  # every problem, not the first only
     res = subprocess.run(base + ["--set", f"teacher.weights={teacher}"], capture_output=True, text=True, env=env,
                          timeout=120)
-    assert res.returncode == 2 and "shard file not found" in res.stderr
+    assert res.returncode == 2 and "shard pattern matches no files" in res.stderr
+    assert "fetch-teachers" not in res.stderr

@@ -69,7 +69,7 @@ def _dry_run(r) -> None:
     found = problems(r)
     Console().print(r.to_toml(), markup=False, highlight=False)
     for p in found:
-        err.print(f"gte: problem: {p}", markup=False, highlight=False)
+        err.print(f"gte: problem: {p}", markup=False, highlight=False, soft_wrap=True)
     if found:
         err.print(f"dry run: {len(found)} problem(s)", markup=False)
         raise typer.Exit(2)
