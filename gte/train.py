@@ -25,8 +25,9 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 
 from gte import checkpoint, frozen
 from gte.config import Recipe
-from gte.data.index import ShardSet, count_samples, resolve_shards
+from gte.data.index import ShardSet, count_samples, read_class_names, resolve_shards
 from gte.data.loader import make_loader
+from gte.data.spec import is_local, local_path
 from gte.engine import Engine, StopFlags, setup
 from gte.errors import GteError, Interrupted
 from gte.evaluate import evaluate
@@ -55,6 +56,16 @@ def _logged_step(line: str) -> float:
         return json.loads(line).get("step", 0)
     except json.JSONDecodeError:
         return math.inf
+
+
+def _best_acc1(path: Path) -> float:
+    """The validation acc@1 recorded in a ``model-best.safetensors`` (-1 when there is none)."""
+    if not path.is_file():
+        return -1.0
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return float((f.metadata() or {}).get("val_acc1", -1.0))
 
 
 class _Run:
@@ -97,6 +108,13 @@ class _Run:
             if self.position and log.exists():  # drop lines of steps that will be run again
                 kept = [x for x in log.read_text().splitlines() if _logged_step(x) <= self.step]
                 atomic_write_text(log, "".join(f"{x}\n" for x in kept))
+
+    def keep_best(self, acc1: float, epoch: int, meta: dict[str, str]) -> None:
+        """``model-best.safetensors``: the student of the epoch with the best validation acc@1 so far."""
+        best = self.out / "model-best.safetensors"
+        if not self.main or acc1 <= _best_acc1(best):
+            return
+        save_model(self.engine.model(), best, **meta, val_acc1=f"{acc1:.6f}", epoch=str(epoch + 1))
 
     def save_checkpoint(self, epoch: int, batch: int, epoch_rng: dict) -> None:
         from accelerate.utils import gather_object
@@ -161,6 +179,21 @@ class _Run:
         progress.update(task, stats=f"ep {epoch + 1}/{self.recipe.optim.epochs} {stats} {ips:.0f} img/s{bad}")
 
 
+def artifact_metadata(recipe: Recipe, shards: ShardSet) -> dict[str, str]:
+    """What ``model.safetensors`` says about its run, class names included when the data has them."""
+    meta = {"recipe_digest": recipe.digest(), "method": recipe.distill.method, "teacher": recipe.teacher.arch or ""}
+    names = read_class_names(Path(local_path(shards.urls[0])).parent) if is_local(shards.urls[0]) else None
+    if names and len(names) == recipe.data.num_classes:
+        meta["class_names"] = json.dumps(names)
+    return meta
+
+
+def hyperparameters(recipe: Recipe) -> dict[str, Any]:
+    """Every recipe key as ``section.key`` -> a scalar (lists as strings), as trackers take hyperparameters."""
+    return {f"{section}.{k}": (v if isinstance(v, (int, float, str, bool)) else json.dumps(v))
+            for section, values in recipe.to_dict().items() for k, v in values.items()}
+
+
 def data_summary(recipe: Recipe, shards: ShardSet, engine: Engine) -> str:
     """What the run will read, printed at its start: shards, samples and steps of each split."""
     d, o = recipe.data, recipe.optim
@@ -192,12 +225,13 @@ def train(recipe: Recipe, console: Console | None = None) -> TrainResult:
         console.print(data_summary(recipe, shards, engine), highlight=False, markup=False, soft_wrap=True)
     run.resume()
     if recipe.run.trackers:
-        engine.accelerator.init_trackers("gte", config=json.loads(json.dumps(recipe.to_dict()["optim"])))
+        engine.accelerator.init_trackers("gte", config=hyperparameters(recipe))
     progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.fields[stats]}"),
                         TimeElapsedColumn(), TimeRemainingColumn(), console=console, disable=not run.main,
                         transient=True)
     flags = StopFlags()
     t0, record = time.time(), {}
+    meta = artifact_metadata(recipe, shards)
     try:
         with progress, open(run.out / "metrics.jsonl" if run.main else os.devnull, "a") as log:
             task = progress.add_task(f"{recipe.distill.method} {recipe.student.arch}", total=engine.total_steps,
@@ -209,6 +243,7 @@ def train(recipe: Recipe, console: Console | None = None) -> TrainResult:
                     metrics = evaluate(engine.model(), d.val, data=d, batch_size=o.batch_size,
                                        device=engine.accelerator.device)
                     record.update({f"val_{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
+                    run.keep_best(metrics["acc1"], epoch, meta)
                 log.write(json.dumps(record) + "\n")
                 log.flush()
                 if run.main:  # the bar is transient (an error leaves one clean line): keep a summary
@@ -221,7 +256,6 @@ def train(recipe: Recipe, console: Console | None = None) -> TrainResult:
             engine.accelerator.end_training()
     model = engine.model()
     if run.main:
-        save_model(model, run.out / "model.safetensors", recipe_digest=recipe.digest(),
-                   method=recipe.distill.method, teacher=recipe.teacher.arch or "")
+        save_model(model, run.out / "model.safetensors", **meta)
     engine.accelerator.wait_for_everyone()
     return TrainResult(out=run.out, model=model, metrics=record)

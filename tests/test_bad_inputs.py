@@ -263,3 +263,27 @@ def test_eval_refuses_labels_the_model_does_not_have(tmp_path, model_file, monke
     # a 4-class model: labels 4 and 5 would be silently counted as wrong
     one_line_exit_2(["eval", str(model_file), "--data", spec, "--image-size", "32"], monkeypatch, capsys,
                     "4 classes")
+
+
+def test_imagefolder_skips_fifos_devices_and_symlink_loops(tmp_path):
+    import os
+
+    from _fixtures import write_imagefolder
+    from gte.data.writers.imagefolder import imagefolder_items
+
+    root = tmp_path / "tree"
+    write_imagefolder(root, {"a": 2, "b": 3})
+    os.mkfifo(root / "a" / "pipe.jpg")                     # would hang a read
+    os.symlink("/dev/zero", root / "a" / "zero.jpg")       # would never end
+    os.symlink(root / "a", root / "a" / "loop")            # a loop
+    os.symlink(root / "b", root / "a" / "other")           # another class's folder
+    items, classes = imagefolder_items(root)
+    keys = sorted(i.key for i in items if "pipe" not in i.key and "zero" not in i.key)
+    assert [i.cls for i in items if not any(x in i.key for x in ("pipe", "zero"))].count(1) == 3
+    assert len(keys) == 5  # 2 + 3 images, each once, under its own class
+    from gte.data.writers.core import load_image_item
+
+    for item in items:
+        if "pipe" in item.key or "zero" in item.key:
+            sample, why = load_image_item(item, "none")
+            assert sample is None and "not a regular file" in why

@@ -198,6 +198,7 @@ def test_timm_wds_layout_is_read_as_is(tmp_path):
     res = subprocess.run([GTE, "data", "info", str(tmp_path), "--json", str(tmp_path / "info.json")],
                          capture_output=True, text=True, env={**os.environ, "COLUMNS": "200"})
     assert res.returncode == 0, res.stderr
+    assert "9 samples in" in res.stdout  # the table is the result: stdout
     info = json.loads((tmp_path / "info.json").read_text())
     assert info["samples"] == 9 and info["members"] == {"cls": 9, "jpg": 9, "json": 9}
 

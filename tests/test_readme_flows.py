@@ -81,6 +81,12 @@ def test_imagenet_fewshot_flow(workdir):
     run = Path("runs/imagenet-fewshot-d169-r18")
     epochs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if '"time_s"' in x]
     assert len(epochs) == 1 and epochs[0]["step"] == 5 and "val_acc1" in epochs[0]
+    from safetensors import safe_open
+
+    with safe_open(str(run / "model-best.safetensors"), framework="pt") as f:  # kept by validation acc@1
+        assert float(f.metadata()["val_acc1"]) == pytest.approx(epochs[0]["val_acc1"], abs=1e-6)
+    with safe_open(str(run / "model.safetensors"), framework="pt") as f:  # the data's class names travel along
+        assert json.loads(f.metadata()["class_names"]) == ["n00", "n01", "n02", "n03"]
     gte(["eval", str(run / "model.safetensors"), "--data", "data/imagenet/*val*.tar", "--json", "m.json"])
     assert json.loads(Path("m.json").read_text())["n"] == 12
 

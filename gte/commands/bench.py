@@ -14,7 +14,7 @@ from gte.errors import GteError
 
 def bench_command(recipe_name: str = RecipeOpt, set_: Optional[List[str]] = SetOpt,
           steps: int = typer.Option(10, "--steps", help="Timed steps per row (after warm-up)."),
-          batch: int = typer.Option(0, "--batch", help="Batch size (0 = optim.batch_size)."),
+          batch: int = typer.Option(0, "--batch-size", "--batch", help="Batch size (0 = optim.batch_size)."),
           warmup: int = typer.Option(1, "--warmup", help="Untimed steps per row first."),
           precision: str = typer.Option("fp32", "--precision", help="fp32 or bf16 (autocast)."),
           json_out: Optional[str] = typer.Option(None, "--json", help="Also write the results as JSON.")) -> None:

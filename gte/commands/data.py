@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, List, Optional
 
 import typer
+from rich.console import Console
 
 from gte.commands._common import err
 from gte.errors import GteError
@@ -20,7 +21,7 @@ if TYPE_CHECKING:
     from gte.data.writers.core import SplitSummary
 
 data_app = typer.Typer(no_args_is_help=True, help="Datasets as WebDataset shards: convert, subset, inspect, benchmark.")
-shard_app = typer.Typer(no_args_is_help=True, help="Write a dataset as design.md WebDataset shards "
+shard_app = typer.Typer(no_args_is_help=True, help="Write a dataset as WebDataset shards "
                         "(HF timm/imagenet-1k-wds shards need no conversion: use them as they are).")
 data_app.add_typer(shard_app, name="shard")
 
@@ -122,7 +123,7 @@ def fewshot_cmd(
     workers: int = typer.Option(max(1, min(8, os.cpu_count() or 1)), "--workers", help="Processes scanning shards."),
     overwrite: bool = OverwriteOpt,
 ) -> None:
-    """N images per class for training + M per class held out, deterministic for a seed (gte.data.writers.fewshot)."""
+    """N images per class for training + M per class held out, deterministic for a seed (README "Few-shot subsets")."""
     from gte.data.writers.core import parse_size, shard_spec
     from gte.data.writers.fewshot import fewshot
 
@@ -155,7 +156,7 @@ def info_cmd(
                                  "(reads the small cls/json members)."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the summary as JSON."),
 ) -> None:
-    """Samples per shard, class and group; truncated shards. Reads any design.md / timm-wds shards as they are."""
+    """Samples per shard, class and group; truncated shards. Reads gte's and timm-wds shards as they are."""
     from gte.data.info import shard_info
     from gte.data.index import resolve_shards
     from gte.data.spec import local_path
@@ -163,7 +164,7 @@ def info_cmd(
 
     shards = resolve_shards(spec)
     info = shard_info(shards, classes=classes)
-    err.print(info_table(info, os.path.dirname(local_path(shards.urls[0])) or "."))
+    Console().print(info_table(info, os.path.dirname(local_path(shards.urls[0])) or "."))  # a result: stdout
     if json_out:
         atomic_write_json(json_out, info)
 

@@ -25,6 +25,7 @@ import json
 import os
 import random
 import re
+import stat
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -162,9 +163,17 @@ def _plan_digest(split: str, shards: list[list[Item]], settings: dict) -> str:
     return h.hexdigest()[:16]
 
 
+MAX_IMAGE_FILE_BYTES = 1 << 30  # 1 GiB: no photograph is larger; a device or a mistake would fill memory
+
+
 def load_image_item(item: Item, check: str) -> tuple[dict | None, str]:
     """The sample dict of ``item`` (image bytes as stored), or (None, why) when the image is unusable."""
     try:
+        st = os.stat(item.path)
+        if not stat.S_ISREG(st.st_mode):  # a FIFO would hang the read, /dev/zero would never end
+            return None, f"{item.path}: not a regular file"
+        if st.st_size > MAX_IMAGE_FILE_BYTES:
+            return None, f"{item.path}: {st.st_size} bytes, more than an image file should have ({MAX_IMAGE_FILE_BYTES})"
         data = item.path.read_bytes()
     except OSError as e:
         return None, f"{item.path}: {e.strerror or e}"

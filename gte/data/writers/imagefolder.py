@@ -27,12 +27,21 @@ def imagefolder_items(root: Path, classes: list[str] | None = None) -> tuple[lis
     if not classes:
         raise GteError(f"{root} has no class folders (expected root/<class>/<image>)")
     items: list[Item] = []
+    # Every directory is walked once, and only below its own class: a symlink loop, an alias, or a link into
+    # another class's folder adds nothing twice and nothing under the wrong class.
+    seen = {os.path.realpath(root / name) for name in classes}
     for idx, name in enumerate(classes):
         d = root / name
         if not d.is_dir():
             continue
         for dirpath, dirnames, filenames in os.walk(d, followlinks=True):
-            dirnames.sort()
+            kept = []
+            for name_ in sorted(dirnames):
+                real = os.path.realpath(os.path.join(dirpath, name_))
+                if real not in seen:
+                    seen.add(real)
+                    kept.append(name_)
+            dirnames[:] = kept
             for fn in sorted(filenames):
                 if fn.lower().endswith(IMAGE_FILE_EXTS):
                     p = Path(dirpath) / fn
