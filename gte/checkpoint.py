@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import shutil
 from pathlib import Path
@@ -84,8 +85,9 @@ def load(path: Path, *, model: nn.Module, optimizer: torch.optim.Optimizer, sche
         model.load_state_dict(load_file(str(path / "model.safetensors")))
         state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
         position = json.loads((path / "position.json").read_text())
-    except (OSError, RuntimeError, ValueError) as e:
-        raise GteError(f"checkpoint {path} cannot be restored ({e})") from None
+    # UnpicklingError: weights_only=True refusing a corrupt (or hostile) state.pt — nothing is ever unpickled
+    except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as e:
+        raise GteError(f"checkpoint {path} cannot be restored ({str(e).splitlines()[0][:200]})") from None
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     position["rng"] = state["rng"]

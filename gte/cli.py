@@ -14,14 +14,27 @@ from gte.commands import eval as evaluate
 from gte.commands.data import data_app
 from gte.errors import GteError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+app = typer.Typer(add_completion=True, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Good Teachers Explain: explanation-enhanced knowledge distillation (e2KD).")
 
-for name, command in (("distill", distill.distill_command), ("train", distill.train_command),
-                      ("recipes", recipes.recipes_command), ("eval", evaluate.eval_command),
-                      ("explain", explain.explain_command), ("precompute", precompute.precompute_command),
-                      ("bench", bench.bench_command), ("fetch-teachers", teachers.fetch_teachers_command)):
-    app.command(name)(command)
+# name, command, examples shown at the end of its --help
+COMMANDS = (
+    ("distill", distill.distill_command, "gte distill  ·  gte distill --recipe imagenet-fewshot --dry-run  ·  "
+     "gte distill --recipe waterbirds --set distill.lambda_exp=5 --out runs/wb"),
+    ("train", distill.train_command, "gte train --recipe waterbirds --set student.arch=resnet50 --out runs/teacher"),
+    ("recipes", recipes.recipes_command, "gte recipes"),
+    ("eval", evaluate.eval_command, "gte eval runs/x/model.safetensors --data 'data/imagenet/*val*.tar' --teacher "
+     "bcos_densenet169 --json m.json --report runs/x/report"),
+    ("explain", explain.explain_command, "gte explain photo.jpg --model runs/x/model.safetensors --teacher "
+     "bcos_densenet169 --out explain.png"),
+    ("precompute", precompute.precompute_command, "gte precompute --recipe imagenet-fewshot --out data/frozen "
+     "--map-scale 2"),
+    ("bench", bench.bench_command, "gte bench --recipe imagenet-fewshot --batch-size 16 --steps 5"),
+    ("fetch-teachers", teachers.fetch_teachers_command, "gte fetch-teachers --list  ·  gte fetch-teachers "
+     "bcos_densenet169 --mirror /shared/release-files"),
+)
+for name, command, example in COMMANDS:
+    app.command(name, epilog=f"Example: {example}")(command)
 app.add_typer(data_app, name="data")  # shard converters, few-shot subsets, shard info, loader benchmark
 
 

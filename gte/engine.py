@@ -43,9 +43,9 @@ def make_accelerator(recipe: Recipe):
         raise GteError(f"cannot set up Accelerate: {e}") from None
     n = _processes_asked_of_accelerate_cpu()
     if n > 1:
-        raise GteError(f"`accelerate launch --cpu --num_processes {n}` starts ONE process: "
-                       f"use `accelerate launch --multi_gpu --num_processes {n}` (CPU is used when there is no GPU) "
-                       "or torchrun")
+        raise GteError(f"`accelerate launch --num_processes {n}` started ONE process here (on a machine without a GPU, "
+                       f"or with --cpu, accelerate runs a single CPU process): use `accelerate launch --multi_gpu "
+                       f"--num_processes {n}` (CPU is used when there is no GPU) or torchrun")
     world = dist.launched_world_size()
     if acc.num_processes != world:
         raise GteError(f"launched {world} processes but Accelerate joined {acc.num_processes}: "

@@ -287,3 +287,28 @@ def test_imagefolder_skips_fifos_devices_and_symlink_loops(tmp_path):
         if "pipe" in item.key or "zero" in item.key:
             sample, why = load_image_item(item, "none")
             assert sample is None and "not a regular file" in why
+
+
+def test_an_unreadable_newest_checkpoint_falls_back_to_the_one_before(tmp_path, one_thread):
+    import torch
+
+    from gte.checkpoint import checkpoints
+    from gte.config import from_dict
+    from gte.data.synthetic import write_synthetic_split
+    from gte.train import train
+
+    spec = write_synthetic_split(tmp_path / "d", "teacher", 16, image_size=32, num_classes=4)
+
+    def recipe(out):
+        return from_dict({"data": {"train": spec, "num_classes": 4, "image_size": 32, "eval_resize": 32,
+                                   "num_workers": 0}, "student": {"arch": "bcos_cifar_resnet20"},
+                          "distill": {"method": "ce"}, "optim": {"epochs": 2, "batch_size": 8, "warmup_epochs": 0},
+                          "run": {"out": str(out), "seed": 3, "keep_checkpoints": 2}})
+
+    straight = train(recipe(tmp_path / "a")).model.state_dict()
+    train(recipe(tmp_path / "b"))
+    newest = checkpoints(tmp_path / "b" / "checkpoints")[-1]
+    (newest / "state.pt").write_bytes(b"not a checkpoint")  # e.g. a disk error
+    resumed = train(recipe(tmp_path / "b")).model.state_dict()  # epoch 2 again, from the epoch-1 checkpoint
+    for k, v in straight.items():
+        torch.testing.assert_close(resumed[k], v, msg=k)

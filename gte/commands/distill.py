@@ -11,7 +11,8 @@ from rich.console import Console
 from gte.commands._common import OutOpt, RecipeOpt, RequiredRecipeOpt, SetOpt, err, recipe
 from gte.errors import GteError
 
-DryRunOpt = typer.Option(False, "--dry-run", help="Print the resolved recipe, check data and weights, exit.")
+DryRunOpt = typer.Option(False, "--dry-run", help="Print the resolved recipe and every problem found, then exit "
+                         "(code 2 when there is one).")
 
 
 def distill_command(recipe_name: str = RecipeOpt, set_: Optional[List[str]] = SetOpt, out: Optional[Path] = OutOpt,
