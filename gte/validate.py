@@ -52,8 +52,19 @@ def _method(recipe: Recipe) -> None:
 
 def _student(recipe: Recipe) -> None:
     check_arch(recipe.student.arch) if recipe.student.arch else _no_arch("student")
-    if recipe.student.weights and not Path(recipe.student.weights).is_file():
+    if recipe.student.weights and not _readable(recipe.student.weights):
         raise GteError(f"student.weights: no such file: {recipe.student.weights}")
+
+
+def _readable(path: str) -> bool:
+    """True for a file; False when there is none; a one-line error when one is there but may not be read."""
+    try:
+        with open(path, "rb"):
+            return True
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        return False
+    except PermissionError:
+        raise GteError(f"{path}: permission denied") from None
 
 
 def _no_arch(role: str) -> None:
@@ -73,7 +84,7 @@ def _teacher(recipe: Recipe) -> None:
     check_arch(recipe.teacher.arch) if recipe.teacher.arch else _no_arch("teacher")
     if not recipe.teacher.weights:
         raise GteError("teacher.weights is empty: a distillation teacher must be trained")
-    if not Path(recipe.teacher.weights).is_file() and hub.resolve(recipe.teacher.weights) is None:
+    if not _readable(recipe.teacher.weights) and hub.resolve(recipe.teacher.weights) is None:
         # hub.resolve raises for a catalog name that is not downloaded
         raise GteError(f"teacher.weights: no such file or teacher name: {recipe.teacher.weights}")
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 from dataclasses import asdict
 from pathlib import Path
 
@@ -51,7 +52,13 @@ def _clean_state_dict(obj: object, source: str) -> dict[str, torch.Tensor]:
 def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Read tensors and string metadata from ``.safetensors`` or a ``.pth``/``.pt`` (never unpickling code)."""
     p = Path(path)
-    if not p.is_file():
+    try:
+        found = stat.S_ISREG(os.stat(p).st_mode)
+    except (FileNotFoundError, NotADirectoryError):
+        found = False
+    except PermissionError:  # pathlib's is_file() says "no file" for a path it may not look at: say why
+        raise GteError(f"weights file {p}: permission denied") from None
+    if not found:
         raise GteError(f"weights file not found: {p}")
     if p.suffix == ".safetensors":
         from safetensors import safe_open
