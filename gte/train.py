@@ -104,6 +104,8 @@ class _Run:
         if self.main:
             self.out.mkdir(parents=True, exist_ok=True)
             atomic_write_text(self.out / "recipe.toml", self.recipe.to_toml())
+            if self.position is None:  # a fresh run: an earlier run's best model is not this run's
+                (self.out / "model-best.safetensors").unlink(missing_ok=True)
             log = self.out / "metrics.jsonl"
             if self.position and log.exists():  # drop lines of steps that will be run again
                 kept = [x for x in log.read_text().splitlines() if _logged_step(x) <= self.step]
