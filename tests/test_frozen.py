@@ -232,7 +232,9 @@ def test_demo_scale_frozen_e2kd_explains_like_the_teacher(tmp_path, monkeypatch)
     from gte.evaluate import evaluate
 
     monkeypatch.setenv("GTE_HOME", str(tmp_path / "home"))
-    recipe = load_recipe("demo", ["demo.n_teacher=2000", "demo.n_distill=1024", "demo.n_test=256",
+    # Sized for CI (≈ 110 s here): measured kd / e2kd similarity 0.64 / 0.85 (seed 0) and 0.37 / 0.82 (seed 1); at
+    # 2000 teacher / 1024 distillation samples the test took 315 s.
+    recipe = load_recipe("demo", ["demo.n_teacher=1000", "demo.n_distill=512", "demo.n_test=256",
                                   "demo.teacher_epochs=3", "optim.epochs=3"])
     ready = prepare(recipe, Console(stderr=True))
     precompute(ready, tmp_path / "frozen")
