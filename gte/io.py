@@ -10,9 +10,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import stat
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
+
+from gte.errors import GteError
 
 
 def temporary_path(path: str | os.PathLike) -> Path:
@@ -65,3 +68,17 @@ def read_json(path: str | os.PathLike, default: Any = None) -> Any:
         return json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return default
+
+
+def is_file(path: str | os.PathLike) -> bool:
+    """True for a readable regular file, False when there is none; a one-line error when the path may not be read
+    (``Path.is_file()`` answers False there, and the user is told "no such file" for a permission problem)."""
+    try:
+        found = stat.S_ISREG(os.stat(path).st_mode)
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    except PermissionError:
+        raise GteError(f"{path}: permission denied") from None
+    if found and not os.access(path, os.R_OK):
+        raise GteError(f"{path}: permission denied")
+    return found

@@ -15,7 +15,8 @@ from gte import frozen, hub
 from gte.config import Recipe, range_problems
 from gte.data.spec import expand_spec
 from gte.errors import GteError
-from gte.explain import choose_explainer
+from gte.explain import EXPLAINERS, choose_explainer
+from gte.io import is_file
 from gte.methods import METHODS
 from gte.models import REGISTRY, check_arch
 from gte.onepass import EXP_GRADS
@@ -51,24 +52,15 @@ def _method(recipe: Recipe) -> None:
 
 
 def _student(recipe: Recipe) -> None:
-    check_arch(recipe.student.arch) if recipe.student.arch else _no_arch("student")
-    if recipe.student.weights and not _readable(recipe.student.weights):
+    _check_arch("student", recipe.student.arch)
+    if recipe.student.weights and not is_file(recipe.student.weights):
         raise GteError(f"student.weights: no such file: {recipe.student.weights}")
 
 
-def _readable(path: str) -> bool:
-    """True for a file; False when there is none; a one-line error when one is there but may not be read."""
-    try:
-        with open(path, "rb"):
-            return True
-    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
-        return False
-    except PermissionError:
-        raise GteError(f"{path}: permission denied") from None
-
-
-def _no_arch(role: str) -> None:
-    raise GteError(f"{role}.arch is not set (a model name: `gte recipes` lists recipes that set one)")
+def _check_arch(role: str, arch: str) -> None:
+    if not arch:
+        raise GteError(f"{role}.arch is not set (a model name: `gte recipes` lists recipes that set one)")
+    check_arch(arch)
 
 
 def _teacher(recipe: Recipe) -> None:
@@ -81,10 +73,10 @@ def _teacher(recipe: Recipe) -> None:
     if d.frozen:
         frozen.check_shards(recipe)
         return
-    check_arch(recipe.teacher.arch) if recipe.teacher.arch else _no_arch("teacher")
+    _check_arch("teacher", recipe.teacher.arch)
     if not recipe.teacher.weights:
         raise GteError("teacher.weights is empty: a distillation teacher must be trained")
-    if not _readable(recipe.teacher.weights) and hub.resolve(recipe.teacher.weights) is None:
+    if not is_file(recipe.teacher.weights) and hub.resolve(recipe.teacher.weights) is None:
         # hub.resolve raises for a catalog name that is not downloaded
         raise GteError(f"teacher.weights: no such file or teacher name: {recipe.teacher.weights}")
 
@@ -94,7 +86,9 @@ def _explainer_pair(recipe: Recipe) -> None:
     d, s, t = recipe.distill, recipe.student.arch, recipe.teacher.arch
     if d.method != "e2kd" or d.frozen or s not in REGISTRY or t not in REGISTRY:
         return
-    explainer = choose_explainer(d.explainer, REGISTRY[s][1]) if d.explainer in ("auto", "bcos", "gradcam") else ""
+    if d.explainer not in ("auto", *EXPLAINERS):  # an unknown name is _method's problem
+        return
+    explainer = choose_explainer(d.explainer, REGISTRY[s][1])
     if explainer == "bcos" and not REGISTRY[t][1]:
         raise GteError(f"e2KD with B-cos explanations needs a B-cos teacher too; {t} is a standard network "
                        "(use a bcos_* teacher, or distill.explainer = 'gradcam')")

@@ -4,8 +4,13 @@ milliseconds to a few seconds, not an interpreter start."""
 
 from __future__ import annotations
 
+import errno
+import fcntl
+import hashlib
 import json
+import os
 import sys
+import threading
 import warnings
 
 import numpy as np
@@ -183,8 +188,6 @@ def test_one_pixel_limit_for_loader_and_explain(tmp_path, monkeypatch):
 
 
 def test_os_errors_become_one_line():
-    import errno
-
     from gte.cli import os_error_line
 
     line = os_error_line(OSError(errno.ENOSPC, "No space left on device", "/x/y"))
@@ -193,59 +196,37 @@ def test_os_errors_become_one_line():
 
 
 def test_fetches_of_one_teacher_take_turns(tmp_path):
-    import threading
-
     from rich.console import Console
 
     from gte import hub
 
-    src = tmp_path / "mirror"
+    src, dest = tmp_path / "mirror", tmp_path / "dest"
     src.mkdir()
-    import hashlib
-
+    dest.mkdir()
     data = b"weights"
     name = f"tiny-{hashlib.sha256(data).hexdigest()[:10]}.pth"
     (src / name).write_bytes(data)
     t = hub.Teacher("tiny", "cifar_resnet20", f"http://127.0.0.1:9/{name}", 1.0, "test")
-    dest = tmp_path / "dest"
-    dest.mkdir()
     calls = []
 
     def convert(teacher, pth, out, sha):
         calls.append(pth.read_bytes())
         out.write_bytes(b"converted")
 
-    import fcntl
-
-    with _DirFd(dest) as held:
-        fcntl.flock(held, fcntl.LOCK_EX)  # another process is fetching
+    held = os.open(dest, os.O_RDONLY)  # another process is fetching into this cache: it holds the directory's lock
+    try:
+        fcntl.flock(held, fcntl.LOCK_EX)
         log = Console(record=True, width=200)
         th = threading.Thread(target=hub.fetch, args=(t, convert, dest, str(src), log))
         th.start()
         th.join(timeout=1.0)
         assert th.is_alive() and "waiting" in log.export_text()
         (dest / "tiny.safetensors").write_bytes(b"done by the other")  # it finishes
-        fcntl.flock(held, fcntl.LOCK_UN)
+    finally:
+        os.close(held)  # releases the lock
     th.join(timeout=10)
     assert not th.is_alive() and calls == []  # nothing fetched twice
     assert (dest / "tiny.safetensors").read_bytes() == b"done by the other"
-
-
-class _DirFd:
-    """A directory's file descriptor as a context manager (what `gte fetch-teachers` locks)."""
-
-    def __init__(self, path):
-        import os
-
-        self.fd = os.open(path, os.O_RDONLY)
-
-    def __enter__(self) -> int:
-        return self.fd
-
-    def __exit__(self, *exc) -> None:
-        import os
-
-        os.close(self.fd)
 
 
 def test_a_corrupt_frozen_info_is_one_line(tmp_path):
@@ -266,8 +247,6 @@ def test_eval_refuses_labels_the_model_does_not_have(tmp_path, model_file, monke
 
 
 def test_imagefolder_skips_fifos_devices_and_symlink_loops(tmp_path):
-    import os
-
     from _fixtures import write_imagefolder
     from gte.data.writers.imagefolder import imagefolder_items
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import stat
 from dataclasses import asdict
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import torch.nn as nn
 
 from gte import __version__, hub
 from gte.errors import GteError
-from gte.io import write_with
+from gte.io import is_file, write_with
 from gte.models.registry import create, info
 
 
@@ -52,13 +51,7 @@ def _clean_state_dict(obj: object, source: str) -> dict[str, torch.Tensor]:
 def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Read tensors and string metadata from ``.safetensors`` or a ``.pth``/``.pt`` (never unpickling code)."""
     p = Path(path)
-    try:
-        found = stat.S_ISREG(os.stat(p).st_mode)
-    except (FileNotFoundError, NotADirectoryError):
-        found = False
-    except PermissionError:  # pathlib's is_file() says "no file" for a path it may not look at: say why
-        raise GteError(f"weights file {p}: permission denied") from None
-    if not found:
+    if not is_file(p):
         raise GteError(f"weights file not found: {p}")
     if p.suffix == ".safetensors":
         from safetensors import safe_open
