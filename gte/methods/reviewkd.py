@@ -1,0 +1,143 @@
+"""ReviewKD: distilling knowledge via knowledge review (Chen, Liu, Zhao & Jia, CVPR 2021, arXiv:2104.09044).
+
+The student's stage features F_1…F_n (shallow→deep; the last one the pooled feature as an N×C×1×1 map) are
+fused deep→shallow by attention-based fusion (ABF, Fig. 3): at stage i the feature is projected to ``mid``
+channels, ``X_i = BN(conv1x1(F_i))``, and merged with the upsampled fused residual of the deeper stage,
+
+    A = σ(conv1x1([X_i, up(R_{i+1})])) ∈ R^{N×2×H×W},      R_i = A_0 ⊙ X_i + A_1 ⊙ up(R_{i+1})
+
+(the deepest stage has no residual, ``R_n = X_n``); the output in the teacher's channel count is
+``Y_i = BN(conv3x3(R_i))``. The review loss (eq. 6 with the fusion of eq. 7) compares each Y_i with the teacher's
+feature at the same stage with the hierarchical context loss (HCL, Fig. 4):
+
+    HCL(Y, T) = [ MSE(Y, T) + Σ_j w_j · MSE(pool_{l_j}(Y), pool_{l_j}(T)) ] / (1 + Σ_j w_j),
+    L_review = Σ_i HCL(Y_i, T_i)
+
+with ``pool_l`` adaptive average pooling to l×l over the levels l ∈ (4, 2, 1) that are smaller than the map
+(``l < H``), and weights halving from the full-resolution term: w = 1/2, 1/4, 1/8 for the levels kept, in order.
+The total loss is ``ce_weight · CE + weight · min(1, epoch / warmup) · L_review``.
+
+Defaults follow the official ImageNet R34→R18 recipe (github.com/dvlab-research/ReviewKD ImageNet/README.md and
+models/reviewkd.py): mid_channel 512 (``build_review_kd('resnet18')``; mdistiller's ``min(512, C_last)`` gives the
+same), loss weight 1.0, CE weight 1.0, no warm-up (the warm-up in imagenet_amp.py is commented out; mdistiller's
+ImageNet yaml sets WARMUP_EPOCHS 1 with epochs counted from 1, i.e. full weight from the start). The CIFAR-100
+recipes use a 20-epoch linear warm-up. Stage features are the pre-activation outputs of the stages (the official
+ResNet skips the last block's final ReLU), for student and teacher alike.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gte.errors import GteError
+
+MID_CHANNEL = 512
+MAX_MID_CHANNEL = 512  # mdistiller: mid = min(512, channels of the deepest student feature)
+REVIEWKD_WEIGHT = 1.0
+CE_WEIGHT = 1.0
+WARMUP_EPOCHS = 0
+HCL_LEVELS = (4, 2, 1)
+
+
+def _as_map(f: torch.Tensor) -> torch.Tensor:
+    """A pooled N×C feature as the N×C×1×1 map the official code feeds (4-D features pass through)."""
+    return f[:, :, None, None] if f.dim() == 2 else f
+
+
+class ABF(nn.Module):
+    """Attention-based fusion of one stage: ``forward(x, residual)`` returns ``(Y_i, R_i)``."""
+
+    def __init__(self, in_channel: int, mid_channel: int, out_channel: int, fuse: bool):
+        super().__init__()
+        self.conv1 = nn.Sequential(nn.Conv2d(in_channel, mid_channel, 1, bias=False), nn.BatchNorm2d(mid_channel))
+        self.conv2 = nn.Sequential(nn.Conv2d(mid_channel, out_channel, 3, padding=1, bias=False),
+                                   nn.BatchNorm2d(out_channel))
+        # two sigmoid gates, one per input, from both inputs (no softmax: the gates need not sum to 1)
+        self.att_conv = nn.Sequential(nn.Conv2d(2 * mid_channel, 2, 1), nn.Sigmoid()) if fuse else None
+        # as the official code: kaiming-uniform with a=1 (gain 1, a linear layer's init) on both convolutions
+        nn.init.kaiming_uniform_(self.conv1[0].weight, a=1)
+        nn.init.kaiming_uniform_(self.conv2[0].weight, a=1)
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None,
+                out_size: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``x`` the student's stage feature, ``residual`` the deeper stage's fused ``R`` (required iff the module
+        fuses), ``out_size`` the teacher's spatial size when it differs from the student's."""
+        x = self.conv1(x)
+        if self.att_conv is not None:
+            if residual is None:
+                raise ValueError("a fusing ABF needs the deeper stage's residual")
+            # nearest upsampling to this stage's size, as the official (which passes that size as `shape`)
+            residual = F.interpolate(residual, x.shape[-2:], mode="nearest")
+            gates = self.att_conv(torch.cat([x, residual], 1))
+            x = x * gates[:, :1] + residual * gates[:, 1:]
+        if out_size is not None and tuple(x.shape[-2:]) != tuple(out_size):
+            x = F.interpolate(x, tuple(out_size), mode="nearest")  # the CIFAR code's `out_shape`
+        return self.conv2(x), x
+
+
+class ReviewKDHeads(nn.Module):
+    """The review path: one ABF per student stage; ``forward(feats)`` maps the student's stage features
+    (shallow→deep) to features in the teacher's channels (and sizes), in the same order."""
+
+    def __init__(self, in_channels: Sequence[int], out_channels: Sequence[int], mid_channel: int = MID_CHANNEL,
+                 out_sizes: Sequence[tuple[int, int] | None] | None = None):
+        super().__init__()
+        if len(in_channels) != len(out_channels) or not in_channels:
+            raise GteError(f"ReviewKD pairs student and teacher stages one to one: got {len(in_channels)} student "
+                           f"and {len(out_channels)} teacher features")
+        n = len(in_channels)
+        self.out_sizes = list(out_sizes) if out_sizes is not None else [None] * n
+        if len(self.out_sizes) != n:
+            raise GteError(f"ReviewKD got {len(self.out_sizes)} output sizes for {n} stages")
+        # abfs[i] serves stage i (shallow→deep); the deepest starts the review and fuses nothing
+        self.abfs = nn.ModuleList(ABF(c_in, mid_channel, c_out, fuse=i < n - 1)
+                                  for i, (c_in, c_out) in enumerate(zip(in_channels, out_channels)))
+
+    def forward(self, feats: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        if len(feats) != len(self.abfs):
+            raise ValueError(f"expected {len(self.abfs)} student features, got {len(feats)}")
+        outs, residual = [], None
+        for i in reversed(range(len(feats))):  # the review runs deep→shallow
+            out, residual = self.abfs[i](_as_map(feats[i]), residual, self.out_sizes[i])
+            outs.append(out)
+        return outs[::-1]
+
+    @classmethod
+    def for_features(cls, student_shapes: Sequence[Sequence[int]], teacher_shapes: Sequence[Sequence[int]],
+                     mid_channel: int | None = None) -> ReviewKDHeads:
+        """Heads for features of these shapes (``(N, C, H, W)``, or ``(N, C)`` for a pooled feature), e.g. from
+        a dry forward through hooks. ``mid_channel`` defaults to ``min(512, C_last)`` (mdistiller's rule, 512 for
+        ResNet-18). Output sizes follow the teacher's where they differ from the student's."""
+        s_shapes = [tuple(s) if len(s) == 4 else (*s, 1, 1) for s in student_shapes]
+        t_shapes = [tuple(t) if len(t) == 4 else (*t, 1, 1) for t in teacher_shapes]
+        if len(s_shapes) != len(t_shapes):
+            raise GteError(f"ReviewKD pairs student and teacher stages one to one: got {len(s_shapes)} student "
+                           f"and {len(t_shapes)} teacher features")
+        in_channels = [s[1] for s in s_shapes]
+        out_sizes = [None if s[2:] == t[2:] else t[2:] for s, t in zip(s_shapes, t_shapes)]
+        mid = min(MAX_MID_CHANNEL, in_channels[-1]) if mid_channel is None else mid_channel
+        return cls(in_channels, [t[1] for t in t_shapes], mid, out_sizes)
+
+
+def hcl_loss(student_feats: Sequence[torch.Tensor], teacher_feats: Sequence[torch.Tensor],
+             levels: Sequence[int] = HCL_LEVELS) -> torch.Tensor:
+    """Σ over stages of the hierarchical context loss (formula in the module docstring)."""
+    if len(student_feats) != len(teacher_feats) or not student_feats:
+        raise ValueError(f"{len(student_feats)} student and {len(teacher_feats)} teacher features")
+    terms = []
+    for fs, ft in zip(student_feats, teacher_feats):
+        fs, ft = _as_map(fs), _as_map(ft)
+        if fs.shape != ft.shape:
+            raise ValueError(f"student feature {tuple(fs.shape)} and teacher feature {tuple(ft.shape)} differ")
+        loss, weight, weight_sum = F.mse_loss(fs, ft), 1.0, 1.0
+        # the official loop keys on the height only (square maps); a level as large as the map adds nothing new
+        for level in (lv for lv in levels if lv < fs.shape[2]):
+            weight /= 2
+            loss = loss + weight * F.mse_loss(F.adaptive_avg_pool2d(fs, level), F.adaptive_avg_pool2d(ft, level))
+            weight_sum += weight
+        terms.append(loss / weight_sum)
+    return torch.stack(terms).sum()
