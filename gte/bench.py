@@ -45,7 +45,7 @@ from gte.config import DistillConfig, Recipe
 from gte.engine import apply_run_options, build_models
 from gte.errors import GteError
 from gte.explain import choose_explainer, explain_with_logits
-from gte.methods import build_method
+from gte.methods import Batch, build_method
 from gte.models import check_arch, info, to_model_input
 from gte.precompute import teacher_outputs
 from gte.validate import check_compilable_teacher
@@ -178,8 +178,8 @@ def build_rows(recipe: Recipe, batch: int, precision: str, device: torch.device)
             opt.zero_grad(set_to_none=True)
         return step
 
-    def method_step(method, **kw) -> Callable[[int], None]:
-        return train_step(lambda i: method.loss(images, labels, i, **kw)[0])
+    def method_step(method, frozen: dict | None = None) -> Callable[[int], None]:
+        return train_step(lambda i: method.loss(Batch(images, labels, i, frozen=frozen))[0])
 
     def teacher_forward(index: int) -> None:
         with torch.no_grad(), autocast():
@@ -191,7 +191,7 @@ def build_rows(recipe: Recipe, batch: int, precision: str, device: torch.device)
 
     def e2kd(teacher_model: nn.Module | None, **kw) -> Callable[[int], None]:
         return method_step(build_method(cfg(method="e2kd", **kw), student, teacher_model),
-                           **({"frozen": frozen} if kw.get("frozen") else {}))
+                           frozen if kw.get("frozen") else None)
 
     k = 16
     rows: list[BenchRow] = [

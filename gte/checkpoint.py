@@ -1,6 +1,7 @@
 """Resumable training state under ``OUT/checkpoints/step-<8-digit step>/``, written atomically, never pickled.
 
-A checkpoint holds the student (safetensors), optimizer and scheduler state dicts (tensors and plain Python values,
+A checkpoint holds the student (safetensors), the method's trainable parts and state (``method.safetensors``, when
+the method has any), optimizer and scheduler state dicts (tensors and plain Python values,
 read back with ``torch.load(weights_only=True)``), the loop position and every rank's RNG states. It is written into a
 hidden temporary directory and renamed into place, so a kill at any moment leaves either the old set of checkpoints
 or the new one — never a half-written checkpoint that looks complete.
@@ -56,7 +57,8 @@ def checkpoints(directory: Path) -> list[Path]:
 
 
 def save(directory: Path, *, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
-         position: dict[str, Any], rng: list[dict[str, Any]], keep: int) -> Path:
+         position: dict[str, Any], rng: list[dict[str, Any]], keep: int,
+         method_state: dict[str, torch.Tensor] | None = None) -> Path:
     """Write one checkpoint (main process only) and delete all but the newest ``keep``."""
     from safetensors.torch import save_file
 
@@ -66,6 +68,8 @@ def save(directory: Path, *, model: nn.Module, optimizer: torch.optim.Optimizer,
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"))
+    if method_state:
+        save_file({k: v.detach().contiguous().cpu() for k, v in method_state.items()}, str(tmp / "method.safetensors"))
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng},
                tmp / "state.pt")
     (tmp / "position.json").write_text(json.dumps(position))
@@ -77,12 +81,16 @@ def save(directory: Path, *, model: nn.Module, optimizer: torch.optim.Optimizer,
     return final
 
 
-def load(path: Path, *, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any) -> dict[str, Any]:
-    """Restore model/optimizer/scheduler from ``path``; returns its position (with the per-rank RNG list)."""
+def load(path: Path, *, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
+         method: Any = None) -> dict[str, Any]:
+    """Restore model/optimizer/scheduler (and ``method``'s parts and state) from ``path``; returns its position (with
+    the per-rank RNG list)."""
     from safetensors.torch import load_file
 
     try:
         model.load_state_dict(load_file(str(path / "model.safetensors")))
+        if method is not None and (method.state_dict() or (path / "method.safetensors").exists()):
+            method.load_state_dict(load_file(str(path / "method.safetensors")))
         state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
         position = json.loads((path / "position.json").read_text())
     # UnpicklingError: weights_only=True refusing a corrupt (or hostile) state.pt — nothing is ever unpickled

@@ -36,11 +36,17 @@ class ModelConfig:
 
 @dataclass
 class DistillConfig:
-    method: str = "e2kd"          # "ce" (labels only) | "kd" | "e2kd"
+    method: str = "e2kd"          # "ce" | "kd" | "e2kd" | "at" | "cat_kd" | "reviewkd" | "crd" | "dkd" | "dist";
+                                  # "<method>+e2kd" adds the explanation term to any method that uses a teacher
+    options: dict = field(default_factory=dict)  # the method's own hyperparameters ([distill.options]; paper defaults)
     explainer: str = "auto"       # "auto" (bcos for B-cos students, else gradcam) | "bcos" | "gradcam"
     temperature: float = 1.0
     lambda_exp: float = 1.0
-    ce_weight: float = 0.0
+    ce_weight: float = -1.0       # label-loss weight; -1 = the method's own (0 for kd/e2kd as in the official e2KD
+                                  # code, 1 for the baselines, as their papers train them)
+    logit_std: bool = False       # z-score both models' logits before the logit loss (kd, dkd, dist; CVPR 2024)
+    student_layers: list[str] = field(default_factory=list)  # feature methods: layers to tap ([] = the model's stages)
+    teacher_layers: list[str] = field(default_factory=list)
     guided_every: int = 1         # explanation term on every K-th step only
     exp_grad: str = "exact"       # B-cos students: "exact" (the official code's gradient) | "detached" (ablation:
                                   # the dynamic factors detached in the outer derivative too, as pip bcos' explanation mode)
@@ -118,7 +124,7 @@ class Recipe:
         return hashlib.sha256(self.to_toml().encode()).hexdigest()[:12]
 
 
-def _coerce(key: str, value: Any, default: Any) -> Any:
+def coerce(key: str, value: Any, default: Any) -> Any:
     """Check ``value`` against the type of the field's default, allowing int → float."""
     if isinstance(default, bool):
         ok = isinstance(value, bool)
@@ -129,6 +135,8 @@ def _coerce(key: str, value: Any, default: Any) -> Any:
         ok = isinstance(value, int) and not isinstance(value, bool)
     elif isinstance(default, list):
         ok = isinstance(value, list)
+    elif isinstance(default, dict):
+        ok = isinstance(value, dict)
     else:
         ok = isinstance(value, str)
     if not ok:
@@ -159,10 +167,12 @@ RANGES: dict[str, tuple[Any, str]] = {
     "data.max_bad_fraction": (lambda v: 0 <= v <= 1, "in [0, 1]"),
     "distill.temperature": (_positive, "> 0"),
     "distill.lambda_exp": (_not_negative, ">= 0"),
-    "distill.ce_weight": (_not_negative, ">= 0"),
+    "distill.ce_weight": (lambda v: v >= 0 or v == -1, ">= 0, or -1 (the method's own weight)"),
     "distill.guided_every": (_positive, ">= 1"),
     "distill.exp_topk": (_positive, ">= 1"),
     "distill.exp_norm_weight": (_not_negative, ">= 0"),
+    "distill.student_layers": (lambda v: all(isinstance(x, str) and x for x in v), "a list of module names"),
+    "distill.teacher_layers": (lambda v: all(isinstance(x, str) and x for x in v), "a list of module names"),
     "optim.name": (lambda v: v in ("adam", "adamw", "sgd"), "adam, adamw or sgd"),
     "optim.lr": (_positive, "> 0"),
     "optim.weight_decay": (_not_negative, ">= 0"),
@@ -213,7 +223,7 @@ def from_dict(raw: dict[str, Any]) -> Recipe:
         for key, value in values.items():
             if not hasattr(target, key):
                 raise GteError(f"unknown recipe key '{section}.{key}'")
-            setattr(target, key, _coerce(f"{section}.{key}", value, getattr(target, key)))
+            setattr(target, key, coerce(f"{section}.{key}", value, getattr(target, key)))
     problems = range_problems(recipe)
     if problems:
         raise GteError(problems[0])

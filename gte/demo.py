@@ -21,7 +21,7 @@ from gte.data import synthetic
 from gte.errors import GteError
 from gte.evaluate import evaluate
 from gte.io import write_with
-from gte.methods import METHODS
+from gte.methods import parse_method
 from gte.models import REGISTRY, freeze, load_model
 from gte.train import train
 from gte.paths import gte_home  # defined there so light commands need not import this module
@@ -80,9 +80,13 @@ def problems(recipe: Recipe) -> list[str]:
     for role, arch in (("demo.teacher_arch", dm.teacher_arch), ("student.arch", recipe.student.arch)):
         if arch not in REGISTRY:
             out.append(f"{role}: unknown model '{arch}'")
-    unknown = [m for m in dm.methods if m not in METHODS]
-    if unknown or not dm.methods:
-        out.append(f"demo.methods must name methods among {', '.join(METHODS)}, got {dm.methods}")
+    if not dm.methods:
+        out.append("demo.methods is empty")
+    for m in dm.methods:
+        try:
+            parse_method(m)
+        except GteError as e:
+            out.append(f"demo.methods: {e}")
     return out
 
 

@@ -1,9 +1,11 @@
 """One training setup for every caller: ``gte distill`` / ``gte train``, ``gte bench`` and the multi-process test
 script build their models, method and optimiser here, and step through :class:`Engine`.
 
-A step: ``grad_accum`` micro-batches, each ``method.loss(images, labels, step, frozen=…)`` under autocast and
+A step: ``grad_accum`` micro-batches, each ``method.loss(Batch)`` under autocast and
 ``accelerator.backward(loss / accum)`` (gradients synchronised on the last micro-batch only); then one agreement
 between ranks (stop signal, non-finite loss — the step's only host sync); then clip, optimiser and schedule steps.
+The optimiser holds the student's parameters and the method's trainable parts (CRD's heads, ReviewKD's fusion);
+both are prepared (DDP-wrapped) by Accelerate.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import torch.nn as nn
 from gte import dist, frozen
 from gte.config import Recipe
 from gte.errors import GteError
-from gte.methods import METHODS, Method, build_method
+from gte.methods import Batch, Context, Method, build_method, uses_teacher
 from gte.models import build_model, freeze, info
 from gte.optim import apply_update, build_optimizer, warmup_cosine
 
@@ -103,7 +105,7 @@ def build_models(recipe: Recipe, *, pretrained: bool = True, teacher: bool | Non
     d = recipe.data
     student = build_model(recipe.student.arch, d.num_classes, (recipe.student.weights or None) if pretrained else None)
     if teacher is None:
-        teacher = METHODS[recipe.distill.method].needs_teacher and not recipe.distill.frozen
+        teacher = uses_teacher(recipe.distill.method) and not recipe.distill.frozen
     if teacher:
         return student, freeze(build_model(recipe.teacher.arch, d.num_classes,
                                            recipe.teacher.weights if pretrained else None))
@@ -159,6 +161,11 @@ class Engine:
     def total_steps(self) -> int:
         return self.steps_per_epoch * self.recipe.optim.epochs
 
+    @property
+    def trainable(self) -> list[nn.Module]:
+        """The prepared modules the optimiser updates: the student, and the method's parts if it has any."""
+        return [self.student] + ([self.method.parts] if self.method.parts is not None else [])
+
     def model(self) -> nn.Module:
         """The student without DDP/compile wrappers (for saving and evaluation)."""
         return self.accelerator.unwrap_model(self.student)
@@ -179,11 +186,15 @@ class Engine:
                 raise GteError(f"label {int(labels.max())} in {d.train}, but data.num_classes = {d.num_classes}")
             images = batch["image"].to(acc.device, non_blocking=True)
             labels = labels.to(acc.device, non_blocking=True)
-            sync = contextlib.nullcontext() if j == accum - 1 else acc.no_sync(self.student)
-            with sync:
+            index = batch.get("index")
+            item = Batch(images, labels, step, step / self.steps_per_epoch,
+                         index.to(acc.device) if index is not None else None, frozen.from_batch(batch, acc.device))
+            with contextlib.ExitStack() as sync:
+                if j < accum - 1:  # gradients are synchronised on the last micro-batch only
+                    for m in self.trainable:
+                        sync.enter_context(acc.no_sync(m))
                 with acc.autocast():
-                    loss, logs = self.method.loss(images, labels, step,
-                                                  frozen=frozen.from_batch(batch, acc.device))
+                    loss, logs = self.method.loss(item)
                 nonfinite |= ~torch.isfinite(loss.detach())
                 acc.backward(loss / accum)
             for k, v in {"loss": loss.detach(), **logs}.items():
@@ -196,7 +207,8 @@ class Engine:
 
     def update(self) -> None:
         """Clip, optimiser and schedule steps, gradients cleared; on CPU, freed heap memory handed back."""
-        apply_update(self.accelerator, self.student, self.optimizer, self.scheduler, self.clip, self.clip_value)
+        apply_update(self.accelerator, self.trainable, self.optimizer, self.scheduler, self.clip, self.clip_value)
+        self.method.end_step()
         if self.accelerator.device.type == "cpu":
             release_host_memory()
 
@@ -226,8 +238,9 @@ def _malloc_trim():
 _TRIM = _malloc_trim()
 
 
-def setup(recipe: Recipe, n_train: int) -> Engine:
-    """Accelerator, seeded models, optimiser, warm-up + cosine schedule over ``n_train`` samples an epoch, method."""
+def setup(recipe: Recipe, n_train: int, n_data: int = 0) -> Engine:
+    """Accelerator, seeded models, method (with its trainable parts), optimiser over both, warm-up + cosine
+    schedule over ``n_train`` samples an epoch. ``n_data``: the samples ``Batch.indices`` ranges over."""
     from accelerate.utils import set_seed
 
     o = recipe.optim
@@ -237,7 +250,14 @@ def setup(recipe: Recipe, n_train: int) -> Engine:
     if teacher is not None:
         teacher.to(accelerator.device)
     teacher = apply_run_options(recipe, student, teacher)
-    optimizer = build_optimizer(recipe, student.parameters())
+    student.to(accelerator.device)
+    context = Context(n_data=n_data or n_train, image_size=recipe.data.image_size, epochs=o.epochs)
+    method = build_method(recipe.distill, student, teacher, context)
+    parts = method.parts
+    if parts is not None:
+        parts.to(accelerator.device)
+    params = [*student.parameters(), *(parts.parameters() if parts is not None else [])]
+    optimizer = build_optimizer(recipe, params)
     per_step = o.batch_size * accelerator.num_processes * o.grad_accum
     steps_per_epoch = n_train // per_step
     if steps_per_epoch == 0:
@@ -246,8 +266,11 @@ def setup(recipe: Recipe, n_train: int) -> Engine:
     total = steps_per_epoch * o.epochs
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, warmup_cosine(total, round(o.warmup_epochs * steps_per_epoch), o.warmup_decay))
-    student, optimizer = accelerator.prepare(student, optimizer)
-    method = build_method(recipe.distill, student, teacher)
+    if parts is not None:
+        student, parts, optimizer = accelerator.prepare(student, parts, optimizer)
+    else:
+        student, optimizer = accelerator.prepare(student, optimizer)
+    method.attach(student, parts)
     clip = o.clip if o.clip != "auto" else ("agc" if info(student).bcos else "norm")
     return Engine(recipe, accelerator, student, teacher, method, optimizer, scheduler, steps_per_epoch, clip,
                   o.clip_value or (0.01 if clip == "agc" else 1.0))

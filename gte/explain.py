@@ -47,6 +47,16 @@ def _selected(logits: torch.Tensor, classes: torch.Tensor | None) -> tuple[torch
     return logits.gather(1, classes[:, None]).sum(), classes
 
 
+def gradcam(acts: torch.Tensor, logits: torch.Tensor, classes: torch.Tensor | None, size: tuple[int, int],
+            create_graph: bool = False) -> torch.Tensor:
+    """Positive GradCAM of ``classes`` (None = top-1) from a layer's activations and the logits of the same forward:
+    ReLU(Σ_k mean_ij(∂y_c/∂A_k) · A_k), bilinearly upsampled to ``size`` (N×1×H×W)."""
+    target, _ = _selected(logits, classes)
+    (grads,) = torch.autograd.grad(target, acts, create_graph=create_graph)
+    cam = F.relu((grads.mean(dim=(2, 3), keepdim=True) * acts).sum(1, keepdim=True))
+    return F.interpolate(cam, size=tuple(size), mode="bilinear", align_corners=False)
+
+
 def explain_with_logits(
     model: nn.Module, x: torch.Tensor, classes: torch.Tensor | None, method: str, create_graph: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -72,11 +82,7 @@ def explain_with_logits(
                 logits = model(x)
             finally:
                 handle.remove()
-            acts = store[-1]
-            target, _ = _selected(logits, classes)
-            (grads,) = torch.autograd.grad(target, acts, create_graph=create_graph)
-            cam = F.relu((grads.mean(dim=(2, 3), keepdim=True) * acts).sum(1, keepdim=True))
-            maps = F.interpolate(cam, size=x.shape[-2:], mode="bilinear", align_corners=False)
+            maps = gradcam(store[-1], logits, classes, x.shape[-2:], create_graph)
     if not create_graph:
         maps, logits = maps.detach(), logits.detach()
     return maps, logits

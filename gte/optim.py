@@ -53,14 +53,16 @@ def build_optimizer(recipe: Recipe, params: Iterable[nn.Parameter]) -> torch.opt
     raise GteError(f"unknown optim.name '{o.name}' (known: adam, adamw, sgd)")
 
 
-def apply_update(accelerator, student: nn.Module, optimizer, scheduler, clip: str, clip_value: float) -> None:
-    """Clip the (synchronised) gradients, step optimiser and schedule, clear the gradients."""
+def apply_update(accelerator, modules: list[nn.Module], optimizer, scheduler, clip: str, clip_value: float) -> None:
+    """Clip the (synchronised) gradients of ``modules`` (the student, and a method's trainable parts), step optimiser
+    and schedule, clear the gradients."""
+    params = [p for m in modules for p in m.parameters()]
     if clip == "agc":
         if accelerator.scaler is not None:
             accelerator.unscale_gradients()
-        adaptive_clip_grad_(student.parameters(), clip_value)
+        adaptive_clip_grad_(params, clip_value)
     elif clip == "norm":
-        accelerator.clip_grad_norm_(student.parameters(), clip_value)
+        accelerator.clip_grad_norm_(params, clip_value)
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)

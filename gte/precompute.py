@@ -61,7 +61,7 @@ def precompute(recipe: Recipe, out: str | Path, *, map_scale: int = 1, batch_siz
     device = dist.device()
     teacher = freeze(build_model(recipe.teacher.arch, d.num_classes, recipe.teacher.weights)).to(device)
     # The maps are made with the student's explainer: training compares them with the student's own maps.
-    student_bcos = REGISTRY[recipe.student.arch][1] if recipe.student.arch in REGISTRY else info(teacher).bcos
+    student_bcos = REGISTRY[recipe.student.arch].bcos if recipe.student.arch in REGISTRY else info(teacher).bcos
     explainer = choose_explainer(recipe.distill.explainer, student_bcos)
     meta = {"teacher_arch": recipe.teacher.arch, "teacher_weights": str(recipe.teacher.weights),
             "explainer": explainer, "num_classes": d.num_classes, "image_size": d.image_size,

@@ -88,7 +88,8 @@ class _Run:
             raise GteError(f"{self.ckpt_dir} holds checkpoints and run.resume is false: choose another --out")
         for i, path in enumerate(reversed(found)):  # newest first; an unreadable one falls back to the one before
             try:
-                self.position = checkpoint.load(path, model=e.model(), optimizer=e.optimizer, scheduler=e.scheduler)
+                self.position = checkpoint.load(path, model=e.model(), optimizer=e.optimizer, scheduler=e.scheduler,
+                                                method=e.method)
             except GteError as err:
                 if i == len(found) - 1:
                     raise
@@ -126,7 +127,7 @@ class _Run:
         if self.main:
             checkpoint.save(self.ckpt_dir, model=e.model(), optimizer=e.optimizer, scheduler=e.scheduler,
                             position={"step": self.step, "epoch": epoch, "batch": batch, "digest": self.digest},
-                            rng=rngs, keep=self.recipe.run.keep_checkpoints)
+                            rng=rngs, keep=self.recipe.run.keep_checkpoints, method_state=e.method.state_dict())
         e.accelerator.wait_for_everyone()
 
     def epoch(self, epoch: int, shards, log: IO[str], progress: Progress, task: Any, flags: StopFlags) -> dict:
@@ -143,7 +144,7 @@ class _Run:
                              shuffle_buffer=d.shuffle_buffer, seed=r.seed, epoch=epoch, train_size=d.train_size,
                              max_bad_fraction=d.max_bad_fraction,
                              start_batch=first * o.grad_accum,  # resume: skips without decoding
-                             **frozen.loader_members(self.recipe))
+                             indices=e.method.needs.indices, **frozen.loader_members(self.recipe))
         sums: dict[str, torch.Tensor] = {}
         t_epoch = time.time()
         for i in range(first, e.steps_per_epoch):
@@ -221,7 +222,8 @@ def train(recipe: Recipe, console: Console | None = None) -> TrainResult:
     validate(recipe)
     d, o = recipe.data, recipe.optim
     shards = resolve_shards(d.train)  # once: every epoch's loader reuses its URLs and sample counts
-    engine = setup(recipe, d.train_size or count_samples(shards))
+    n_data = count_samples(shards) if shards.sizes is not None else 0
+    engine = setup(recipe, d.train_size or count_samples(shards), n_data)
     run = _Run(recipe, engine, console)
     if run.main:
         console.print(data_summary(recipe, shards, engine), highlight=False, markup=False, soft_wrap=True)

@@ -17,7 +17,8 @@ from gte.data.spec import expand_spec
 from gte.errors import GteError
 from gte.explain import EXPLAINERS, choose_explainer
 from gte.io import is_file
-from gte.methods import METHODS
+from gte.methods import parse_method, uses_teacher
+from gte.methods.base import parse_options
 from gte.models import REGISTRY, check_arch
 from gte.onepass import EXP_GRADS
 
@@ -42,8 +43,8 @@ def problems(recipe: Recipe) -> list[str]:
 
 def _method(recipe: Recipe) -> None:
     d = recipe.distill
-    if d.method not in METHODS:
-        raise GteError(f"unknown distill.method '{d.method}' (known: {', '.join(METHODS)})")
+    cls, _ = parse_method(d.method)
+    parse_options(cls, d.options)
     if d.exp_grad not in EXP_GRADS:
         raise GteError(f"distill.exp_grad must be {' or '.join(EXP_GRADS)}, got '{d.exp_grad}'")
     if (d.exp_topk > 1 or d.exp_student_top1) and d.frozen:
@@ -65,11 +66,18 @@ def _check_arch(role: str, arch: str) -> None:
 
 def _teacher(recipe: Recipe) -> None:
     d = recipe.distill
-    if d.method not in METHODS or not METHODS[d.method].needs_teacher:
-        if d.frozen and d.method in METHODS:
-            raise GteError(f"distill.frozen needs method kd or e2kd, not '{d.method}' (frozen teaching replaces a "
+    try:
+        cls, explanation = parse_method(d.method)
+    except GteError:  # an unknown name is _method's problem
+        return
+    if not uses_teacher(d.method):
+        if d.frozen:
+            raise GteError(f"distill.frozen needs a distillation method, not '{d.method}' (frozen teaching replaces a "
                            "teacher)")
         return
+    if d.frozen and (not cls.needs.frozen or cls.needs.teacher_features):
+        raise GteError(f"distill.method '{d.method}' needs the live teacher's features: it cannot run on stored "
+                       "teacher outputs (distill.frozen)")
     if d.frozen:
         frozen.check_shards(recipe)
         return
@@ -84,16 +92,23 @@ def _teacher(recipe: Recipe) -> None:
 def _explainer_pair(recipe: Recipe) -> None:
     """B-cos explanations need a B-cos teacher as well as a B-cos student (e2KD compares W(x) of both)."""
     d, s, t = recipe.distill, recipe.student.arch, recipe.teacher.arch
-    if d.method != "e2kd" or d.frozen or s not in REGISTRY or t not in REGISTRY:
+    if not _explained(d.method) or d.frozen or s not in REGISTRY or t not in REGISTRY:
         return
     if d.explainer not in ("auto", *EXPLAINERS):  # an unknown name is _method's problem
         return
-    explainer = choose_explainer(d.explainer, REGISTRY[s][1])
-    if explainer == "bcos" and not REGISTRY[t][1]:
+    explainer = choose_explainer(d.explainer, REGISTRY[s].bcos)
+    if explainer == "bcos" and not REGISTRY[t].bcos:
         raise GteError(f"e2KD with B-cos explanations needs a B-cos teacher too; {t} is a standard network "
                        "(use a bcos_* teacher, or distill.explainer = 'gradcam')")
     if recipe.run.compile_teacher:
         check_compilable_teacher(recipe)
+
+
+def _explained(method: str) -> bool:
+    try:
+        return parse_method(method)[1]
+    except GteError:
+        return False
 
 
 def _run(recipe: Recipe) -> None:
@@ -121,6 +136,6 @@ _CHECKS: tuple[Callable[[Recipe], None], ...] = (_method, _student, _teacher, _e
 
 def check_compilable_teacher(recipe: Recipe) -> None:
     """``run.compile_teacher`` with explanations: only B-cos W(x) (call after ``check_arch(student.arch)``)."""
-    if choose_explainer(recipe.distill.explainer, REGISTRY[recipe.student.arch][1]) == "gradcam":
+    if choose_explainer(recipe.distill.explainer, REGISTRY[recipe.student.arch].bcos) == "gradcam":
         raise GteError("run.compile_teacher needs B-cos explanations: GradCAM's per-call hooks would make "
                        "torch.compile recompile the teacher every guided step")

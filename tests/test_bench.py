@@ -60,6 +60,7 @@ def test_bench_reference_step_computes_gtes_exact_gradient():
 
     from gte.bench_reference import reference_e2kd_loss
     from gte.config import DistillConfig
+    from gte.methods import Batch
     from gte.methods.e2kd import E2KD
     from gte.models import build_model
 
@@ -70,7 +71,7 @@ def test_bench_reference_step_computes_gtes_exact_gradient():
         teacher = build_model(arch, 10).double().eval()
         images = torch.rand(3, 3, size, size, dtype=torch.float64)
         cfg = DistillConfig(method="e2kd", lambda_exp=3.0, temperature=2.0)
-        E2KD(cfg, student, teacher).loss(images, torch.zeros(3, dtype=torch.long), 0)[0].backward()
+        E2KD(cfg, student, teacher).loss(Batch(images, torch.zeros(3, dtype=torch.long)))[0].backward()
         reference_e2kd_loss(ref, teacher, images, cfg, "bcos").backward()
         for (name, p), q in zip(ref.named_parameters(), student.parameters()):
             assert (q.grad - p.grad).abs().max() <= 1e-9 * p.grad.abs().max(), (arch, name)

@@ -28,8 +28,9 @@ from bcos.modules.norms.uncentered_norms.batchnorm_uncentered import BatchNormUn
 from gte.config import DistillConfig
 from gte.explain import explain_with_logits
 from gte.losses import explanation_loss, kd_loss
+from gte.methods import Batch
 from gte.methods.e2kd import E2KD
-from gte.models import build_model
+from gte.models import build_model, info, to_model_input
 from gte.onepass import logits_and_explanation
 from tests.test_onepass import OddBcos
 
@@ -235,10 +236,10 @@ def test_e2kd_method_step_equals_the_official_formulation():
     teacher = build_model("bcos_cifar_resnet20", 10).double().eval()
     images = torch.rand(4, 3, 16, 16, dtype=torch.float64)
     method = E2KD(DistillConfig(method="e2kd", lambda_exp=2.0, temperature=2.0), student, teacher)
-    loss, logs = method.loss(images, torch.randint(0, 10, (4,)), 0)
+    loss, logs = method.loss(Batch(images, torch.randint(0, 10, (4,))))
     loss.backward()
-    xs = method.student_input(images)
-    t_maps, t_logits = explain_with_logits(teacher, method.teacher_input(images), None, "bcos")
+    xs = to_model_input(info(student), images)
+    t_maps, t_logits = explain_with_logits(teacher, to_model_input(info(teacher), images), None, "bcos")
     official_e2kd_backward(ref, xs, t_logits.argmax(1), t_logits, t_maps, 2.0)
     for (name, p), q in zip(ref.named_parameters(), student.parameters()):
         _assert_close_to_scale(q.grad, p.grad, 1e-9, name)
@@ -281,10 +282,10 @@ def test_e2kd_options_beyond_the_paper_add_the_terms_they_name():
     labels = torch.zeros(4, dtype=torch.long)
     cfg = DistillConfig(method="e2kd", lambda_exp=2.0, exp_topk=2, exp_student_top1=True, exp_norm_weight=0.5)
     method = E2KD(cfg, student, teacher)
-    loss, logs = method.loss(images, labels, 0)
+    loss, logs = method.loss(Batch(images, labels))
 
     state = copy.deepcopy(student.state_dict())
-    xt, xs = method.teacher_input(images), method.student_input(images)
+    xt, xs = to_model_input(info(teacher), images), to_model_input(info(student), images)
     t_maps, t_logits = explain_with_logits(teacher, xt, None, "bcos")
     student.load_state_dict(state)
     one = OnePass(copy.deepcopy(student), xs)

@@ -39,15 +39,19 @@ def teacher(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_two_processes_match_one_process_on_the_same_global_batch(tmp_path, teacher):
+@pytest.mark.parametrize("method", ["e2kd", "crd+e2kd"])
+def test_two_processes_match_one_process_on_the_same_global_batch(tmp_path, teacher, method):
+    """Student weights (and a method's trainable parts and memory: CRD's heads and banks) after 3 steps of 2 processes
+    equal 1 process accumulating the same 2 micro-batches; the memory is identical on both ranks."""
     env = _env(tmp_path)
     one, two, half = tmp_path / "one.safetensors", tmp_path / "two.safetensors", tmp_path / "half.safetensors"
     script = str(SCRIPTS / "ddp_step.py")
-    subprocess.run([sys.executable, script, str(one), str(teacher), "2"], env=env, check=True, capture_output=True)
+    run = [sys.executable, script]
+    subprocess.run(run + [str(one), str(teacher), "2", method], env=env, check=True, capture_output=True)
     res = subprocess.run([TORCHRUN, "--nproc_per_node", "2", "--master_port", str(random.randint(20000, 40000)),
-                          script, str(two), str(teacher), "1"], env=env, capture_output=True, text=True)
+                          script, str(two), str(teacher), "1", method], env=env, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-3000:]
-    subprocess.run([sys.executable, script, str(half), str(teacher), "1"], env=env, check=True, capture_output=True)
+    subprocess.run(run + [str(half), str(teacher), "1", method], env=env, check=True, capture_output=True)
     a, b, c = load_file(str(one)), load_file(str(two)), load_file(str(half))
     params = [k for k in a if "running" not in k and "num_batches" not in k]
     assert params
@@ -55,6 +59,12 @@ def test_two_processes_match_one_process_on_the_same_global_batch(tmp_path, teac
         torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-7, msg=k)
     # the comparison can fail: half the global batch gives different weights
     assert any(not torch.allclose(c[k], a[k], rtol=1e-5, atol=1e-7) for k in params)
+    if method.startswith("crd"):
+        m1, r0, r1 = (load_file(f"{p}.method") for p in (f"{one}.rank0", f"{two}.rank0", f"{two}.rank1"))
+        assert {"state.memory_s", "state.memory_t", "parts.embed_s.linear.weight"} <= set(m1)
+        for k in m1:
+            assert torch.equal(r0[k], r1[k]), k  # every rank holds the same memory and heads
+            torch.testing.assert_close(r0[k], m1[k], rtol=1e-5, atol=1e-7, msg=k)
 
 
 @pytest.mark.slow

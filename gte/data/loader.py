@@ -48,7 +48,8 @@ class LoaderConfig:
     ``train_size``: samples per epoch (0 = count them). ``members``: extra ``.npy`` members to return as stacked
     tensors. ``maps``: members among ``members`` holding maps of the eval view (frozen e2KD) that follow the image's
     crop and flip (C×S×S float32). ``float_images=False`` returns uint8 images (4× less inter-process traffic;
-    convert on the device).
+    convert on the device). ``indices``: each batch carries ``index``, every sample's position in the whole shard set
+    (0..N-1, shards in spec order; methods with a per-sample memory, e.g. CRD).
     """
 
     image_size: int
@@ -64,6 +65,7 @@ class LoaderConfig:
     members: tuple[str, ...] = ()
     maps: tuple[str, ...] = ()
     float_images: bool = True
+    indices: bool = False
 
 
 def steps_per_epoch(data: str | ShardSet, batch_size: int, world_size: int | None = None, train_size: int = 0) -> int:
@@ -193,12 +195,24 @@ def make_loader(data: str | ShardSet, config: LoaderConfig | None = None, *, tra
     planned = sum(p.size() or 0 for slot in mine for p in slot) if sizes is not None else None
     dataset = ShardStream(plans, rank=rank, workers=slots, batch_size=c.batch_size, transform=transform,
                           train=train, quotas=quotas, shuffle_buffer=c.shuffle_buffer, seed=c.seed, epoch=epoch,
-                          start_batch=start_batch if train else 0, float_images=c.float_images)
+                          start_batch=start_batch if train else 0, float_images=c.float_images,
+                          offsets=_offsets(shards) if c.indices else None)
     dataloader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=workers, collate_fn=_identity,
                                              pin_memory=torch.cuda.is_available(), persistent_workers=False)
     guard = BadSampleGuard(c.max_bad_fraction, planned,
                            what or ("the training data" if train else "the evaluation data"))
     return Loader(dataset, dataloader, n_batches, guard, train)
+
+
+def _offsets(shards: ShardSet) -> dict[str, int]:
+    """Index of each shard's first sample in the whole set (shards in spec order)."""
+    sizes = shards.sizes
+    if sizes is None:
+        raise GteError(f"per-sample indices need local shards whose samples gte can count, not '{shards.spec}'")
+    starts = [0]
+    for n in sizes[:-1]:
+        starts.append(starts[-1] + n)
+    return dict(zip(shards.urls, starts))
 
 
 def _check_members(members: tuple[str, ...]) -> None:

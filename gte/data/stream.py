@@ -40,6 +40,8 @@ def _collate(samples: list[dict[str, Any]], float_images: bool, members: tuple[s
         "boxes": [s["boxes"] for s in samples],
         "box_labels": [s["box_labels"] for s in samples],
     }
+    if samples and "index" in samples[0]:
+        out["index"] = torch.tensor([s["index"] for s in samples], dtype=torch.long)
     for name in members:
         out[name] = torch.stack([s[name] for s in samples]) if samples else torch.empty(0)
     return out
@@ -74,12 +76,14 @@ class ShardStream(torch.utils.data.IterableDataset):
 
     def __init__(self, plans: list[list[Piece]], *, rank: int, workers: int, batch_size: int,
                  transform: SampleTransform, train: bool, quotas: list[int] | None, shuffle_buffer: int, seed: int,
-                 epoch: int, start_batch: int = 0, float_images: bool = True) -> None:
+                 epoch: int, start_batch: int = 0, float_images: bool = True,
+                 offsets: dict[str, int] | None = None) -> None:
         super().__init__()
         self.plans, self.rank, self.workers, self.batch_size = plans, rank, workers, batch_size
         self.transform, self.train, self.quotas = transform, train, quotas
         self.shuffle_buffer, self.seed, self.epoch = shuffle_buffer, seed, epoch
         self.start_batch, self.float_images = start_batch, float_images
+        self.offsets = offsets  # shard URL -> index of its first sample in the set (per-sample indices), or None
 
     # physical worker w plays logical worker (w + start_batch) % W, so that a resumed epoch interleaves its
     # workers' batches exactly as the uninterrupted one did (DataLoader always starts with worker 0)
@@ -168,7 +172,10 @@ class ShardStream(torch.utils.data.IterableDataset):
                 skip -= 1
                 continue
             try:
-                batch.append(self.transform(raw, repeat))
+                sample = self.transform(raw, repeat)
+                if self.offsets is not None:
+                    sample["index"] = self.offsets[raw["__url__"]] + raw["__index__"]
+                batch.append(sample)
                 consecutive_bad = 0
             except BadSample as e:
                 state.skip((raw["__url__"], raw["__index__"]), str(e), raw["__key__"])

@@ -1,34 +1,61 @@
-"""Training methods behind one interface: ``method.loss(images, labels, step) -> (loss, logs)``.
+"""Training methods behind one interface: ``method.loss(batch) -> (loss, logs)`` (:mod:`gte.methods.base`).
 
-The loop calls only this; it never names a method. ``images`` are in [0, 1]; each method applies its models' input
-specs. ``logs`` holds detached scalar terms for the progress bar and ``metrics.jsonl``.
+``distill.method`` names a registered method; the suffix ``+e2kd`` adds the e2KD explanation term to any method
+that uses a teacher (``crd+e2kd``); ``e2kd`` is KD + explanation and ``kd`` is plain KD whatever λ says. Adding a
+method is one file with ``@register("name")`` and one import line below.
 """
 
 from __future__ import annotations
+
+import difflib
 
 import torch.nn as nn
 
 from gte.config import DistillConfig
 from gte.errors import GteError
-from gte.methods.base import Method
-from gte.methods.ce import LabelsOnly
-from gte.methods.e2kd import E2KD
-from gte.methods.kd import KD
+from gte.methods import at, cat_kd, ce, crd, dist, dkd, e2kd, kd, reviewkd  # noqa: F401  (each registers itself)
+from gte.methods.base import METHODS, Batch, Context, Method, Needs
 
-METHODS: dict[str, type[Method]] = {"ce": LabelsOnly, "kd": KD, "e2kd": E2KD}
+SUFFIX = "+e2kd"
 
 
-def build_method(cfg: DistillConfig, student: nn.Module, teacher: nn.Module | None) -> Method:
-    """The method named by ``cfg.method``, wired to its (prepared) student and frozen teacher (None with
-    ``cfg.frozen``: the loop then passes each batch's stored teacher outputs to ``method.loss(…, frozen=…)``)."""
-    if cfg.method not in METHODS:
-        raise GteError(f"unknown distill.method '{cfg.method}' (known: {', '.join(METHODS)})")
-    cls = METHODS[cfg.method]
-    if cfg.frozen and not cls.needs_teacher:
-        raise GteError(f"distill.frozen needs a distillation method (kd or e2kd), not '{cfg.method}'")
-    if cls.needs_teacher and teacher is None and not cfg.frozen:
+def parse_method(name: str) -> tuple[type[Method], bool]:
+    """(method class, explanation term on) for a ``distill.method`` value; unknown names get close matches."""
+    base, explanation = (name[: -len(SUFFIX)], True) if name.endswith(SUFFIX) else (name, name == "e2kd")
+    if base not in METHODS:
+        names = [*METHODS, *(f"{m}{SUFFIX}" for m, c in METHODS.items() if c.needs.teacher and m != "e2kd")]
+        close = difflib.get_close_matches(name, names, n=3, cutoff=0.5)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise GteError(f"unknown distill.method '{name}' (known: {', '.join(METHODS)}, and any of them that uses a "
+                       f"teacher with '{SUFFIX}'){hint}")
+    cls = METHODS[base]
+    if name.endswith(SUFFIX) and not cls.needs.teacher:
+        raise GteError(f"distill.method '{name}': '{base}' uses no teacher, so there is no explanation to match")
+    if name.endswith(SUFFIX) and base == "e2kd":
+        raise GteError("distill.method 'e2kd+e2kd': e2kd already has the explanation term")
+    return cls, explanation
+
+
+def uses_teacher(name: str) -> bool:
+    """Whether ``distill.method`` needs a teacher (or its stored outputs)."""
+    cls, explanation = parse_method(name)
+    return cls.needs.teacher or explanation
+
+
+def build_method(cfg: DistillConfig, student: nn.Module, teacher: nn.Module | None,
+                 context: Context = Context()) -> Method:
+    """The method named by ``cfg.method``, wired to its student and frozen teacher (None with ``cfg.frozen``: the
+    loop then hands each batch's stored teacher outputs in ``Batch.frozen``)."""
+    cls, explanation = parse_method(cfg.method)
+    needs_teacher = cls.needs.teacher or explanation
+    if cfg.frozen and not needs_teacher:
+        raise GteError(f"distill.frozen needs a distillation method, not '{cfg.method}'")
+    if cfg.frozen and (not cls.needs.frozen or cls.needs.teacher_features):
+        raise GteError(f"distill.method '{cfg.method}' needs the live teacher's features: it cannot run on stored "
+                       "teacher outputs (distill.frozen)")
+    if needs_teacher and teacher is None and not cfg.frozen:
         raise GteError(f"distill.method '{cfg.method}' needs a teacher (set teacher.arch and teacher.weights)")
-    return cls(cfg, student, teacher)
+    return cls(cfg, student, teacher, explanation=explanation, context=context)
 
 
-__all__ = ["METHODS", "Method", "build_method"]
+__all__ = ["METHODS", "Batch", "Context", "Method", "Needs", "build_method", "parse_method", "uses_teacher"]

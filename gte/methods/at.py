@@ -23,10 +23,14 @@ applied to the outputs of the four residual stages (``feats[1:]``, after ReLU).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
+from gte.errors import GteError
 from gte.losses import _f32
+from gte.methods.base import Method, Needs, register
 
 DEFAULTS = {"beta": 1000.0, "p": 2.0, "ce_weight": 1.0}
 
@@ -59,3 +63,32 @@ def at_loss(student_feats: list[torch.Tensor], teacher_feats: list[torch.Tensor]
         term = (attention_map(fs, p) - attention_map(ft, p)).pow(2).mean()
         total = term if total is None else total + term
     return total
+
+
+# --------------------------------------------------------------------------------------------- the method
+@dataclass
+class ATOptions:
+    """``[distill.options]`` of ``at`` (mdistiller's ImageNet setting)."""
+
+    weight: float = DEFAULTS["beta"]  # β of L = w_ce · CE + β · L_AT
+    p: float = DEFAULTS["p"]
+
+
+@register("at")
+class AT(Method):
+    """Attention transfer: the student's spatial attention maps match the teacher's at every stage."""
+
+    needs = Needs(teacher=True, student_features="stages", teacher_features="stages", frozen=False)
+    Options = ATOptions
+    ce_default = DEFAULTS["ce_weight"]
+
+    def __init__(self, cfg, student, teacher, **kw):
+        super().__init__(cfg, student, teacher, **kw)
+        if len(self.student_layers) != len(self.teacher_layers):
+            raise GteError(f"at pairs stages one to one: the student taps {len(self.student_layers)} layers, the "
+                           f"teacher {len(self.teacher_layers)} (set distill.student_layers / teacher_layers)")
+
+    def objective(self, batch, s, t):
+        at = at_loss(s.features, t.features, self.options.p)
+        logs = {"at": at.detach()}
+        return self.with_labels(self.options.weight * at, logs, s.logits, batch.labels), logs

@@ -24,10 +24,16 @@ normalise = True are those of ``mdistiller/engine/cfg.py`` l. 26-38.)
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
+from gte.errors import GteError
 from gte.losses import _f32
+from gte.methods.base import Method, Needs, register
+from gte.models import get_submodule, info
 
 DEFAULTS = {"beta": 0.5, "pool_size": 4, "normalize": False, "ce_weight": 1.0, "only_cat": False}
 
@@ -61,3 +67,56 @@ def cat_loss(student_cams: torch.Tensor, teacher_cams: torch.Tensor, pool_size: 
     t = _pooled(teacher_cams, pool_size, normalize)
     dtype = torch.promote_types(s.dtype, t.dtype)
     return F.mse_loss(s.to(dtype), t.to(dtype))
+
+
+# --------------------------------------------------------------------------------------------- the method
+@dataclass
+class CATKDOptions:
+    """``[distill.options]`` of ``cat_kd`` (the official ImageNet R34 → R18 setting)."""
+
+    weight: float = DEFAULTS["beta"]
+    pool_size: int = DEFAULTS["pool_size"]
+    normalize: bool = DEFAULTS["normalize"]
+
+
+@register("cat_kd")
+class CATKD(Method):
+    """Class-activation transfer: the student's class activation maps, pooled to P×P, match the teacher's.
+
+    A model with a linear classifier gets its maps from the deepest stage's output and the classifier's weight; a
+    B-cos ResNet's 1×1 B-cos head already gives one map per class before pooling, and those are taken as they are.
+    """
+
+    needs = Needs(teacher=True, student_features="last", teacher_features="last", frozen=False)
+    Options = CATKDOptions
+    ce_default = DEFAULTS["ce_weight"]
+
+    def __init__(self, cfg, student, teacher, **kw):
+        super().__init__(cfg, student, teacher, **kw)
+        self.s_weight, self.t_weight = self._maps_from(student, "student"), self._maps_from(teacher, "teacher")
+
+    def _maps_from(self, model: nn.Module, role: str) -> torch.Tensor | None:
+        """The classifier weight (maps = weight · deepest stage), or None after re-pointing the tap to the head
+        when the head itself outputs per-class maps."""
+        mi = info(model)
+        head = get_submodule(model, mi.head) if mi.head else None
+        if isinstance(head, nn.Linear):
+            return head.weight
+        layers = self.student_layers if role == "student" else self.teacher_layers
+        if head is not None:
+            saved = list(layers)
+            layers[:] = [mi.head]
+            shapes = self.feature_shapes()[0 if role == "student" else 1]
+            if len(shapes[0]) == 3 and shapes[0][0] == mi.num_classes and shapes[0][1] > 1:
+                return None
+            layers[:] = saved
+        raise GteError(f"cat_kd needs class activation maps: the {role} {mi.arch} has neither a linear classifier "
+                       "after its last stage nor a head giving one map per class")
+
+    def objective(self, batch, s, t):
+        o = self.options
+        s_cams = s.features[-1] if self.s_weight is None else class_activation_maps(s.features[-1], self.s_weight)
+        t_cams = t.features[-1] if self.t_weight is None else class_activation_maps(t.features[-1], self.t_weight)
+        cat = cat_loss(s_cams, t_cams.detach(), o.pool_size, o.normalize)
+        logs = {"cat": cat.detach()}
+        return self.with_labels(o.weight * cat, logs, s.logits, batch.labels), logs

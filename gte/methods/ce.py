@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import torch
-
-from gte.methods.base import Method
+from gte.methods.base import Method, Needs, register
 
 
+@register("ce")
 class LabelsOnly(Method):
-    """Cross-entropy (BCE for B-cos) on the ground-truth labels."""
+    """Cross-entropy (BCE for B-cos) on the ground-truth labels; ``ce_weight`` does not apply (it is the loss)."""
 
-    def loss(self, images: torch.Tensor, labels: torch.Tensor, step: int, frozen=None) -> tuple[torch.Tensor, dict]:
-        logits = self.student_logits(images)
-        logs: dict[str, torch.Tensor] = {}
-        loss = self.with_labels(logits.new_zeros(()), logs, logits, labels, 1.0)
-        return loss, logs
+    needs = Needs(teacher=False)
+
+    def objective(self, batch, s, t):
+        logs: dict = {}
+        return self.with_labels(s.logits.new_zeros(()), logs, s.logits, batch.labels, 1.0), logs

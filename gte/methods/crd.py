@@ -26,7 +26,9 @@ official AliasMethod over a uniform distribution, used when no indices are given
 
 from __future__ import annotations
 
+import hashlib
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as td
@@ -35,6 +37,8 @@ from torch import nn
 
 from gte import dist as gte_dist  # not gte.methods.dist (the DIST method)
 from gte.errors import GteError
+from gte.methods.base import Method, Needs, register
+from gte.methods.features import pooled
 
 FEAT_DIM = 128
 NCE_K = 16384
@@ -75,8 +79,8 @@ class ContrastMemory:
     """The two memory banks, the fixed normalisers Z and the negative sampler (no parameters, no DDP buffers).
 
     A plain object on purpose: it must not be broadcast by DDP nor land in the student's state dict. Every rank
-    holds an identical copy: :meth:`update` takes the all-gathered batch (:func:`gather_for_update`), Z is averaged
-    over ranks when first set, and :meth:`sample` draws from a generator that advances identically on every rank.
+    holds an identical copy: :meth:`update` takes the all-gathered batch (:func:`gather_for_update`), Z is set
+    from rank 0's first batch on all ranks, and :meth:`sample` draws from a generator that advances identically on every rank.
     """
 
     def __init__(self, feat_dim: int, n_data: int, nce_k: int = NCE_K, nce_t: float = NCE_T,
@@ -101,15 +105,18 @@ class ContrastMemory:
         self.memory_s, self.memory_t = self.memory_s.to(device), self.memory_t.to(device)
         return self
 
-    def sample(self, indices: torch.Tensor, rank: int = 0) -> torch.Tensor:
+    def sample(self, indices: torch.Tensor, rank: int = 0, seed: int | None = None) -> torch.Tensor:
         """``(B, K+1)`` bank rows per anchor: column 0 the positive (``indices``), then K negatives.
 
         One draw from the shared generator seeds this step's stream, offset by ``rank``: every rank advances the
         shared state identically (so rank 0's saved state resumes them all) yet draws its own negatives. Each rank
-        must call this once per step.
+        must call this once per step. ``seed`` given: the negatives are drawn from it alone (the shared generator is
+        not used) — the training method seeds each batch by its content, so that a batch draws the same negatives on
+        whichever rank or micro-batch it lands.
         """
-        step_seed = int(torch.randint(0, 2**62, (1,), generator=self.generator))
-        g = torch.Generator().manual_seed(step_seed + rank)
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, (1,), generator=self.generator)) + rank
+        g = torch.Generator().manual_seed(seed)
         idx = indices.detach().to("cpu", torch.long).view(-1)
         if self._negatives is None:
             neg = torch.randint(0, self.n_data, (len(idx), self.nce_k), generator=g)
@@ -136,9 +143,9 @@ class ContrastMemory:
     def _set_z(self, out_s: torch.Tensor, out_t: torch.Tensor) -> None:
         means = torch.stack([out_s.double().mean(), out_t.double().mean()])
         if gte_dist.initialized() and td.get_world_size() > 1:
-            # every rank must divide by the same Z: the mean of the ranks' first-batch means
-            td.all_reduce(means)
-            means /= td.get_world_size()
+            # every rank must divide by the same Z: rank 0's first batch sets it, as the official (single-process)
+            # code's first batch does — and as micro-batch 0 does in one process with gradient accumulation
+            td.broadcast(means, src=0)
         self.z = means.cpu() * self.n_data
 
     @torch.no_grad()
@@ -236,3 +243,82 @@ def gather_for_update(e_s: torch.Tensor, e_t: torch.Tensor,
     idx = torch.cat([t[:n] for t, n in zip(idx_all, sizes_l)])
     d = e_s.shape[1]
     return both[:, :d].contiguous(), both[:, d:].to(e_t.dtype).contiguous(), idx
+
+
+# --------------------------------------------------------------------------------------------- the method
+@dataclass
+class CRDOptions:
+    """``[distill.options]`` of ``crd`` (the paper's and mdistiller's ImageNet setting)."""
+
+    weight: float = CRD_WEIGHT     # β of L = w_ce · CE + β · L_CRD
+    feat_dim: int = FEAT_DIM
+    nce_k: int = NCE_K             # negatives per anchor
+    nce_t: float = NCE_T
+    nce_m: float = NCE_M           # memory momentum
+
+
+@register("crd")
+class CRD(Method):
+    """Contrastive representation distillation: the student's and the teacher's pooled last-stage features, each
+    embedded (trainable heads), contrasted against the other model's memory bank with one positive per anchor (its
+    own sample) and ``nce_k`` negatives.
+
+    Multi-process and gradient accumulation: a batch's negatives are drawn from a seed of its sample indices (the same
+    on whichever rank or micro-batch it lands), and the memory update of a step is applied once, after the optimiser
+    step, from every micro-batch of every rank in rank order — so every rank keeps an identical memory, and two
+    processes equal one process accumulating the same two micro-batches.
+    """
+
+    needs = Needs(teacher=True, student_features="last", teacher_features="last", indices=True, frozen=False)
+    Options = CRDOptions
+    ce_default = CE_WEIGHT
+
+    def __init__(self, cfg, student, teacher, **kw):
+        super().__init__(cfg, student, teacher, **kw)
+        n, o = self.context.n_data, self.options
+        if n < 2:
+            raise GteError("crd keeps one memory row per training sample: it needs local shards gte can count")
+        device = next(student.parameters()).device
+        (s_shape,), (t_shape,) = self.feature_shapes()
+        self.parts = CRDHeads(s_shape[0], t_shape[0], o.feat_dim)
+        # the run's seeded RNG (set_seed: the same on every rank) seeds the memory and the negatives' stream
+        self.seed = int(torch.randint(0, 2**62, (1,)))
+        self.memory = ContrastMemory(o.feat_dim, n, o.nce_k, o.nce_t, o.nce_m,
+                                     generator=torch.Generator().manual_seed(self.seed), device=device)
+        self._pending: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+
+    def objective(self, batch, s, t):
+        idx = batch.indices
+        if idx is None:
+            raise GteError("crd needs each sample's index: the loader gives it to methods whose needs ask for it")
+        if len(idx) and int(idx.max()) >= self.memory.n_data:
+            raise GteError(f"sample index {int(idx.max())} outside the {self.memory.n_data} samples counted in the "
+                           "training shards")
+        e_s, e_t = self.parts(pooled(s.features[-1]), pooled(t.features[-1]))
+        contrast = self.memory.sample(idx, seed=_content_seed(self.seed, idx))
+        out_s, out_t = self.memory.scores(e_s, e_t, contrast)
+        crd = crd_loss(out_s, out_t, self.memory.n_data)
+        self._pending.append((e_s.detach(), e_t.detach(), idx.detach()))
+        logs = {"crd": crd.detach()}
+        return self.with_labels(self.options.weight * crd, logs, s.logits, batch.labels), logs
+
+    def end_step(self) -> None:
+        if not self._pending:
+            return
+        e_s, e_t, idx = (torch.cat(x) for x in zip(*self._pending))
+        self._pending.clear()
+        self.memory.update(*gather_for_update(e_s, e_t, idx))
+
+    def extra_state(self) -> dict[str, torch.Tensor]:
+        return {"seed": torch.tensor(self.seed), **self.memory.state_dict()}
+
+    def load_extra_state(self, state: dict[str, torch.Tensor]) -> None:
+        self.seed = int(state.pop("seed"))
+        self.memory.load_state_dict(state)
+
+
+def _content_seed(base: int, indices: torch.Tensor) -> int:
+    """A seed from the run's seed and a batch's sample indices."""
+    digest = hashlib.blake2b(indices.detach().cpu().to(torch.int64).numpy().tobytes(), digest_size=8,
+                             key=base.to_bytes(8, "little")).digest()
+    return int.from_bytes(digest, "little") >> 2

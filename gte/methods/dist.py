@@ -17,9 +17,13 @@ tau=1)``): β = γ = τ = 1, the DIST term weighted 2 and cross-entropy 1.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from gte.losses import _f32
+from gte.methods.base import register
+from gte.methods.kd import KD
 
 DEFAULTS = {"beta": 1.0, "gamma": 1.0, "temperature": 1.0, "kd_weight": 2.0, "ce_weight": 1.0}
 
@@ -41,3 +45,28 @@ def dist_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, beta: 
     inter = pearson_distance(ys, yt)
     intra = pearson_distance(ys.transpose(0, 1), yt.transpose(0, 1))
     return t * t * (beta * inter + gamma * intra)
+
+
+# --------------------------------------------------------------------------------------------- the method
+@dataclass
+class DISTOptions:
+    """``[distill.options]`` of ``dist`` (the official ImageNet setting; τ is ``distill.temperature``)."""
+
+    weight: float = DEFAULTS["kd_weight"]
+    beta: float = DEFAULTS["beta"]    # inter-class relation
+    gamma: float = DEFAULTS["gamma"]  # intra-class relation
+
+
+@register("dist")
+class DIST(KD):
+    """DIST: the student's class distributions correlate with the teacher's, per sample and per class (Pearson)."""
+
+    Options = DISTOptions
+    ce_default = DEFAULTS["ce_weight"]
+
+    def objective(self, batch, s, t):
+        o = self.options
+        s_in, t_in = self.standardized(s.logits, t.logits.detach())
+        dist = dist_loss(s_in, t_in, o.beta, o.gamma, self.cfg.temperature)
+        logs = {"dist": dist.detach()}
+        return self.with_labels(o.weight * dist, logs, s.logits, batch.labels), logs

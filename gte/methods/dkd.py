@@ -25,10 +25,14 @@ BETA 0.5, T 1.0, WARMUP 1; ALPHA is not set there and keeps ``mdistiller/engine/
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
 from gte.losses import _f32
+from gte.methods.base import register
+from gte.methods.kd import KD
 
 DEFAULTS = {"ce_weight": 1.0, "alpha": 1.0, "beta": 0.5, "temperature": 1.0, "warmup_epochs": 1}
 
@@ -67,3 +71,30 @@ def dkd_warmup(epoch_float: float, warmup_epochs: float) -> float:
     if warmup_epochs <= 0:
         return 1.0
     return min(max(epoch_float, 0.0) / warmup_epochs, 1.0)
+
+
+# --------------------------------------------------------------------------------------------- the method
+@dataclass
+class DKDOptions:
+    """``[distill.options]`` of ``dkd`` (mdistiller's ImageNet R34 → R18 setting; T is ``distill.temperature``)."""
+
+    alpha: float = DEFAULTS["alpha"]
+    beta: float = DEFAULTS["beta"]
+    warmup_epochs: float = DEFAULTS["warmup_epochs"]  # the official min(epoch / warmup, 1), epochs counted from 1
+
+
+@register("dkd")
+class DKD(KD):
+    """Decoupled KD: target-class and non-target-class KL weighted apart (α · TCKD + β · NCKD); with
+    ``distill.logit_std`` on z-scored logits."""
+
+    Options = DKDOptions
+    ce_default = DEFAULTS["ce_weight"]
+
+    def objective(self, batch, s, t):
+        o = self.options
+        s_in, t_in = self.standardized(s.logits, t.logits.detach())
+        ramp = dkd_warmup(int(batch.epoch) + 1, o.warmup_epochs) if o.warmup_epochs else 1.0
+        dkd = dkd_loss(s_in, t_in, batch.labels, o.alpha, o.beta, self.cfg.temperature)
+        logs = {"dkd": dkd.detach()}
+        return self.with_labels(ramp * dkd, logs, s.logits, batch.labels), logs

@@ -1,41 +1,44 @@
-"""Knowledge distillation (Hinton et al.): match the teacher's softened class distribution."""
+"""Knowledge distillation (Hinton et al., 2015): match the teacher's softened class distribution."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from gte.errors import GteError
 from gte.losses import kd_loss, multilabel_kd_loss
-from gte.methods.base import Method
-from gte.models import info, to_model_input
+from gte.methods.base import Method, Needs, register
+from gte.methods.logit_std import standardize
 
 
+@dataclass
+class KDOptions:
+    """``[distill.options]`` of ``kd`` / ``e2kd`` (T is ``distill.temperature``, λ ``distill.lambda_exp``)."""
+
+    weight: float = 1.0  # of the KD term (the logit-standardisation paper's ImageNet KD uses 9 with T = 2, CE 1)
+
+
+@register("kd")
 class KD(Method):
-    """L = T²·KL(p_T ‖ p_S) (+ w_ce · CE); with ``distill.multilabel`` a per-class binary KL on sigmoids."""
+    """L = T²·KL(p_T ‖ p_S) (+ w_ce · CE); with ``distill.multilabel`` a per-class binary KL on sigmoids; with
+    ``distill.logit_std`` both models' logits are z-scored first (Sun et al., CVPR 2024)."""
 
-    needs_teacher = True
+    needs = Needs(teacher=True)
+    Options = KDOptions
+    ce_default = 0.0  # the e2KD paper's KD and e2KD runs use no label loss (official coefficient 0)
 
-    def teacher_input(self, images: torch.Tensor) -> torch.Tensor:
-        return to_model_input(info(self.teacher), images)
-
-    def loss(self, images: torch.Tensor, labels: torch.Tensor, step: int, frozen=None) -> tuple[torch.Tensor, dict]:
-        t_logits = self.teacher_logits(images, frozen)
-        s_logits = self.student_logits(images)
-        return self.logit_terms(s_logits, t_logits, labels)
-
-    def teacher_logits(self, images: torch.Tensor, frozen: dict | None) -> torch.Tensor:
-        """The stored logits (frozen teaching) or the live teacher's, without graph."""
-        if frozen is not None:
-            t_logits = frozen["logits"].to(images.device, torch.float32)
-            if t_logits.shape != (len(images), self.student_info.num_classes):
-                raise GteError(f"stored teacher logits have shape {tuple(t_logits.shape)}, expected "
-                               f"({len(images)}, {self.student_info.num_classes}): precomputed for another task?")
-            return t_logits
-        with torch.no_grad():
-            return self.teacher(self.teacher_input(images))
+    def objective(self, batch, s, t):
+        return self.logit_terms(s.logits, t.logits, batch.labels)
 
     def logit_terms(self, s_logits: torch.Tensor, t_logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict]:
         loss_fn = multilabel_kd_loss if self.cfg.multilabel else kd_loss
-        kd = loss_fn(s_logits, t_logits.detach(), self.cfg.temperature)
+        s_in, t_in = self.standardized(s_logits, t_logits.detach())
+        kd = loss_fn(s_in, t_in, self.cfg.temperature)
         logs = {"kd": kd.detach()}
-        return self.with_labels(kd, logs, s_logits, labels, self.cfg.ce_weight), logs
+        return self.with_labels(self.options.weight * kd, logs, s_logits, labels), logs
+
+    def standardized(self, s_logits: torch.Tensor, t_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Both logit vectors z-scored per sample when ``distill.logit_std`` is set, else as they are."""
+        if not self.cfg.logit_std:
+            return s_logits, t_logits
+        return standardize(s_logits), standardize(t_logits)

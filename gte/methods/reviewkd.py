@@ -28,12 +28,16 @@ ResNet skips the last block's final ReLU), for student and teacher alike.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from gte.errors import GteError
+from gte.methods.base import Method, Needs, register
+from gte.methods.features import pooled
+from gte.models import info
 
 MID_CHANNEL = 512
 MAX_MID_CHANNEL = 512  # mdistiller: mid = min(512, channels of the deepest student feature)
@@ -141,3 +145,45 @@ def hcl_loss(student_feats: Sequence[torch.Tensor], teacher_feats: Sequence[torc
             weight_sum += weight
         terms.append(loss / weight_sum)
     return torch.stack(terms).sum()
+
+
+# --------------------------------------------------------------------------------------------- the method
+@dataclass
+class ReviewKDOptions:
+    """``[distill.options]`` of ``reviewkd`` (the official ImageNet R34 → R18 setting)."""
+
+    weight: float = REVIEWKD_WEIGHT
+    mid_channel: int = 0           # 0 = min(512, the deepest student stage's channels)
+    warmup_epochs: float = WARMUP_EPOCHS  # the review loss ramps linearly over these epochs (0 = full weight)
+
+
+@register("reviewkd")
+class ReviewKD(Method):
+    """Knowledge review: the student's stage features (before their final ReLU) and its pooled feature, fused deep →
+    shallow by trainable ABF modules, matched to the teacher's at every stage with the hierarchical context loss."""
+
+    needs = Needs(teacher=True, student_features="preact", teacher_features="preact", frozen=False)
+    Options = ReviewKDOptions
+    ce_default = CE_WEIGHT
+
+    def __init__(self, cfg, student, teacher, **kw):
+        super().__init__(cfg, student, teacher, **kw)
+        # the pooled feature is the global average of the deepest stage's output (after its ReLU), as the
+        # classifier sees it
+        self.student_layers.append(self.student_info.stages[-1] if self.student_info.stages else self.student_layers[-1])
+        t_stages = info(teacher).stages
+        self.teacher_layers.append(t_stages[-1] if t_stages else self.teacher_layers[-1])
+        s_shapes, t_shapes = self.feature_shapes()
+        pooled_shape = [(2, s_shapes[-1][0])], [(2, t_shapes[-1][0])]
+        self.parts = ReviewKDHeads.for_features([(2, *x) for x in s_shapes[:-1]] + pooled_shape[0],
+                                                [(2, *x) for x in t_shapes[:-1]] + pooled_shape[1],
+                                                self.options.mid_channel or None)
+
+    def objective(self, batch, s, t):
+        fs = [*s.features[:-1], pooled(s.features[-1])]
+        ft = [*t.features[:-1], pooled(t.features[-1])]
+        review = hcl_loss(self.parts(fs), ft)
+        o = self.options
+        ramp = min(1.0, batch.epoch / o.warmup_epochs) if o.warmup_epochs else 1.0
+        logs = {"review": review.detach()}
+        return self.with_labels(o.weight * ramp * review, logs, s.logits, batch.labels), logs

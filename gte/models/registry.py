@@ -10,7 +10,7 @@ from __future__ import annotations
 import difflib
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn as nn
@@ -35,6 +35,8 @@ class ModelInfo:
     num_classes: int
     bcos: bool
     gradcam_layer: str | None  # dotted module path of the last conv stage, None where GradCAM makes no sense
+    stages: tuple[str, ...] = ()  # modules whose outputs are the stage feature maps, shallow → deep (feature KD)
+    head: str | None = None  # the classifier module (a Linear, or a B-cos 1×1 conv giving per-class maps)
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
 
@@ -97,21 +99,34 @@ def _torchvision(name: str) -> Callable[[int], nn.Module]:
     return build
 
 
-# name -> (builder, is_bcos, gradcam layer)
-REGISTRY: dict[str, tuple[Callable[[int], nn.Module], bool, str | None]] = {
-    "bcos_resnet18": (_bcos_imagenet("resnet18"), True, "layer4"),
-    "bcos_resnet34": (_bcos_imagenet("resnet34"), True, "layer4"),
-    "bcos_resnet50": (_bcos_imagenet("resnet50"), True, "layer4"),
-    "bcos_densenet121": (_bcos_imagenet("densenet121"), True, "features"),
-    "bcos_densenet169": (_bcos_imagenet("densenet169"), True, "features"),
-    "bcos_vit_ti_patch16_224": (_bcos_imagenet("simple_vit_ti_patch16_224"), True, None),
-    "bcos_cifar_resnet20": (_bcos_cifar(20), True, "layer3"),
-    "bcos_cifar_resnet56": (_bcos_cifar(56), True, "layer3"),
-    "resnet18": (_torchvision("resnet18"), False, "layer4"),
-    "resnet34": (_torchvision("resnet34"), False, "layer4"),
-    "resnet50": (_torchvision("resnet50"), False, "layer4"),
-    "cifar_resnet20": (lambda c: SmallResNet(20, c), False, "layer3"),
-    "cifar_resnet56": (lambda c: SmallResNet(56, c), False, "layer3"),
+class Arch(NamedTuple):
+    """A registered architecture: its builder and what gte needs to know about it (see :class:`ModelInfo`)."""
+
+    builder: Callable[[int], nn.Module]
+    bcos: bool
+    gradcam_layer: str | None
+    stages: tuple[str, ...]
+    head: str | None
+
+
+_R4 = ("layer1", "layer2", "layer3", "layer4")
+_R3 = ("layer1", "layer2", "layer3")
+_DENSE = ("features.denseblock1", "features.denseblock2", "features.denseblock3", "features.norm5")
+
+REGISTRY: dict[str, Arch] = {
+    "bcos_resnet18": Arch(_bcos_imagenet("resnet18"), True, "layer4", _R4, "fc"),
+    "bcos_resnet34": Arch(_bcos_imagenet("resnet34"), True, "layer4", _R4, "fc"),
+    "bcos_resnet50": Arch(_bcos_imagenet("resnet50"), True, "layer4", _R4, "fc"),
+    "bcos_densenet121": Arch(_bcos_imagenet("densenet121"), True, "features", _DENSE, "classifier"),
+    "bcos_densenet169": Arch(_bcos_imagenet("densenet169"), True, "features", _DENSE, "classifier"),
+    "bcos_vit_ti_patch16_224": Arch(_bcos_imagenet("simple_vit_ti_patch16_224"), True, None, (), None),
+    "bcos_cifar_resnet20": Arch(_bcos_cifar(20), True, "layer3", _R3, "fc"),
+    "bcos_cifar_resnet56": Arch(_bcos_cifar(56), True, "layer3", _R3, "fc"),
+    "resnet18": Arch(_torchvision("resnet18"), False, "layer4", _R4, "fc"),
+    "resnet34": Arch(_torchvision("resnet34"), False, "layer4", _R4, "fc"),
+    "resnet50": Arch(_torchvision("resnet50"), False, "layer4", _R4, "fc"),
+    "cifar_resnet20": Arch(lambda c: SmallResNet(20, c), False, "layer3", _R3, "fc"),
+    "cifar_resnet56": Arch(lambda c: SmallResNet(56, c), False, "layer3", _R3, "fc"),
 }
 
 
@@ -128,16 +143,17 @@ def create(name: str, num_classes: int) -> nn.Module:
     check_arch(name)
     if num_classes < 2:
         raise GteError(f"num_classes must be at least 2, got {num_classes}")
-    builder, is_bcos, cam_layer = REGISTRY[name]
-    model = builder(num_classes)
-    if is_bcos:
+    arch = REGISTRY[name]
+    model = arch.builder(num_classes)
+    if arch.bcos:
         from bcos.modules import LogitLayer
 
         # B-cos heads are trained with BCE; a prior of 1/C per class means a logit bias of -ln(C-1).
         for m in model.modules():
             if isinstance(m, LogitLayer):
                 m.logit_bias = -math.log(num_classes - 1)
-    model.gte_info = ModelInfo(arch=name, num_classes=num_classes, bcos=is_bcos, gradcam_layer=cam_layer)
+    model.gte_info = ModelInfo(arch=name, num_classes=num_classes, bcos=arch.bcos, gradcam_layer=arch.gradcam_layer,
+                               stages=arch.stages, head=arch.head)
     return model
 
 

@@ -1,0 +1,154 @@
+"""The method contract, over every registered method (and each one "+ e2KD"): one step on tiny models gives a finite
+loss whose gradient reaches the student and the method's trainable parts — never the teacher —, its state survives a
+round trip, and bad names, options and layers get one line."""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from gte.config import DistillConfig
+from gte.errors import GteError
+from gte.methods import METHODS, Batch, Context, build_method, parse_method
+from gte.models import build_model
+
+N_DATA = 40
+PAIRS = {"standard": ("cifar_resnet20", "cifar_resnet20"), "bcos": ("bcos_cifar_resnet20", "bcos_cifar_resnet20")}
+# the paper's e2KD rides on any teacher-using method: each one with and without the explanation term
+NAMES = [m for m in METHODS] + [f"{m}+e2kd" for m, c in METHODS.items() if c.needs.teacher and m != "e2kd"]
+
+
+def _small_options(name: str) -> dict:
+    return {"nce_k": 8} if name.startswith("crd") else {}
+
+
+def _models(kind: str, seed: int = 0):
+    torch.manual_seed(seed)
+    s_arch, t_arch = PAIRS[kind]
+    student, teacher = build_model(s_arch, 5).train(), build_model(t_arch, 5)
+    teacher.eval().requires_grad_(False)
+    return student, teacher
+
+
+def _batch(step: int = 0, seed: int = 1) -> Batch:
+    g = torch.Generator().manual_seed(seed)
+    return Batch(torch.rand(4, 3, 16, 16, generator=g), torch.randint(0, 5, (4,), generator=g), step=step,
+                 epoch=0.5, indices=torch.randperm(N_DATA, generator=g)[:4])
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.mark.parametrize("kind", PAIRS)
+@pytest.mark.parametrize("name", NAMES)
+def test_every_method_steps_trains_its_parts_and_round_trips_its_state(name, kind):
+    student, teacher = _models(kind)
+    cls, explanation = parse_method(name)
+    cfg = DistillConfig(method=name, options=_small_options(name))
+    method = build_method(cfg, student, teacher, Context(n_data=N_DATA, image_size=16))
+    loss, logs = method.loss(_batch())
+    assert loss.ndim == 0 and torch.isfinite(loss), (name, loss)
+    assert all(v.ndim == 0 and not v.requires_grad for v in logs.values())
+    assert ("exp" in logs) == explanation
+    loss.backward()
+    grads = [p.grad for p in student.parameters()]
+    assert any(g is not None and g.abs().sum() > 0 for g in grads), "no gradient reached the student"
+    assert all(p.grad is None for p in teacher.parameters())
+    if method.parts is not None:
+        assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in method.parts.parameters())
+    method.end_step()
+    # state: a second method built the same way and loaded with the first's state gives the same loss
+    state = method.state_dict()
+    assert all(isinstance(v, torch.Tensor) for v in state.values())
+    twin = build_method(cfg, copy.deepcopy(student), teacher, Context(n_data=N_DATA, image_size=16))
+    twin.load_state_dict(state)
+    twin.student.load_state_dict(method.student.state_dict())
+    a, _ = method.loss(_batch(step=1, seed=2))
+    b, _ = twin.loss(_batch(step=1, seed=2))
+    torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_every_method_declares_its_needs_and_options():
+    for name, cls in METHODS.items():
+        assert cls.name == name and cls.__doc__
+        assert cls.needs.student_features in ("", "stages", "preact", "last")
+        if cls.needs.teacher_features or cls.needs.indices:
+            assert cls.needs.teacher and not cls.needs.frozen, name
+
+
+def test_plain_kd_ignores_lambda_and_e2kd_uses_it():
+    student, teacher = _models("standard")
+    kd = build_method(DistillConfig(method="kd", lambda_exp=5.0), student, teacher)
+    e2kd = build_method(DistillConfig(method="e2kd", lambda_exp=5.0), student, teacher)
+    l_kd, logs_kd = kd.loss(_batch())
+    l_e2, logs_e2 = e2kd.loss(_batch())
+    assert "exp" not in logs_kd
+    torch.testing.assert_close(l_e2, l_kd + 5.0 * logs_e2["exp"])
+
+
+def test_method_plus_e2kd_adds_exactly_lambda_times_the_explanation_term():
+    student, teacher = _models("standard")
+    ctx = Context(n_data=N_DATA, image_size=16)
+    torch.manual_seed(3)
+    plain = build_method(DistillConfig(method="dkd"), student, teacher, ctx)
+    guided = build_method(DistillConfig(method="dkd+e2kd", lambda_exp=2.0), student, teacher, ctx)
+    a, _ = plain.loss(_batch())
+    b, logs = guided.loss(_batch())
+    torch.testing.assert_close(b, a + 2.0 * logs["exp"])
+    # unguided steps (guided_every) skip the term
+    sparse = build_method(DistillConfig(method="dkd+e2kd", guided_every=2), student, teacher, ctx)
+    assert "exp" not in sparse.loss(_batch(step=1))[1]
+
+
+@pytest.mark.parametrize("name, message", [
+    ("crd_kd", "did you mean"),
+    ("ce+e2kd", "uses no teacher"),
+    ("e2kd+e2kd", "already"),
+    ("nope", "unknown distill.method 'nope'"),
+])
+def test_bad_method_names_say_what_is_known(name, message):
+    with pytest.raises(GteError, match=message):
+        parse_method(name)
+
+
+def test_options_are_typed_and_unknown_ones_named():
+    student, teacher = _models("standard")
+    with pytest.raises(GteError, match="no option 'alpah'.*known: .*alpha"):
+        build_method(DistillConfig(method="dkd", options={"alpah": 1.0}), student, teacher)
+    with pytest.raises(GteError, match="expects float"):
+        build_method(DistillConfig(method="dkd", options={"alpha": "big"}), student, teacher)
+    with pytest.raises(GteError, match="'ce' takes no options"):
+        build_method(DistillConfig(method="ce", options={"alpha": 1.0}), student, None)
+
+
+def test_a_layer_the_model_lacks_is_one_line():
+    student, teacher = _models("standard")
+    with pytest.raises(GteError, match="student cifar_resnet20 has no layer 'layer9'"):
+        build_method(DistillConfig(method="at", student_layers=["layer9"]), student, teacher)
+    vit = build_model("bcos_vit_ti_patch16_224", 5)
+    with pytest.raises(GteError, match="no feature stages"):
+        build_method(DistillConfig(method="at"), vit, teacher)
+
+
+def test_feature_methods_refuse_frozen_teaching():
+    student, _ = _models("standard")
+    with pytest.raises(GteError, match="cannot run on stored"):
+        build_method(DistillConfig(method="crd", frozen=True), student, None)
+
+
+def test_cli_reports_an_unknown_method_in_one_line(tmp_path):
+    res = subprocess.run([sys.executable, "-m", "gte", "distill", "--recipe", "demo", "--set", "distill.method=dkdd",
+                          "--set", "data.train=x-*.tar", "--dry-run"], capture_output=True, text=True,
+                         cwd=tmp_path)
+    assert res.returncode == 2
+    assert "unknown distill.method 'dkdd'" in res.stderr and "did you mean dkd" in res.stderr
+    assert "Traceback" not in res.stderr
