@@ -90,7 +90,7 @@ def test_launches_that_would_not_synchronise_are_refused(tmp_path, teacher, laun
     assert not (tmp_path / "out" / "model.safetensors").exists()
 
 
-def _recipe(tmp_path: Path, teacher: Path, shards: str, out: Path) -> Path:
+def _recipe(tmp_path: Path, teacher: Path, shards: str, out: Path, method: str = "e2kd") -> Path:
     text = f"""
 [data]
 train = "{shards}"
@@ -105,8 +105,9 @@ weights = "{teacher}"
 [student]
 arch = "bcos_cifar_resnet20"
 [distill]
-method = "e2kd"
+method = "{method}"
 lambda_exp = 5.0
+options = {{{'nce_k = 16' if method == 'crd' else ''}}}
 [optim]
 epochs = 2
 batch_size = 8
@@ -135,15 +136,18 @@ def _wait_for_step(out: Path, step: int, proc: subprocess.Popen, timeout: float 
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("how", ["sigkill", "sigterm"])
-def test_killed_run_resumes_to_identical_weights(tmp_path, teacher, how):
+@pytest.mark.parametrize("how, method", [("sigkill", "e2kd"), ("sigterm", "e2kd"), ("sigkill", "crd")])
+def test_killed_run_resumes_to_identical_weights(tmp_path, teacher, how, method):
+    """Killed at a random step and run again: the same weights as an uninterrupted run (crd: also its trainable
+    heads and memory bank, restored from the checkpoint's method.safetensors)."""
     shards = write_synthetic_split(tmp_path / "data", "distill", 96, image_size=32, num_classes=4, samples_per_shard=30)
     env = _env(tmp_path)
     gte = [sys.executable, "-m", "gte", "distill", "--recipe"]
     ref_out, run_out = tmp_path / "ref", tmp_path / "run"
-    subprocess.run(gte + [str(_recipe(tmp_path, teacher, shards, ref_out))], env=env, check=True, capture_output=True)
+    subprocess.run(gte + [str(_recipe(tmp_path, teacher, shards, ref_out, method))], env=env, check=True,
+                   capture_output=True)
 
-    recipe = _recipe(tmp_path, teacher, shards, run_out)
+    recipe = _recipe(tmp_path, teacher, shards, run_out, method)
     proc = subprocess.Popen(gte + [str(recipe)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     kill_at = random.Random().randint(2, 20)  # 12 steps per epoch × 2 epochs = 24 steps
     _wait_for_step(run_out, kill_at, proc)
@@ -157,7 +161,8 @@ def test_killed_run_resumes_to_identical_weights(tmp_path, teacher, how):
         assert proc.returncode == -signal.SIGKILL
     # nothing left half-written looks like a checkpoint
     for ckpt in (run_out / "checkpoints").glob("step-*"):
-        assert {p.name for p in ckpt.iterdir()} == {"model.safetensors", "state.pt", "position.json"}
+        method_file = {"method.safetensors"} if method == "crd" else set()
+        assert {p.name for p in ckpt.iterdir()} == {"model.safetensors", "state.pt", "position.json", *method_file}
         json.loads((ckpt / "position.json").read_text())
     assert len(list((run_out / "checkpoints").glob("step-*"))) <= 2
     assert not (run_out / "model.safetensors").exists()
@@ -165,6 +170,12 @@ def test_killed_run_resumes_to_identical_weights(tmp_path, teacher, how):
     res = subprocess.run(gte + [str(recipe)], env=env, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "resuming from" in res.stderr
+    if method == "crd":  # heads and memory bank at the end equal the uninterrupted run's
+        last = "checkpoints/step-00000024/method.safetensors"
+        m_ref, m_run = load_file(str(ref_out / last)), load_file(str(run_out / last))
+        assert m_ref.keys() == m_run.keys() and "state.memory_s" in m_ref
+        for k in m_ref:
+            assert torch.equal(m_ref[k], m_run[k]), k
     a = load_file(str(ref_out / "model.safetensors"))
     b = load_file(str(run_out / "model.safetensors"))
     assert a.keys() == b.keys()
