@@ -1,6 +1,7 @@
 """``gte bench``: what a training step of each method costs, in one process, on the same models and batch.
 
-Rows: student only (CE), KD (live teacher), e2KD live and frozen (stored logits + map) at K = 1 and K = 16, and a
+Rows: student only (CE), KD (live teacher), e2KD live and frozen (stored logits + map) at K = 1 and K = 16, every other
+registered method (AT, CAT-KD, CRD, DIST, DKD, ReviewKD; CRD + e2KD) with its paper defaults and live teacher, and a
 *reference* e2KD step computing the same exact gradient the way the official code does (:mod:`gte.bench_reference`:
 B-cos layers whose dynamic factor is saved with its graph and whose backward reads an explanation flag, W(x) by
 ``autograd.grad(create_graph=True)`` with the flag on, the final backward with it off, no further optimisation).
@@ -45,7 +46,7 @@ from gte.config import DistillConfig, Recipe
 from gte.engine import apply_run_options, build_models
 from gte.errors import GteError
 from gte.explain import choose_explainer, explain_with_logits
-from gte.methods import Batch, build_method
+from gte.methods import METHODS, Batch, Context, build_method
 from gte.models import check_arch, info, to_model_input
 from gte.precompute import teacher_outputs
 from gte.validate import check_compilable_teacher
@@ -126,6 +127,8 @@ def peak_memory(step: Callable[[], None], device: torch.device) -> int:
 
 
 BenchRow = tuple[str, str, Callable[[int], None], int]  # key, label, step(index), steps per timed unit (K)
+# the other registered methods get one row each (paper defaults; CRD with at most 4096 negatives), and CRD + e2KD
+OTHER_METHODS = [m for m in METHODS if m not in ("ce", "kd", "e2kd")] + ["crd+e2kd"]
 
 
 def build_rows(recipe: Recipe, batch: int, precision: str, device: torch.device) -> tuple[list[BenchRow], dict[str, Any]]:
@@ -178,8 +181,27 @@ def build_rows(recipe: Recipe, batch: int, precision: str, device: torch.device)
             opt.zero_grad(set_to_none=True)
         return step
 
+    indices = torch.arange(b, device=device)
+
     def method_step(method, frozen: dict | None = None) -> Callable[[int], None]:
-        return train_step(lambda i: method.loss(Batch(images, labels, i, frozen=frozen))[0])
+        opt = optimizer  # a method with trainable parts gets an optimiser over them too, as in training
+        if method.parts is not None:
+            method.parts.to(device)
+            opt = torch.optim.Adam([*student.parameters(), *method.parts.parameters()], lr=1e-6)
+        step = train_step(lambda i: method.loss(Batch(images, labels, i, indices=indices, frozen=frozen))[0], opt)
+
+        def with_end(i: int) -> None:
+            step(i)
+            method.end_step()
+        return with_end
+
+    context = Context(n_data=max(4 * b, 1024), image_size=d.image_size)
+
+    def other(name: str) -> BenchRow:
+        """A row for another registered method (or one "+e2kd"), with its paper defaults."""
+        options = {"nce_k": min(4096, context.n_data)} if name.startswith("crd") else {}
+        method = build_method(cfg(method=name, options=options), student, teacher, context)
+        return name.replace("+", "_"), f"{name} (live teacher)", method_step(method), 1
 
     def teacher_forward(index: int) -> None:
         with torch.no_grad(), autocast():
@@ -201,6 +223,7 @@ def build_rows(recipe: Recipe, batch: int, precision: str, device: torch.device)
         (f"e2kd_k{k}", f"e2KD live K={k}", e2kd(teacher, guided_every=k), k),
         ("e2kd_frozen", "e2KD frozen K=1", e2kd(None, frozen=True, guided_every=1), 1),
         (f"e2kd_frozen_k{k}", f"e2KD frozen K={k}", e2kd(None, frozen=True, guided_every=k), k),
+        *(other(name) for name in OTHER_METHODS),
         ("reference", "e2KD reference (official)",
          train_step(lambda i: reference_e2kd_loss(ref_student, ref_teacher, images, cfg(), explainer), ref_optimizer),
          1),

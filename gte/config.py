@@ -263,13 +263,34 @@ def shipped_recipes() -> dict[str, str]:
     return out
 
 
-def load_recipe(name_or_path: str, overrides: list[str] | None = None) -> Recipe:
-    """Read a recipe and apply ``--set`` overrides; every key is checked."""
+def read_raw(name_or_path: str, seen: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A recipe file as a dict, with ``extends = "<recipe>"`` resolved: the named recipe (a shipped name or a path
+    relative to this file) is read first and this file's keys override its keys, section by section."""
     path = recipe_path(name_or_path)
+    if str(path.resolve()) in seen:
+        raise GteError(f"{path}: recipes extend each other in a loop ({' -> '.join(seen)})")
     try:
         raw = tomllib.loads(path.read_text())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise GteError(f"{path}: not a valid TOML recipe ({e})") from None
+    base = raw.pop("extends", None)
+    if base is None:
+        return raw
+    if not isinstance(base, str):
+        raise GteError(f"{path}: 'extends' names one recipe, got {base!r}")
+    sibling = path.parent / base
+    merged = read_raw(str(sibling) if sibling.is_file() else base, (*seen, str(path.resolve())))
+    for section, values in raw.items():
+        if isinstance(values, dict) and isinstance(merged.get(section), dict):
+            merged[section] = {**merged[section], **values}
+        else:
+            merged[section] = values
+    return merged
+
+
+def load_recipe(name_or_path: str, overrides: list[str] | None = None) -> Recipe:
+    """Read a recipe (resolving ``extends``) and apply ``--set`` overrides; every key is checked."""
+    raw = read_raw(name_or_path)
     for item in overrides or []:
         keys, value = _parse_override(item)
         node = raw

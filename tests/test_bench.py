@@ -30,7 +30,10 @@ def test_gte_bench_runs_all_rows(tmp_path):
     res = json.loads(out.read_text())
     rows = {x["key"]: x for x in res["rows"]}
     assert set(rows) == {"ce", "kd", "e2kd_k1", "e2kd_k16", "e2kd_frozen", "e2kd_frozen_k16", "reference",
-                         "teacher_fwd", "teacher_explain"}
+                         "teacher_fwd", "teacher_explain", "at", "cat_kd", "crd", "dist", "dkd", "reviewkd",
+                         "crd_e2kd"}
+    for name in ("at (live teacher)", "reviewkd (live teacher)", "crd+e2kd (live teacher)"):
+        assert name in r.stdout, (name, r.stdout)
     assert res["batch"] == 4 and all(x["step_s"] > 0 and x["img_per_s"] > 0 for x in rows.values())
     assert rows["ce"]["x_ce"] == 1.0 and rows["kd"]["x_kd"] == 1.0 and rows["reference"]["speedup_vs_reference"] == 1.0
     assert all(len(x["times_s"]) == (1 if k.endswith("k16") else 3) for k, x in rows.items())
