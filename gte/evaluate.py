@@ -21,7 +21,8 @@ from gte import metrics as M
 from gte.config import DataConfig
 from gte.data.loader import make_loader
 from gte.errors import GteError
-from gte.explain import contribution_map, explain, explain_with_logits
+from gte.explain import explain, explain_with_logits
+from gte.explainers import get
 from gte.models import info, to_model_input
 
 
@@ -77,8 +78,7 @@ def _class_stats(sums: dict[str, float], p: str, logits: torch.Tensor, labels: t
 def _attribution(model: nn.Module, x: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
     """N×H×W map for EPG/IoU: Σ x·W(x) (B-cos) or the GradCAM map."""
     method = info(model).explainer
-    maps = explain(model, x, classes, method)
-    return contribution_map(x, maps) if method == "bcos" else maps[:, 0]
+    return get(method).attribution(x, explain(model, x, classes, method))
 
 
 def _box_pairs(batch: dict) -> list[tuple[int, int, list]]:

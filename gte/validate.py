@@ -15,7 +15,7 @@ from gte import frozen, hub
 from gte.config import Recipe, range_problems
 from gte.data.spec import expand_spec
 from gte.errors import GteError
-from gte.explain import EXPLAINERS, choose_explainer
+from gte.explainers import EXPLAINERS, choose_explainer, get
 from gte.io import is_file
 from gte.methods import parse_method, uses_teacher
 from gte.methods.base import parse_options
@@ -97,7 +97,7 @@ def _explainer_pair(recipe: Recipe) -> None:
     if d.explainer not in ("auto", *EXPLAINERS):  # an unknown name is _method's problem
         return
     explainer = choose_explainer(d.explainer, REGISTRY[s].bcos)
-    if explainer == "bcos" and not REGISTRY[t].bcos:
+    if get(explainer).needs_bcos and not REGISTRY[t].bcos:
         raise GteError(f"e2KD with B-cos explanations needs a B-cos teacher too; {t} is a standard network "
                        "(use a bcos_* teacher, or distill.explainer = 'gradcam')")
     if recipe.run.compile_teacher:

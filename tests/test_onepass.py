@@ -137,7 +137,7 @@ def test_every_bcos_model_has_the_one_pass_and_cnns_the_fused_layers():
     assert supports_one_pass(cnn) and supports_one_pass(vit)
     assert is_bcos_cnn(cnn) and not is_bcos_cnn(vit)  # CE/KD of a ViT keep bcos' own modules
     assert not supports_one_pass(build_model("cifar_resnet20", 10))  # not a B-cos model: nothing to gate
-    assert E2KD(DistillConfig(method="e2kd"), vit, None).explainer == "bcos"
+    assert E2KD(DistillConfig(method="e2kd"), vit, None).explanation.explainer == "bcos"
 
 
 @pytest.mark.parametrize("arch,size", [("bcos_resnet18", 48), ("odd", 12)])

@@ -13,7 +13,8 @@ import torch.nn as nn
 
 from gte.config import DistillConfig
 from gte.errors import GteError
-from gte.explain import choose_explainer, explain_with_logits
+from gte.explain import explain_with_logits
+from gte.explainers import choose_explainer, get
 from gte.losses import explanation_loss, log_norm_gap
 from gte.models import info, to_model_input
 from gte.methods.passes import StudentPass, TeacherPass
@@ -27,9 +28,12 @@ class ExplanationTerm:
         self.cfg, self.teacher = cfg, teacher
         s = info(student)
         self.explainer = choose_explainer(cfg.explainer, s.bcos)
+        get(self.explainer).check(student)
         if self.explainer == "bcos" and not supports_one_pass(student):
             raise GteError(f"e2KD with B-cos explanations needs a B-cos student gte can differentiate exactly; "
                            f"{s.arch} is not one")
+        if teacher is not None:
+            get(self.explainer).check(teacher)
         self.extra_classes = cfg.exp_topk > 1 or cfg.exp_student_top1
         if self.extra_classes and self.explainer != "bcos":
             raise GteError("distill.exp_topk / exp_student_top1 are implemented for B-cos students only")
@@ -41,7 +45,7 @@ class ExplanationTerm:
         """The weighted term for a batch of ``images`` (logged as ``exp`` and, with μ > 0, ``exp_norm``); ``frozen``:
         the teacher's maps are stored ones."""
         if frozen:  # the stored explanation of the stored top-1 class (un-augmented image)
-            want = 6 if self.explainer == "bcos" else 1
+            want = get(self.explainer).channels
             if t.maps.shape[1] != want or t.maps.shape[-2:] != images.shape[-2:]:
                 raise GteError(f"stored teacher maps are {tuple(t.maps.shape[1:])}, the '{self.explainer}' student "
                                f"explanation is ({want}, {images.shape[-2]}, {images.shape[-1]}): precomputed with "

@@ -1,9 +1,9 @@
 """The two forward passes of a training step: the student's (logits, tapped features, and explanations differentiable
 in its parameters, all from one forward) and the teacher's (without graph, or its stored outputs).
 
-Student explanations come from the same forward as its logits: B-cos students through :class:`gte.onepass.OnePass`
-(W(x) with the exact gradient of the official code), GradCAM students from the hooked activations with
-``create_graph=True``. B-cos CNN students that are not explained this step run :func:`gte.onepass.fused_layers`.
+Student explanations come from the same forward as its logits (each explainer's ``training_forward``: B-cos students
+through :class:`gte.onepass.OnePass`, W(x) with the exact gradient of the official code; GradCAM students from the
+hooked activations with ``create_graph=True``). B-cos CNN students that are not explained this step run :func:`gte.onepass.fused_layers`.
 """
 
 from __future__ import annotations
@@ -15,10 +15,12 @@ import torch
 import torch.nn as nn
 
 from gte.errors import GteError
-from gte.explain import explain_with_logits, gradcam
+from gte.explain import explain_with_logits
+from gte.explainers import get
+from gte.explainers.base import Explain
 from gte.methods.features import tap
 from gte.models import info, to_model_input
-from gte.onepass import OnePass, fused_layers, is_bcos_cnn
+from gte.onepass import fused_layers, is_bcos_cnn
 
 
 class StudentPass:
@@ -28,28 +30,21 @@ class StudentPass:
                  exp_grad: str = "exact"):
         self.model, self.explainer = model, explainer
         self.input = to_model_input(info(model), images)
-        self._one: OnePass | None = None
-        cam_layer = info(model).gradcam_layer if explainer == "gradcam" else None
-        if explainer == "gradcam" and cam_layer is None:
-            raise GteError(f"{info(model).arch} has no GradCAM layer")
-        with tap(model, layers + ([cam_layer] if cam_layer else [])) as feats:
-            if explainer == "bcos":
-                self._one = OnePass(model, self.input, exp_grad)
-                self.logits = self._one.logits
+        self._explain: Explain | None = None
+        with tap(model, layers) as feats:
+            if explainer is not None:
+                self.logits, self._explain = get(explainer).training_forward(model, self.input, exp_grad)
             else:
-                fused = fused_layers(model) if explainer is None and is_bcos_cnn(model) else contextlib.nullcontext()
+                fused = fused_layers(model) if is_bcos_cnn(model) else contextlib.nullcontext()
                 with fused:
                     self.logits = model(self.input)
         self.features = [feats[name] for name in layers]
-        self._cam_acts = feats.get(cam_layer) if cam_layer else None
 
     def explain(self, classes: torch.Tensor) -> torch.Tensor:
         """The student's explanation of ``classes`` (one per sample), differentiable in its parameters."""
-        if self._one is not None:
-            return self._one.explain(classes)
-        if self._cam_acts is None:
+        if self._explain is None:
             raise RuntimeError("this student pass was run without an explainer")
-        return gradcam(self._cam_acts, self.logits, classes, self.input.shape[-2:], create_graph=True)
+        return self._explain(classes)
 
 
 @dataclass
