@@ -19,7 +19,8 @@ from gte.explainers import EXPLAINERS, choose_explainer, get
 from gte.io import is_file
 from gte.methods import parse_method, uses_teacher
 from gte.methods.base import parse_options
-from gte.models import REGISTRY, check_arch
+from gte.methods.features import layer_names
+from gte.models import REGISTRY, check_arch, create
 from gte.onepass import EXP_GRADS
 
 
@@ -111,6 +112,23 @@ def _explained(method: str) -> bool:
         return False
 
 
+def _layers(recipe: Recipe) -> None:
+    """The layers a feature method taps exist in both models (checked on parameter-free 'meta' copies)."""
+    d = recipe.distill
+    try:
+        cls, _ = parse_method(d.method)
+    except GteError:
+        return
+    n = cls.needs
+    roles = [("student", recipe.student.arch, n.student_features, d.student_layers),
+             ("teacher", recipe.teacher.arch, n.teacher_features if n.teacher else "", d.teacher_layers)]
+    for role, arch, which, override in roles:
+        if which and arch in REGISTRY:
+            with torch.device("meta"):
+                model = create(arch, max(2, recipe.data.num_classes))
+            layer_names(model, which, override, role)
+
+
 def _run(recipe: Recipe) -> None:
     out = Path(recipe.run.out)
     if out.exists() and not out.is_dir():
@@ -131,7 +149,8 @@ def _eval_data(recipe: Recipe) -> None:
             expand_spec(spec)
 
 
-_CHECKS: tuple[Callable[[Recipe], None], ...] = (_method, _student, _teacher, _explainer_pair, _run, _data, _eval_data)
+_CHECKS: tuple[Callable[[Recipe], None], ...] = (_method, _student, _teacher, _explainer_pair, _layers, _run, _data,
+                                                  _eval_data)
 
 
 def check_compilable_teacher(recipe: Recipe) -> None:

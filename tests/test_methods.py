@@ -152,3 +152,11 @@ def test_cli_reports_an_unknown_method_in_one_line(tmp_path):
     assert res.returncode == 2
     assert "unknown distill.method 'dkdd'" in res.stderr and "did you mean dkd" in res.stderr
     assert "Traceback" not in res.stderr
+
+
+def test_dry_run_names_a_layer_the_student_lacks(tmp_path):
+    res = subprocess.run([sys.executable, "-m", "gte", "distill", "--recipe", "demo", "--set", "distill.method=at",
+                          "--set", 'distill.student_layers=["layer1", "layer9"]', "--set", "data.train=x-*.tar",
+                          "--dry-run"], capture_output=True, text=True, cwd=tmp_path)
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert "student bcos_cifar_resnet20 has no layer 'layer9'" in res.stderr
