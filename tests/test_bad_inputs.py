@@ -59,8 +59,18 @@ def one_line_exit_2(argv, monkeypatch, capsys, *needles: str) -> str:
     ("distill.temperature=0", "distill.temperature"),
     ("data.image_size=64", "eval_resize"),  # the demo's eval_resize 32 would pad the 64-px crop with black
 ])
-def test_out_of_range_values_are_refused_when_the_recipe_loads(override, needle, monkeypatch, capsys):
-    one_line_exit_2(["distill", "--set", override, "--dry-run"], monkeypatch, capsys, needle)
+def test_out_of_range_values_are_refused_when_the_recipe_loads(override, needle, tmp_path, monkeypatch, capsys):
+    # data.train names no shards: a recipe that got past loading would fail on that instead, with another line
+    one_line_exit_2(["distill", "--set", override, "--set", f"data.train={tmp_path}/none-*.tar"], monkeypatch, capsys,
+                    needle)
+
+
+def test_a_dry_run_lists_every_value_out_of_range(monkeypatch, capsys):
+    code, out, err = run_main(["distill", "--set", "optim.lr=-1", "--set", "optim.epochs=0", "--dry-run"],
+                              monkeypatch, capsys)
+    problems = [x for x in err.splitlines() if x.startswith("gte: problem: ")]
+    assert code == 2 and "[optim]" in out  # the resolved recipe is printed too
+    assert len(problems) == 2 and "optim.lr" in problems[0] and "optim.epochs" in problems[1], err
 
 
 def test_dry_run_lists_every_problem_and_prints_the_recipe(tmp_path, monkeypatch, capsys):
