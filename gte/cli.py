@@ -14,6 +14,23 @@ from gte.commands import eval as evaluate
 from gte.commands.data import data_app
 from gte.errors import GteError
 
+def _flags_without_type() -> None:
+    """Typer's rich help prints ``<bool>`` after every flag (``--dry-run <bool>``) although a flag takes no value;
+    its plain help already leaves the type out for flags (typer/core.py: ``if not self.is_flag``): do the same."""
+    from typer.core import TyperOption
+
+    shown = getattr(TyperOption, "display_type_rich", None)  # older typer: no such hook, and no type printed
+    if shown is None or getattr(shown, "gte_flags_without_type", False):
+        return
+
+    def display_type_rich(self, ctx):
+        return None if self.is_flag else shown(self, ctx)
+
+    display_type_rich.gte_flags_without_type = True
+    TyperOption.display_type_rich = display_type_rich
+
+
+_flags_without_type()
 app = typer.Typer(add_completion=True, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Good Teachers Explain: explanation-enhanced knowledge distillation (e2KD).")
 

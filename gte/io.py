@@ -79,6 +79,9 @@ def is_file(path: str | os.PathLike) -> bool:
         return False
     except PermissionError:
         raise GteError(f"{path}: permission denied") from None
-    if found and not os.access(path, os.R_OK):
-        raise GteError(f"{path}: permission denied")
+    if found:
+        try:  # opening, not os.access: it also answers for root, ACLs and kernel files that refuse every reader
+            os.close(os.open(path, os.O_RDONLY))
+        except PermissionError:
+            raise GteError(f"{path}: permission denied") from None
     return found

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import glob
 import io
 import json
+import os
 import tarfile
 from pathlib import Path
 
@@ -81,3 +83,21 @@ def write_imagefolder(root: Path, layout: dict[str, int], *, seed: int = 0) -> N
         d.mkdir(parents=True, exist_ok=True)
         for i in range(n):
             (d / f"img_{i}.jpg").write_bytes(jpeg_bytes(rng))
+
+
+def unreadable_file(directory: Path) -> Path | None:
+    """A file this process may not read: one of mode 000 in ``directory``; for root, whom file modes do not stop, a
+    write-only kernel attribute (sysfs refuses every reader with EACCES); None when there is none."""
+    if os.geteuid() != 0:
+        path = Path(directory) / "locked-000000.tar"
+        path.write_bytes(b"")
+        path.chmod(0)
+        return path
+    for candidate in sorted(glob.glob("/sys/bus/*/uevent")):
+        try:
+            open(candidate, "rb").close()
+        except PermissionError:
+            return Path(candidate)
+        except OSError:
+            continue
+    return None

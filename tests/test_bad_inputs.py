@@ -301,3 +301,15 @@ def test_an_unreadable_newest_checkpoint_falls_back_to_the_one_before(tmp_path, 
     resumed = train(recipe(tmp_path / "b")).model.state_dict()  # epoch 2 again, from the epoch-1 checkpoint
     for k, v in straight.items():
         torch.testing.assert_close(resumed[k], v, msg=k)
+
+
+@pytest.mark.parametrize("command", ["data info {}", "distill --dry-run --set data.train={}"])
+def test_an_unreadable_shard_is_permission_denied_not_missing(command, tmp_path, monkeypatch, capsys):
+    from _fixtures import unreadable_file
+
+    path = unreadable_file(tmp_path)
+    if path is None:
+        pytest.skip("running as root (file modes do not stop it) and no write-only sysfs attribute to read instead")
+    code, _, err = run_main(command.format(path).split(), monkeypatch, capsys)
+    assert code == 2 and "permission denied" in err.lower() and str(path) in err, err
+    assert "not found" not in err and "No such file" not in err, err

@@ -161,3 +161,11 @@ def test_no_arguments_shows_help(tmp_path):
     assert res.returncode in (0, 2)
     assert "distill" in res.stdout + res.stderr
     assert "Traceback" not in res.stderr
+
+
+@pytest.mark.parametrize("command", [["distill"], ["data", "shard", "imagefolder"], ["eval"]])
+def test_help_shows_flags_as_flags(command, tmp_path):
+    res = run_gte([*command, "--help"], tmp_path, tmp_path, timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert "<bool>" not in res.stdout and "BOOLEAN" not in res.stdout, res.stdout
+    assert "<str>" in res.stdout or "<path>" in res.stdout  # options that take a value still say what value
