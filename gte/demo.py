@@ -20,7 +20,7 @@ from gte.config import Recipe, range_problems
 from gte.data import synthetic
 from gte.errors import GteError
 from gte.evaluate import evaluate
-from gte.io import write_with
+from gte.io import check_writable, write_with
 from gte.methods import parse_method
 from gte.models import REGISTRY, freeze, load_model
 from gte.train import train
@@ -87,6 +87,10 @@ def problems(recipe: Recipe) -> list[str]:
             parse_method(m)
         except GteError as e:
             out.append(f"demo.methods: {e}")
+    try:
+        check_writable(recipe.run.out, "run.out")
+    except GteError as e:
+        out.append(str(e))
     return out
 
 

@@ -6,6 +6,7 @@ import glob
 import io
 import json
 import os
+import sys
 import tarfile
 from pathlib import Path
 
@@ -101,3 +102,27 @@ def unreadable_file(directory: Path) -> Path | None:
         except OSError:
             continue
     return None
+
+
+def run_main(argv: list[str], monkeypatch, capsys) -> tuple[int, str, str]:
+    """``gte argv`` through the console-script entry point: (exit code, stdout, stderr)."""
+    from gte.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["gte", *argv])
+    code = 0
+    try:
+        main()
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def one_line_exit_2(argv, monkeypatch, capsys, *needles: str) -> str:
+    code, _, err = run_main(argv, monkeypatch, capsys)
+    lines = [x for x in err.splitlines() if x.strip()]
+    assert code == 2, err
+    assert len(lines) == 1 and lines[0].startswith("gte: error: "), err
+    for n in needles:
+        assert n in lines[0], lines[0]
+    return lines[0]

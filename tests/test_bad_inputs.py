@@ -9,7 +9,6 @@ import fcntl
 import hashlib
 import json
 import os
-import sys
 import threading
 import warnings
 
@@ -17,34 +16,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from _fixtures import jpeg_bytes, write_jpeg_shards
+from _fixtures import jpeg_bytes, one_line_exit_2, run_main, write_jpeg_shards
 from gte.data.images import to_rgb
 from gte.data.transforms import BadSample, SampleTransform
 from gte.data.writers.core import atomic_tar
-
-
-def run_main(argv: list[str], monkeypatch, capsys) -> tuple[int, str, str]:
-    """``gte argv`` through the console-script entry point: (exit code, stdout, stderr)."""
-    from gte.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["gte", *argv])
-    code = 0
-    try:
-        main()
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
-
-def one_line_exit_2(argv, monkeypatch, capsys, *needles: str) -> str:
-    code, _, err = run_main(argv, monkeypatch, capsys)
-    lines = [x for x in err.splitlines() if x.strip()]
-    assert code == 2, err
-    assert len(lines) == 1 and lines[0].startswith("gte: error: "), err
-    for n in needles:
-        assert n in lines[0], lines[0]
-    return lines[0]
 
 
 @pytest.mark.parametrize("override,needle", [

@@ -37,6 +37,12 @@ def eval_command(
         raise GteError("--batch-size and --shift-samples must be positive, --shift-max and --examples not negative")
     if json_out and json_out != "-" and not Path(json_out).resolve().parent.is_dir():  # before, not after, the work
         raise GteError(f"--json {json_out}: the directory {Path(json_out).resolve().parent} does not exist")
+    from gte.io import check_writable
+
+    if json_out and json_out != "-":
+        check_writable(Path(json_out).resolve().parent, "--json")
+    if report:
+        check_writable(report, "--report")
     from gte import dist
     from gte.evaluate import EvalOptions
 

@@ -34,7 +34,7 @@ from typing import Callable, Iterator
 
 from gte.data.index import read_side_index, update_side_index
 from gte.errors import GteError
-from gte.io import atomic_path
+from gte.io import atomic_path, check_writable
 
 _FORMAT_EXT = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp"}
 _TAR_OVERHEAD = 512 * 4  # per sample: 3 member headers + padding, roughly
@@ -68,6 +68,14 @@ def atomic_tar(path: str | os.PathLike) -> Iterator:
 
     with atomic_path(path) as tmp, open(tmp, "wb") as f, wds.TarWriter(f, encoder=False, mtime=0) as sink:
         yield sink
+
+
+def output_dir(out: str | os.PathLike) -> Path:
+    """``out``, created, once it is known that shards can be written there (one line before any image is read)."""
+    check_writable(out, "--out")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ items, plans

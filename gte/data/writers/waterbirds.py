@@ -7,7 +7,7 @@ import csv
 from pathlib import Path
 
 from gte.data.index import keep_class_names
-from gte.data.writers.core import Item, SplitSummary, safe_key, write_split
+from gte.data.writers.core import Item, SplitSummary, output_dir, safe_key, write_split
 from gte.errors import GteError
 from gte.io import atomic_write_json
 
@@ -45,8 +45,7 @@ def waterbirds_items(root: Path) -> dict[str, list[Item]]:
 
 
 def convert_waterbirds(root: Path, out: Path, *, console=None, **options) -> tuple[list[SplitSummary], list[str]]:
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = output_dir(out)
     keep_class_names(out, list(WATERBIRDS_CLASSES))
     atomic_write_json(out / "groups.json", list(WATERBIRDS_GROUPS))
     splits = waterbirds_items(root)
