@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import errno
 import os
+import signal
 import sys
+from typing import NoReturn
 
 import typer
 
@@ -81,6 +83,34 @@ def os_error_line(e: OSError) -> str:
     return line
 
 
+def accelerate_launcher() -> int | None:
+    """The pid of the ``accelerate launch`` that started this process as its only one (its "simple launcher",
+    which waits for one child), or None."""
+    if "WORLD_SIZE" in os.environ:  # started by torchrun, or by accelerate's multi-process launcher (torchrun's)
+        return None
+    try:
+        with open(f"/proc/{os.getppid()}/cmdline", "rb") as f:
+            args = [a.decode(errors="replace") for a in f.read().split(b"\0")]
+    except OSError:
+        return None
+    for i, a in enumerate(args[:-1]):
+        if a == "accelerate.commands.launch" or (os.path.basename(a) == "accelerate" and args[i + 1] == "launch"):
+            return os.getppid()
+    return None
+
+
+def _exit(line: str, code: int) -> NoReturn:
+    """Print ``gte: error: line`` and exit with ``code``. Under ``accelerate launch``'s single-process launcher, end
+    the launcher first: for any non-zero exit of its child it raises CalledProcessError and prints a traceback of its
+    own around gte's one line. SIGTERM ends it quietly (Python's default action; shells do not report it); the
+    launch's exit status is then 143 (128 + SIGTERM) instead of 1."""
+    print(f"gte: error: {line}", file=sys.stderr, flush=True)
+    launcher = accelerate_launcher()
+    if launcher is not None:
+        os.kill(launcher, signal.SIGTERM)
+    sys.exit(code)
+
+
 def main() -> None:
     """Entry point: user errors become one line on stderr and their exit code."""
     try:
@@ -88,10 +118,8 @@ def main() -> None:
     except GteError as e:
         if os.environ.get("GTE_DEBUG"):
             raise
-        print(f"gte: error: {e}", file=sys.stderr)
-        sys.exit(e.exit_code)
+        _exit(str(e), e.exit_code)
     except OSError as e:  # unreadable inputs, read-only or full output directories, …
         if os.environ.get("GTE_DEBUG"):
             raise
-        print(f"gte: error: {os_error_line(e)}", file=sys.stderr)
-        sys.exit(2)
+        _exit(os_error_line(e), 2)
