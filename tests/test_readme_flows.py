@@ -118,6 +118,8 @@ def test_waterbirds_flow(workdir):
          "--json", "m.json"])
     m = json.loads(Path("m.json").read_text())
     assert m["n"] == 8 and set(m["groups"]) == {"0", "1", "2", "3"} and "worst_group_acc" in m
+    assert m["group_names"] == {"0": "landbird-on-land", "1": "landbird-on-water", "2": "waterbird-on-land",
+                                "3": "waterbird-on-water"}
 
 
 def _voc(root: Path, n_trainval: int, n_test: int) -> None:

@@ -43,10 +43,11 @@ def _options(max_samples: int, max_bytes: str, seed: int, shuffle: bool, check: 
                 workers=workers, overwrite=overwrite)
 
 
-def _report(out: Path, summaries, classes: list[str], groups: list[str] | None = None) -> None:
+def _report(out: Path, summaries, classes: list[str]) -> None:
+    from gte.data.index import read_group_names
     from gte.data.writers.core import shard_spec
 
-    err.print(summary_table(summaries, classes, groups))
+    err.print(summary_table(summaries, classes, read_group_names(out)))
     for s in summaries:
         err.print(f"{s.split}: {shard_spec(out, s.split, s.shards)}")
         for p in s.problems[:5]:
@@ -89,11 +90,11 @@ def shard_waterbirds(
     check: str = CheckOpt, workers: int = WorkersOpt, overwrite: bool = OverwriteOpt,
 ) -> None:
     """Waterbirds → train/val/test shards; cls = y, json.group = 2·y + place."""
-    from gte.data.writers.waterbirds import WATERBIRDS_GROUPS, convert_waterbirds
+    from gte.data.writers.waterbirds import convert_waterbirds
 
     summaries, names = convert_waterbirds(root, out, console=err, **_options(max_samples, max_bytes, seed, shuffle,
                                                                              check, workers, overwrite))
-    _report(out, summaries, names, list(WATERBIRDS_GROUPS))
+    _report(out, summaries, names)
 
 
 @shard_app.command("voc")
@@ -241,7 +242,11 @@ def info_table(info: dict, directory: str):
             t.add_row("classes", f"{len(v)} (indices {min(indices)}..{max(indices)}); "
                       f"per class min / median / max {min(v)} / {sorted(v)[len(v) // 2]} / {max(v)}")
         if info["groups"]:
-            t.add_row("groups", ", ".join(f"{k}: {n}" for k, n in info["groups"].items()))
+            from gte.data.index import read_group_names
+
+            names = read_group_names(directory) or []
+            t.add_row("groups", ", ".join(f"{k} {names[int(k)]}: {n}" if 0 <= int(k) < len(names) else f"{k}: {n}"
+                                          for k, n in info["groups"].items()))
         t.add_row("members", ", ".join(f"{k}: {n}" for k, n in info["members"].items()))
         if info["without_cls"]:
             t.add_row("[red]without cls", str(info["without_cls"]))

@@ -8,11 +8,13 @@ there. Counts are cached per file (path, size, mtime) in memory and under ``$GTE
 from a ``shards.json`` written next to the shards by ``gte data shard`` / ``gte data fewshot`` when its recorded
 byte size still matches the file.
 
-This module is the only reader and writer of the two files gte keeps next to shards:
+This module is the only reader and writer of the files gte keeps next to shards:
 
 - ``shards.json``: ``{"splits": {split: {"digest", "shards", "samples_planned"}}, "shards": {name: {"n", "bytes",
   "skipped", "classes", "groups"}}}`` (written by gte.data.writers);
-- ``classes.json``: the class names in index order (a JSON list of strings).
+- ``classes.json``: the class names in index order (a JSON list of strings);
+- ``groups.json``: the names of the ``json.group`` values in index order (Waterbirds' four, the demo's aligned and
+  conflicting), read by ``gte eval`` and ``gte data info`` for their tables.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from gte.io import atomic_write_bytes, atomic_write_json, atomic_write_text, rea
 
 SIDE_INDEX = "shards.json"
 CLASSES = "classes.json"
+GROUPS = "groups.json"
 
 
 # ---------------------------------------------------------------------------------------------------- counting
@@ -241,7 +244,22 @@ def update_side_index(directory: str | os.PathLike, update: Callable[[dict], Non
 def read_class_names(directory: str | os.PathLike) -> list[str] | None:
     """The class names of ``directory``'s ``classes.json`` (``None`` when missing, unreadable or not a list of
     strings)."""
-    names = read_json(Path(directory, CLASSES))
+    return _read_names(Path(directory, CLASSES))
+
+
+def read_group_names(directory: str | os.PathLike) -> list[str] | None:
+    """The group names of ``directory``'s ``groups.json`` (``None`` when missing, unreadable or not a list of
+    strings)."""
+    return _read_names(Path(directory, GROUPS))
+
+
+def write_group_names(directory: str | os.PathLike, names: list[str]) -> None:
+    """Write ``directory/groups.json`` atomically."""
+    atomic_write_json(Path(directory, GROUPS), list(names))
+
+
+def _read_names(path: Path) -> list[str] | None:
+    names = read_json(path)
     if isinstance(names, list) and all(isinstance(n, str) for n in names):
         return names
     return None
@@ -264,8 +282,9 @@ def keep_class_names(directory: str | os.PathLike, names: list[str]) -> None:
     write_class_names(directory, names)
 
 
-def copy_class_names(source: str | os.PathLike, directory: str | os.PathLike) -> None:
-    """Copy ``source/classes.json`` (verbatim) into ``directory`` when there is one."""
-    src = Path(source, CLASSES)
-    if src.is_file():
-        atomic_write_bytes(Path(directory, CLASSES), src.read_bytes())
+def copy_names(source: str | os.PathLike, directory: str | os.PathLike) -> None:
+    """Copy ``source``'s ``classes.json`` and ``groups.json`` (verbatim) into ``directory``, those it has."""
+    for name in (CLASSES, GROUPS):
+        src = Path(source, name)
+        if src.is_file():
+            atomic_write_bytes(Path(directory, name), src.read_bytes())

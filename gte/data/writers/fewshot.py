@@ -27,7 +27,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from gte.data.index import copy_class_names
+from gte.data.index import copy_names
 from gte.data.spec import expand_spec, is_local, local_path
 from gte.data.tar import iter_index, read_members
 from gte.data.writers.core import Item, SplitSummary, write_split
@@ -174,7 +174,7 @@ def fewshot(src: str, out: Path, *, shots: int, holdout: int = 50, seed: int = 4
 
     t1 = time.time()
     out.mkdir(parents=True, exist_ok=True)
-    copy_class_names(Path(paths[0]).parent, out)
+    copy_names(Path(paths[0]).parent, out)
 
     def items(cands: list[Candidate]) -> list[Item]:
         return [Item(c.key, Path(c.path), c.cls, {"members": c.members, **({"group": c.group} if c.group is not None
