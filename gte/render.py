@@ -235,15 +235,15 @@ def render(rows: Sequence[Row], names: Sequence[str], out: str | os.PathLike, dp
 
 def print_top(rows: Sequence[Row], names: Sequence[str], console: Console) -> None:
     """The top-5 of every model for every image as one rich table."""
-    from rich.table import Table
+    from gte.tables import add_columns, compact_table
 
-    table = Table(title="top-5 (sigmoid for B-cos models, softmax for standard ones)")
-    for col in ("image", "model", "rank", "class", "name", "p"):
-        table.add_column(col, justify="right" if col in ("rank", "class", "p") else "left")
+    table = compact_table("top-5 (sigmoid for B-cos models, softmax for standard ones)")
+    add_columns(table, ("image", "model", "rank", "class", "name", "p"), numeric=("rank", "class", "p"))
     for row in rows:
         for p in row.panels:
             for rank, (k, q) in enumerate(p.top, 1):
                 mark = " *" if k == row.explained else ""
-                table.add_row(Path(row.path).name, f"{p.role} {p.arch}", str(rank), str(k), names[k] + mark, f"{q:.3f}")
+                image, model = (Path(row.path).name, f"{p.role} {p.arch}") if rank == 1 else ("", "")  # once each
+                table.add_row(image, model, str(rank), str(k), names[k] + mark, f"{q:.3f}")
     console.print(table)
     console.print("* = the class explained in the picture")

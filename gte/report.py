@@ -87,17 +87,16 @@ def shift_rows(metrics: dict) -> list[list[str]]:
 
 def print_summary(metrics: dict, console: Console, title: str = "gte eval") -> None:
     """The metric tables in the terminal (rich)."""
-    from rich.table import Table
+    from gte.tables import add_columns, compact_table
 
     def table(name: str, header: Sequence[str], rows: list[list[str]], notes: Sequence[str] = ()) -> None:
         if rows:
-            tab = Table(title=name, caption=" ".join(notes) or None, caption_justify="left")
-            for i, h in enumerate(header):
-                # numbers never wrap or shorten; a long first cell (a group name) folds instead
-                tab.add_column(h, justify="left" if i == 0 else "right", overflow="fold", no_wrap=i > 0)
+            tab = compact_table(name, caption=" ".join(notes) or None)
+            add_columns(tab, header, numeric=header[1:])  # numbers never wrap; a long group name folds
             for row in rows:
                 tab.add_row(*row)
             console.print(tab)
+            console.print()  # without vertical rules, a blank line keeps the next title apart
 
     table(f"{title}: {metrics['n']} samples (%)", ["metric", "student", "teacher"], metric_rows(metrics),
           metric_notes(metrics))
