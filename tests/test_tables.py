@@ -87,8 +87,8 @@ def test_shard_summary_and_demo_tables_fit_80_columns():
                "group 3 waterbird-on-water", "11788", "12 (3)")
     row = {"acc1": 0.934, "aligned": 0.998, "conflicting": 0.87, "agreement": 0.933, "explanation_similarity": 0.98,
            "epg": 0.643}
-    check_fits(rendered(results_table({"teacher (bcos_cifar_resnet56)": row, "e2kd student (bcos_cifar_resnet56)": row})),
-               "e2kd student", "(bcos_cifar_resnet56)", "93.4", "99.8", "87.0", "64.3", "conflicting")
+    rows = {"teacher (bcos_cifar_resnet56)": row, "e2kd student (bcos_cifar_resnet56)": row}
+    check_fits(rendered(results_table(rows)), "e2kd student", "(bcos_cifar_resnet56)", "93.4", "99.8", "87.0", "64.3", "conflicting")
 
 
 def test_recipe_descriptions_wrap_in_their_own_column(narrow, monkeypatch, capsys):
