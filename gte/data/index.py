@@ -11,7 +11,9 @@ byte size still matches the file.
 This module is the only reader and writer of the files gte keeps next to shards:
 
 - ``shards.json``: ``{"splits": {split: {"digest", "shards", "samples_planned"}}, "shards": {name: {"n", "bytes",
-  "skipped", "classes", "groups"}}}`` (written by gte.data.writers);
+  "skipped", "classes", "groups", "formats"}}}`` (written by gte.data.writers);
+- ``_info.json``: the same splits in timm's WebDataset format (``timm/data/readers/reader_wds.py``: ``{"name",
+  "splits": {split: {"name", "num_samples", "filenames", "shard_lengths"}}}``), so that timm's reader sizes them;
 - ``classes.json``: the class names in index order (a JSON list of strings);
 - ``groups.json``: the names of the ``json.group`` values in index order (Waterbirds' four, the demo's aligned and
   conflicting), read by ``gte eval`` and ``gte data info`` for their tables.
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tarfile
 import threading
 from dataclasses import dataclass
@@ -33,6 +36,7 @@ from gte.errors import GteError
 from gte.io import atomic_write_bytes, atomic_write_json, atomic_write_text, read_json
 
 SIDE_INDEX = "shards.json"
+TIMM_INFO = "_info.json"
 CLASSES = "classes.json"
 GROUPS = "groups.json"
 
@@ -236,6 +240,25 @@ def update_side_index(directory: str | os.PathLike, update: Callable[[dict], Non
     data.setdefault("shards", {})
     update(data)
     atomic_write_text(Path(directory, SIDE_INDEX), json.dumps(data, indent=1, sort_keys=True))
+
+
+def is_shard_of(name: str, split: str) -> bool:
+    """True for the file name of a shard of ``split`` as gte data writes it: ``<split>-NNNNNN.tar``."""
+    return re.fullmatch(rf"{re.escape(split)}-\d{{6}}\.tar", name) is not None
+
+
+def write_timm_info(directory: str | os.PathLike) -> dict:
+    """Write ``_info.json`` from ``shards.json``: every split's finished shards, in order, with their sample counts;
+    returns it."""
+    recorded = _recorded_shards(str(directory))
+    splits = {}
+    for split in sorted(read_side_index(directory).get("splits", {})):
+        names = sorted(n for n in recorded if is_shard_of(n, split))
+        lengths = [int(recorded[n]["n"]) for n in names]
+        splits[split] = {"name": split, "num_samples": sum(lengths), "filenames": names, "shard_lengths": lengths}
+    info = {"name": Path(directory).resolve().name, "splits": splits}
+    atomic_write_json(Path(directory, TIMM_INFO), info)
+    return info
 
 
 # ----------------------------------------------------------------------------------------------- classes.json
