@@ -69,7 +69,7 @@ def test_bench_table_fits_80_columns():
 
     rows = [{"name": name, "step_s": 12.3456, "img_per_s": 1234.5, "peak_mem_mib": 123456.0, "x_ce": 12.34,
              "x_kd": 2.34, "speedup_vs_reference": 1.23}
-            for name in ("student only (CE)", "e2KD reference (official)", "teacher forward + W(x)")]
+            for name in ("student only (CE)", "reviewkd+e2kd (live teacher)", "e2KD reference (official)")]
     text = rendered(table({"student": "bcos_vit_ti_patch16_224", "teacher": "bcos_densenet169", "image_size": 224,
                            "batch": 32, "device": "NVIDIA H200, 16 torch threads", "rows": rows}))
     check_fits(text, "e2KD reference (official)", "12345.6", "1234.5", "123456", "12.34", "speed-up")
