@@ -9,6 +9,7 @@ or the new one — never a half-written checkpoint that looks complete.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import pickle
@@ -60,19 +61,26 @@ def save(directory: Path, *, model: nn.Module, optimizer: torch.optim.Optimizer,
          position: dict[str, Any], rng: list[dict[str, Any]], keep: int,
          method_state: dict[str, torch.Tensor] | None = None) -> Path:
     """Write one checkpoint (main process only) and delete all but the newest ``keep``."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     directory.mkdir(parents=True, exist_ok=True)
     final = directory / f"{PREFIX}{position['step']:08d}"
     tmp = directory / f".tmp-{final.name}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"))
-    if method_state:
-        save_file({k: v.detach().contiguous().cpu() for k, v in method_state.items()}, str(tmp / "method.safetensors"))
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng},
-               tmp / "state.pt")
-    (tmp / "position.json").write_text(json.dumps(position))
+    try:  # serialised in memory, written by Python: a full disk is an OSError (ENOSPC), not a library's RuntimeError
+        (tmp / "model.safetensors").write_bytes(save({k: v.detach().contiguous().cpu()
+                                                      for k, v in model.state_dict().items()}))
+        if method_state:
+            (tmp / "method.safetensors").write_bytes(save({k: v.detach().contiguous().cpu()
+                                                           for k, v in method_state.items()}))
+        state = io.BytesIO()
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng}, state)
+        (tmp / "state.pt").write_bytes(state.getbuffer())
+        (tmp / "position.json").write_text(json.dumps(position))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # a half checkpoint would keep the space the disk lacks
+        raise
     if final.exists():  # the same step saved twice (epoch end right after a periodic save)
         shutil.rmtree(final)
     os.replace(tmp, final)

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import errno
 import os
+import signal
 import sys
+from typing import NoReturn
 
 import typer
 
@@ -14,6 +16,23 @@ from gte.commands import eval as evaluate
 from gte.commands.data import data_app
 from gte.errors import GteError
 
+def _flags_without_type() -> None:
+    """Typer's rich help prints ``<bool>`` after every flag (``--dry-run <bool>``) although a flag takes no value;
+    its plain help already leaves the type out for flags (typer/core.py: ``if not self.is_flag``): do the same."""
+    from typer.core import TyperOption
+
+    shown = getattr(TyperOption, "display_type_rich", None)  # older typer: no such hook, and no type printed
+    if shown is None or getattr(shown, "gte_flags_without_type", False):
+        return
+
+    def display_type_rich(self, ctx):
+        return None if self.is_flag else shown(self, ctx)
+
+    display_type_rich.gte_flags_without_type = True
+    TyperOption.display_type_rich = display_type_rich
+
+
+_flags_without_type()
 app = typer.Typer(add_completion=True, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Good Teachers Explain: explanation-enhanced knowledge distillation (e2KD).")
 
@@ -64,6 +83,34 @@ def os_error_line(e: OSError) -> str:
     return line
 
 
+def accelerate_launcher() -> int | None:
+    """The pid of the ``accelerate launch`` that started this process as its only one (its "simple launcher",
+    which waits for one child), or None."""
+    if "WORLD_SIZE" in os.environ:  # started by torchrun, or by accelerate's multi-process launcher (torchrun's)
+        return None
+    try:
+        with open(f"/proc/{os.getppid()}/cmdline", "rb") as f:
+            args = [a.decode(errors="replace") for a in f.read().split(b"\0")]
+    except OSError:
+        return None
+    for i, a in enumerate(args[:-1]):
+        if a == "accelerate.commands.launch" or (os.path.basename(a) == "accelerate" and args[i + 1] == "launch"):
+            return os.getppid()
+    return None
+
+
+def _exit(line: str, code: int) -> NoReturn:
+    """Print ``gte: error: line`` and exit with ``code``. Under ``accelerate launch``'s single-process launcher, end
+    the launcher first: for any non-zero exit of its child it raises CalledProcessError and prints a traceback of its
+    own around gte's one line. SIGTERM ends it quietly (Python's default action; shells do not report it); the
+    launch's exit status is then 143 (128 + SIGTERM) instead of 1."""
+    print(f"gte: error: {line}", file=sys.stderr, flush=True)
+    launcher = accelerate_launcher()
+    if launcher is not None:
+        os.kill(launcher, signal.SIGTERM)
+    sys.exit(code)
+
+
 def main() -> None:
     """Entry point: user errors become one line on stderr and their exit code."""
     try:
@@ -71,10 +118,8 @@ def main() -> None:
     except GteError as e:
         if os.environ.get("GTE_DEBUG"):
             raise
-        print(f"gte: error: {e}", file=sys.stderr)
-        sys.exit(e.exit_code)
+        _exit(str(e), e.exit_code)
     except OSError as e:  # unreadable inputs, read-only or full output directories, …
         if os.environ.get("GTE_DEBUG"):
             raise
-        print(f"gte: error: {os_error_line(e)}", file=sys.stderr)
-        sys.exit(2)
+        _exit(os_error_line(e), 2)

@@ -211,8 +211,9 @@ def range_problems(recipe: Recipe) -> list[str]:
     return out
 
 
-def from_dict(raw: dict[str, Any]) -> Recipe:
-    """Build a :class:`Recipe`, naming the first unknown section or key and the first value out of range."""
+def from_dict(raw: dict[str, Any], check_ranges: bool = True) -> Recipe:
+    """Build a :class:`Recipe`, naming the first unknown section or key and (``check_ranges``) the first value out of
+    range; ``--dry-run`` passes ``check_ranges=False`` and lists every range problem with the other checks."""
     recipe = Recipe()
     for section, values in raw.items():
         if not hasattr(recipe, section):
@@ -224,7 +225,7 @@ def from_dict(raw: dict[str, Any]) -> Recipe:
             if not hasattr(target, key):
                 raise GteError(f"unknown recipe key '{section}.{key}'")
             setattr(target, key, coerce(f"{section}.{key}", value, getattr(target, key)))
-    problems = range_problems(recipe)
+    problems = range_problems(recipe) if check_ranges else []
     if problems:
         raise GteError(problems[0])
     return recipe
@@ -288,8 +289,9 @@ def read_raw(name_or_path: str, seen: tuple[str, ...] = ()) -> dict[str, Any]:
     return merged
 
 
-def load_recipe(name_or_path: str, overrides: list[str] | None = None) -> Recipe:
-    """Read a recipe (resolving ``extends``) and apply ``--set`` overrides; every key is checked."""
+def load_recipe(name_or_path: str, overrides: list[str] | None = None, check_ranges: bool = True) -> Recipe:
+    """Read a recipe (resolving ``extends``) and apply ``--set`` overrides; every key is checked (value ranges unless
+    ``check_ranges`` is False: see :func:`from_dict`)."""
     raw = read_raw(name_or_path)
     for item in overrides or []:
         keys, value = _parse_override(item)
@@ -299,4 +301,4 @@ def load_recipe(name_or_path: str, overrides: list[str] | None = None) -> Recipe
             if not isinstance(node, dict):
                 raise GteError(f"--set {item}: '{k}' is not a section")
         node[keys[-1]] = value
-    return from_dict(raw)
+    return from_dict(raw, check_ranges)

@@ -20,9 +20,10 @@ from gte.config import Recipe, range_problems
 from gte.data import synthetic
 from gte.errors import GteError
 from gte.evaluate import evaluate
-from gte.io import write_with
+from gte.io import check_writable, write_with
 from gte.methods import parse_method
 from gte.models import REGISTRY, freeze, load_model
+from gte.tables import add_columns, compact_table
 from gte.train import train
 from gte.paths import gte_home  # defined there so light commands need not import this module
 
@@ -87,10 +88,15 @@ def problems(recipe: Recipe) -> list[str]:
             parse_method(m)
         except GteError as e:
             out.append(f"demo.methods: {e}")
+    try:
+        check_writable(recipe.run.out, "run.out")
+    except GteError as e:
+        out.append(str(e))
     return out
 
 
-COLUMNS = (("acc1", "acc"), ("aligned", "aligned acc"), ("conflicting", "conflicting acc"),
+# (metric, header) as in the README's demo table; aligned / conflicting are accuracies on those groups
+COLUMNS = (("acc1", "acc"), ("aligned", "aligned"), ("conflicting", "conflicting"),
         ("agreement", "agreement"), ("explanation_similarity", "expl. sim."), ("epg", "EPG"))
 
 
@@ -99,6 +105,17 @@ def _row(metrics: dict) -> dict[str, float]:
     return {"acc1": metrics["acc1"], "aligned": g.get("0", float("nan")), "conflicting": g.get("1", float("nan")),
             "agreement": metrics.get("agreement", 1.0), "explanation_similarity": metrics.get("explanation_similarity", 1.0),
             "epg": metrics.get("epg", float("nan"))}
+
+
+def results_table(rows: dict[str, dict[str, float]]) -> Table:
+    """The demo's result table (%): one row per model, the :data:`COLUMNS`. It fits 80 columns: no vertical rules,
+    the architecture on a line of its own; model names fold, numbers never do."""
+    table = compact_table("gte demo, test split (%): aligned = background matches the class, conflicting = it does "
+                          "not")
+    add_columns(table, ["model", *(t for _, t in COLUMNS)], numeric={t for _, t in COLUMNS})
+    for name, row in rows.items():
+        table.add_row(name.replace(" (", "\n("), *(f"{100 * row[k]:.1f}" for k, _ in COLUMNS))
+    return table
 
 
 def run_demo(recipe: Recipe, console: Console) -> dict[str, dict[str, float]]:
@@ -119,16 +136,10 @@ def run_demo(recipe: Recipe, console: Console) -> dict[str, dict[str, float]]:
         (out / method / "eval.json").write_text(json.dumps(metrics, indent=2))
         rows[f"{method} student ({r.student.arch})"] = _row(metrics)
 
-    table = Table(title="gte demo: test split (aligned = background matches the class, conflicting = it does not)")
-    table.add_column("model")
-    for _, title in COLUMNS:
-        table.add_column(title, justify="right")
+    Console().print(results_table(rows))
     md = ["| model | " + " | ".join(t for _, t in COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
     for name, row in rows.items():
-        cells = [f"{100 * row[k]:.1f}" for k, _ in COLUMNS]
-        table.add_row(name, *cells)
-        md.append(f"| {name} | " + " | ".join(cells) + " |")
-    Console().print(table)
+        md.append(f"| {name} | " + " | ".join(f"{100 * row[k]:.1f}" for k, _ in COLUMNS) + " |")
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(rows, indent=2))
     (out / "results.md").write_text("\n".join(md) + "\n")

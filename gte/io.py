@@ -32,11 +32,17 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     try:
         yield tmp
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if tmp.is_dir():
             shutil.rmtree(tmp, ignore_errors=True)
         else:
-            tmp.unlink(missing_ok=True)
+            try:
+                tmp.unlink(missing_ok=True)
+            except OSError:  # a read-only file system refuses even this: there is nothing to remove
+                pass
+        if isinstance(e, OSError) and e.errno and (e.filename is None or str(e.filename) == str(tmp)):
+            # a full disk or a read-only directory is reported on the file the user asked for, not its temporary
+            raise type(e)(e.errno, e.strerror or os.strerror(e.errno), str(path)) from e
         raise
 
 
@@ -70,6 +76,19 @@ def read_json(path: str | os.PathLike, default: Any = None) -> Any:
         return default
 
 
+def check_writable(directory: str | os.PathLike, what: str) -> None:
+    """One line before any work when files cannot be made in ``directory`` (or, where it does not exist yet, in the
+    nearest folder above it, where it would be created): a read-only file system, no permission, or a file."""
+    d = Path(directory).absolute()
+    while not d.exists() and d.parent != d:
+        d = d.parent
+    if not d.is_dir():
+        raise GteError(f"{what} {directory}: {d} is a file, not a directory")
+    if not os.access(d, os.W_OK | os.X_OK):  # EROFS answers here for root too; file modes only for other users
+        why = "read-only file system" if os.statvfs(d).f_flag & os.ST_RDONLY else "permission denied"
+        raise GteError(f"{what} {directory}: cannot write there ({why}); nothing was written")
+
+
 def is_file(path: str | os.PathLike) -> bool:
     """True for a readable regular file, False when there is none; a one-line error when the path may not be read
     (``Path.is_file()`` answers False there, and the user is told "no such file" for a permission problem)."""
@@ -79,6 +98,9 @@ def is_file(path: str | os.PathLike) -> bool:
         return False
     except PermissionError:
         raise GteError(f"{path}: permission denied") from None
-    if found and not os.access(path, os.R_OK):
-        raise GteError(f"{path}: permission denied")
+    if found:
+        try:  # opening, not os.access: it also answers for root, ACLs and kernel files that refuse every reader
+            os.close(os.open(path, os.O_RDONLY))
+        except PermissionError:
+            raise GteError(f"{path}: permission denied") from None
     return found

@@ -28,6 +28,7 @@ from gte.data.writers.core import atomic_tar
 from gte.errors import GteError
 from gte.explain import choose_explainer, explain_with_logits
 from gte.frozen import LOGITS, MAP, npy_bytes, read_info, write_info
+from gte.io import check_writable
 from gte.models import REGISTRY, build_model, freeze, info, to_model_input
 
 
@@ -57,6 +58,7 @@ def precompute(recipe: Recipe, out: str | Path, *, map_scale: int = 1, batch_siz
         raise GteError(f"{d.train}: shard file names are not unique, cannot write one output shard per input shard")
     rank, world = dist.rank_world()
     out = Path(out)
+    check_writable(out, "--out")  # before the teacher is loaded
     out.mkdir(parents=True, exist_ok=True)
     device = dist.device()
     teacher = freeze(build_model(recipe.teacher.arch, d.num_classes, recipe.teacher.weights)).to(device)

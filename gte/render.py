@@ -24,6 +24,7 @@ from gte.errors import GteError
 if TYPE_CHECKING:
     import torch
     import torch.nn as nn
+    from matplotlib.figure import Figure
     from rich.console import Console
 
 TOP_K = 5
@@ -190,13 +191,19 @@ def explain_rows(images: Sequence[tuple[str, torch.Tensor]], model: nn.Module, t
     return rows
 
 
-def render(rows: Sequence[Row], names: Sequence[str], out: str | os.PathLike, dpi: int = 100) -> Path:
-    """Draw image | explanation | contribution (or CAM) per model, one row per image; write the PNG atomically."""
+EXPLAINERS = {True: "B-cos W(x)", False: "GradCAM"}  # by Panel.bcos: how its explanation was made
+
+
+def figure(rows: Sequence[Row], names: Sequence[str], dpi: int = 100) -> Figure:
+    """Image | explanation | attribution map with a colour bar of its scale, per model, one row per image; the
+    explanation's caption names the model, the explainer, the class and its probability."""
     from bcos.common import plot_contribution_map
+    from matplotlib.colors import ListedColormap
     from matplotlib.figure import Figure  # no pyplot: no global backend or figure state
 
+    jet = ListedColormap(JET / 255.0, name="gte-jet")  # GradCAM's colours, as a map a colour bar can show
     ncols = 1 + 2 * len(rows[0].panels)
-    fig = Figure(figsize=(2.4 * ncols, 3.1 * len(rows) + 0.5), dpi=dpi)
+    fig = Figure(figsize=(2.6 * ncols, 3.3 * len(rows) + 0.5), dpi=dpi, layout="constrained")
     axes = fig.subplots(len(rows), ncols, squeeze=False)
     for r, row in enumerate(rows):
         ax = axes[r, 0]
@@ -207,20 +214,29 @@ def render(rows: Sequence[Row], names: Sequence[str], out: str | os.PathLike, dp
             if p.bcos:
                 ax_e.set_facecolor("black")  # the RGBA's transparent (unimportant) parts recede into black
                 ax_e.imshow(p.picture)
-                plot_contribution_map(p.heat, ax=ax_h)  # bwr, symmetric, 99.5-percentile cut-off
+                _, heat = plot_contribution_map(p.heat, ax=ax_h)  # bwr, symmetric, 99.5-percentile cut-off
                 ax_h.set_title("contribution Σ x·W(x)", fontsize=8)
             else:
                 ax_e.imshow(p.picture)
-                ax_h.imshow(JET[np.uint8(255 * p.heat)])
+                heat = ax_h.imshow(p.heat, cmap=jet, vmin=0, vmax=1)
                 ax_h.set_title("GradCAM (min-max)", fontsize=8)
-            ax_e.set_title(f"{p.role} {p.arch}\n{names[p.explained][:24]} p={p.prob:.2f}", fontsize=8)
+            fig.colorbar(heat, ax=ax_h, fraction=0.05, pad=0.02).ax.tick_params(labelsize=6)
+            name = names[p.explained]
+            what = EXPLAINERS[p.bcos] + (f": {name[:24]}" if name != f"class {p.explained}" else "")
+            ax_e.set_title(f"{p.role} {p.arch}\n{what}\nclass {p.explained}, p={p.prob:.2f}", fontsize=8)
             ax_e.set_xlabel("\n".join(f"{names[k][:20]} {q:.2f}" for k, q in p.top), fontsize=6, loc="left")
         for ax in axes[r]:
             ax.set_xticks([])
             ax.set_yticks([])
+    fig.get_layout_engine().set(rect=(0, 0.03, 1, 0.97))
     fig.text(0.01, 0.005, "Under each explanation: the model's top-5. Probabilities are sigmoids for B-cos models "
              "(trained with BCE) and softmax for standard models.", fontsize=7)
-    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    return fig
+
+
+def render(rows: Sequence[Row], names: Sequence[str], out: str | os.PathLike, dpi: int = 100) -> Path:
+    """Draw the :func:`figure` of ``rows``; write the PNG atomically."""
+    fig = figure(rows, names, dpi)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
@@ -235,15 +251,15 @@ def render(rows: Sequence[Row], names: Sequence[str], out: str | os.PathLike, dp
 
 def print_top(rows: Sequence[Row], names: Sequence[str], console: Console) -> None:
     """The top-5 of every model for every image as one rich table."""
-    from rich.table import Table
+    from gte.tables import add_columns, compact_table
 
-    table = Table(title="top-5 (sigmoid for B-cos models, softmax for standard ones)")
-    for col in ("image", "model", "rank", "class", "name", "p"):
-        table.add_column(col, justify="right" if col in ("rank", "class", "p") else "left")
+    table = compact_table("top-5 (sigmoid for B-cos models, softmax for standard ones)")
+    add_columns(table, ("image", "model", "rank", "class", "name", "p"), numeric=("rank", "class", "p"))
     for row in rows:
         for p in row.panels:
             for rank, (k, q) in enumerate(p.top, 1):
                 mark = " *" if k == row.explained else ""
-                table.add_row(Path(row.path).name, f"{p.role} {p.arch}", str(rank), str(k), names[k] + mark, f"{q:.3f}")
+                image, model = (Path(row.path).name, f"{p.role} {p.arch}") if rank == 1 else ("", "")  # once each
+                table.add_row(image, model, str(rank), str(k), names[k] + mark, f"{q:.3f}")
     console.print(table)
     console.print("* = the class explained in the picture")

@@ -30,6 +30,35 @@ METRIC_ROWS = (("acc1", "acc@1"), ("acc5", "acc@5"), ("agreement", "top-1 agreem
         ("map", "mAP"), ("epg", "EPG"), ("iou", "IoU"))
 
 
+# What the localisation metrics mean (gte.metrics), said wherever they are shown
+METRIC_NOTES = (
+    ("epg", "EPG (energy pointing game): the fraction of the positive attribution energy that lies inside the "
+            "boxes of the explained class."),
+    ("iou", "IoU: the positive attribution, min-max normalised and thresholded at 0.5, against the mask of the "
+            "class's boxes (intersection over union)."),
+)
+
+
+def metric_notes(metrics: dict) -> list[str]:
+    """One sentence for each metric shown that needs one (EPG, IoU)."""
+    teacher = metrics.get("teacher", {})
+    return [note for k, note in METRIC_NOTES if k in metrics or k in teacher]
+
+
+def group_note(metrics: dict) -> str:
+    """What the group table shows; the Waterbirds ID/OOD rule only for Waterbirds data."""
+    note = "Worst-group accuracy is the lowest of these."
+    if metrics.get("waterbirds"):
+        note += " Waterbirds: group = 2·label + place; OOD = the minority groups 1 and 2, ID = groups 0 and 3."
+    return note
+
+
+def group_label(metrics: dict, group: str) -> str:
+    """``"1 landbird-on-water"`` where the data names its groups (``group_names``), else the number."""
+    name = metrics.get("group_names", {}).get(group)
+    return f"{group} {name}" if name else group
+
+
 def _pct(v: object) -> str:
     return f"{100 * v:.1f}" if isinstance(v, (int, float)) else "—"
 
@@ -44,7 +73,7 @@ def group_rows(metrics: dict) -> list[list[str]]:
     """[group, n, acc, agreement, teacher acc] per group."""
     t = metrics.get("teacher", {}).get("groups", {})
     agree = metrics.get("group_agreement", {})
-    return [[g, str(metrics["group_counts"][g]), _pct(acc), _pct(agree.get(g)), _pct(t.get(g))]
+    return [[group_label(metrics, g), str(metrics["group_counts"][g]), _pct(acc), _pct(agree.get(g)), _pct(t.get(g))]
             for g, acc in metrics.get("groups", {}).items()]
 
 
@@ -58,18 +87,19 @@ def shift_rows(metrics: dict) -> list[list[str]]:
 
 def print_summary(metrics: dict, console: Console, title: str = "gte eval") -> None:
     """The metric tables in the terminal (rich)."""
-    from rich.table import Table
+    from gte.tables import add_columns, compact_table
 
-    def table(name: str, header: Sequence[str], rows: list[list[str]]) -> None:
+    def table(name: str, header: Sequence[str], rows: list[list[str]], notes: Sequence[str] = ()) -> None:
         if rows:
-            tab = Table(title=name)
-            for i, h in enumerate(header):
-                tab.add_column(h, justify="left" if i == 0 else "right")
+            tab = compact_table(name, caption=" ".join(notes) or None)
+            add_columns(tab, header, numeric=header[1:])  # numbers never wrap; a long group name folds
             for row in rows:
                 tab.add_row(*row)
             console.print(tab)
+            console.print()  # without vertical rules, a blank line keeps the next title apart
 
-    table(f"{title}: {metrics['n']} samples (%)", ["metric", "student", "teacher"], metric_rows(metrics))
+    table(f"{title}: {metrics['n']} samples (%)", ["metric", "student", "teacher"], metric_rows(metrics),
+          metric_notes(metrics))
     table("per group (%)", ["group", "n", "acc", "agreement", "teacher acc"], group_rows(metrics))
     table("shift test: cosine to the unshifted explanation", ["shift px", "student", "teacher"], shift_rows(metrics))
 
@@ -89,12 +119,13 @@ def group_figure(metrics: dict) -> bytes:
     series = [("student acc", metrics["groups"])]
     if "teacher" in metrics:
         series += [("teacher acc", metrics["teacher"]["groups"]), ("agreement", metrics["group_agreement"])]
-    fig = Figure(figsize=(1.2 + 0.9 * len(groups) * len(series) / 2, 3.2))
+    fig = Figure(figsize=(1.2 + max(0.9 * len(series) / 2, 1.2) * len(groups), 3.2))  # room for the group names
     ax = fig.subplots()
     width = 0.8 / len(series)
     for i, (name, vals) in enumerate(series):
         ax.bar([j + i * width for j in range(len(groups))], [100 * vals[g] for g in groups], width, label=name)
-    ax.set_xticks([j + width * (len(series) - 1) / 2 for j in range(len(groups))], [f"group {g}" for g in groups])
+    ax.set_xticks([j + width * (len(series) - 1) / 2 for j in range(len(groups))],
+                  [group_label(metrics, g).replace(" ", "\n", 1) for g in groups], fontsize=8)
     ax.set_ylim(0, 118)  # head room for the legend above the bars
     ax.set_yticks(range(0, 101, 20))
     ax.set_ylabel("%")
@@ -172,9 +203,9 @@ def write_report(out_dir: str | os.PathLike, metrics: dict, *, examples: Sequenc
         (out / name).write_bytes(data)
 
     sections: list[tuple[str, Sequence[str], list[list[str]], str | None, str]] = [
-        ("Metrics (%)", ["metric", "student", "teacher"], metric_rows(metrics), None, ""),
+        ("Metrics (%)", ["metric", "student", "teacher"], metric_rows(metrics), None, " ".join(metric_notes(metrics))),
         ("Per group (%)", ["group", "n", "acc", "agreement", "teacher acc"], group_rows(metrics), "groups.png",
-         "Worst-group accuracy is the lowest of these; Waterbirds OOD = groups 1 and 2 (group = 2·label + place)."),
+         group_note(metrics)),
         ("Teacher and student explanations", [], [], "grid.png",
          "Both models explain the teacher's top-1 class (the model's own top-1 without a teacher)."),
         ("Shift test", ["shift px", "student", "teacher"], shift_rows(metrics), "shift.png",

@@ -16,7 +16,7 @@ from gte.config import Recipe, range_problems
 from gte.data.spec import expand_spec
 from gte.errors import GteError
 from gte.explainers import EXPLAINERS, choose_explainer, get
-from gte.io import is_file
+from gte.io import check_writable, is_file
 from gte.methods import parse_method, uses_teacher
 from gte.methods.base import parse_options
 from gte.methods.features import layer_names
@@ -133,6 +133,7 @@ def _run(recipe: Recipe) -> None:
     out = Path(recipe.run.out)
     if out.exists() and not out.is_dir():
         raise GteError(f"run.out {out} is a file, not a directory (choose another --out)")
+    check_writable(out, "run.out")
     if recipe.run.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise GteError("run.mixed_precision = 'fp16' needs a GPU (use 'bf16' on CPU)")
 

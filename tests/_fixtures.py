@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import glob
 import io
 import json
+import os
+import sys
 import tarfile
 from pathlib import Path
 
@@ -81,3 +84,45 @@ def write_imagefolder(root: Path, layout: dict[str, int], *, seed: int = 0) -> N
         d.mkdir(parents=True, exist_ok=True)
         for i in range(n):
             (d / f"img_{i}.jpg").write_bytes(jpeg_bytes(rng))
+
+
+def unreadable_file(directory: Path) -> Path | None:
+    """A file this process may not read: one of mode 000 in ``directory``; for root, whom file modes do not stop, a
+    write-only kernel attribute (sysfs refuses every reader with EACCES); None when there is none."""
+    if os.geteuid() != 0:
+        path = Path(directory) / "locked-000000.tar"
+        path.write_bytes(b"")
+        path.chmod(0)
+        return path
+    for candidate in sorted(glob.glob("/sys/bus/*/uevent")):
+        try:
+            open(candidate, "rb").close()
+        except PermissionError:
+            return Path(candidate)
+        except OSError:
+            continue
+    return None
+
+
+def run_main(argv: list[str], monkeypatch, capsys) -> tuple[int, str, str]:
+    """``gte argv`` through the console-script entry point: (exit code, stdout, stderr)."""
+    from gte.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["gte", *argv])
+    code = 0
+    try:
+        main()
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def one_line_exit_2(argv, monkeypatch, capsys, *needles: str) -> str:
+    code, _, err = run_main(argv, monkeypatch, capsys)
+    lines = [x for x in err.splitlines() if x.strip()]
+    assert code == 2, err
+    assert len(lines) == 1 and lines[0].startswith("gte: error: "), err
+    for n in needles:
+        assert n in lines[0], lines[0]
+    return lines[0]

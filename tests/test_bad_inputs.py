@@ -9,7 +9,6 @@ import fcntl
 import hashlib
 import json
 import os
-import sys
 import threading
 import warnings
 
@@ -17,34 +16,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from _fixtures import jpeg_bytes, write_jpeg_shards
+from _fixtures import jpeg_bytes, one_line_exit_2, run_main, write_jpeg_shards
 from gte.data.images import to_rgb
 from gte.data.transforms import BadSample, SampleTransform
 from gte.data.writers.core import atomic_tar
-
-
-def run_main(argv: list[str], monkeypatch, capsys) -> tuple[int, str, str]:
-    """``gte argv`` through the console-script entry point: (exit code, stdout, stderr)."""
-    from gte.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["gte", *argv])
-    code = 0
-    try:
-        main()
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
-
-def one_line_exit_2(argv, monkeypatch, capsys, *needles: str) -> str:
-    code, _, err = run_main(argv, monkeypatch, capsys)
-    lines = [x for x in err.splitlines() if x.strip()]
-    assert code == 2, err
-    assert len(lines) == 1 and lines[0].startswith("gte: error: "), err
-    for n in needles:
-        assert n in lines[0], lines[0]
-    return lines[0]
 
 
 @pytest.mark.parametrize("override,needle", [
@@ -59,8 +34,18 @@ def one_line_exit_2(argv, monkeypatch, capsys, *needles: str) -> str:
     ("distill.temperature=0", "distill.temperature"),
     ("data.image_size=64", "eval_resize"),  # the demo's eval_resize 32 would pad the 64-px crop with black
 ])
-def test_out_of_range_values_are_refused_when_the_recipe_loads(override, needle, monkeypatch, capsys):
-    one_line_exit_2(["distill", "--set", override, "--dry-run"], monkeypatch, capsys, needle)
+def test_out_of_range_values_are_refused_when_the_recipe_loads(override, needle, tmp_path, monkeypatch, capsys):
+    # data.train names no shards: a recipe that got past loading would fail on that instead, with another line
+    one_line_exit_2(["distill", "--set", override, "--set", f"data.train={tmp_path}/none-*.tar"], monkeypatch, capsys,
+                    needle)
+
+
+def test_a_dry_run_lists_every_value_out_of_range(monkeypatch, capsys):
+    code, out, err = run_main(["distill", "--set", "optim.lr=-1", "--set", "optim.epochs=0", "--dry-run"],
+                              monkeypatch, capsys)
+    problems = [x for x in err.splitlines() if x.startswith("gte: problem: ")]
+    assert code == 2 and "[optim]" in out  # the resolved recipe is printed too
+    assert len(problems) == 2 and "optim.lr" in problems[0] and "optim.epochs" in problems[1], err
 
 
 def test_dry_run_lists_every_problem_and_prints_the_recipe(tmp_path, monkeypatch, capsys):
@@ -291,3 +276,15 @@ def test_an_unreadable_newest_checkpoint_falls_back_to_the_one_before(tmp_path, 
     resumed = train(recipe(tmp_path / "b")).model.state_dict()  # epoch 2 again, from the epoch-1 checkpoint
     for k, v in straight.items():
         torch.testing.assert_close(resumed[k], v, msg=k)
+
+
+@pytest.mark.parametrize("command", ["data info {}", "distill --dry-run --set data.train={}"])
+def test_an_unreadable_shard_is_permission_denied_not_missing(command, tmp_path, monkeypatch, capsys):
+    from _fixtures import unreadable_file
+
+    path = unreadable_file(tmp_path)
+    if path is None:
+        pytest.skip("running as root (file modes do not stop it) and no write-only sysfs attribute to read instead")
+    code, _, err = run_main(command.format(path).split(), monkeypatch, capsys)
+    assert code == 2 and "permission denied" in err.lower() and str(path) in err, err
+    assert "not found" not in err and "No such file" not in err, err

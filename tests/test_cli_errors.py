@@ -161,3 +161,34 @@ def test_no_arguments_shows_help(tmp_path):
     assert res.returncode in (0, 2)
     assert "distill" in res.stdout + res.stderr
     assert "Traceback" not in res.stderr
+
+
+@pytest.mark.parametrize("command", [["distill"], ["data", "shard", "imagefolder"], ["eval"]])
+def test_help_shows_flags_as_flags(command, tmp_path):
+    res = run_gte([*command, "--help"], tmp_path, tmp_path, timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert "<bool>" not in res.stdout and "BOOLEAN" not in res.stdout, res.stdout
+    assert "<str>" in res.stdout or "<path>" in res.stdout  # options that take a value still say what value
+
+
+def test_accelerate_launch_of_two_cpu_processes_is_one_line(workspace):
+    """Without --multi_gpu, `accelerate launch --num_processes 2` starts one process on a CPU machine: gte refuses it
+    in one line, and the launcher, which would print its own traceback for any failing child, is ended quietly."""
+    root, spec = workspace
+    accelerate = Path(sys.executable).parent / "accelerate"
+    if not accelerate.is_file():
+        pytest.skip("accelerate's console script is not installed beside this Python")
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU machine: accelerate starts the processes asked for")
+    env = {k: v for k, v in os.environ.items() if k != "GTE_DEBUG"}
+    env.update(GTE_HOME=str(root), OMP_NUM_THREADS="1", COLUMNS="200", NO_COLOR="1")
+    res = subprocess.run([str(accelerate), "launch", "--num_processes", "2", "--num_machines", "1",
+                          "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "gte", "train", "-r",
+                          str(root / "recipe.toml"), "--out", str(root / "accelerate-run")],
+                         capture_output=True, text=True, env=env, cwd=root, timeout=180)
+    lines = [x for x in res.stderr.splitlines() if x.strip()]
+    report = f"rc={res.returncode}\n{res.stderr[-3000:]}"
+    assert res.returncode != 0 and "Traceback" not in res.stderr, report
+    assert len(lines) == 1 and lines[0].startswith("gte: error: ") and "--multi_gpu" in lines[0], report

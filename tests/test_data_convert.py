@@ -214,3 +214,68 @@ def test_cli_shard_imagefolder_and_errors(tmp_path):
     bad = subprocess.run([GTE, "data", "shard", "imagefolder", str(tmp_path / "nope"), "--out", str(tmp_path / "o")],
                          capture_output=True, text=True, env=env)
     assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [f"gte: error: not a directory: {tmp_path / 'nope'}"]
+
+
+def _mixed_tree(root: Path) -> None:
+    """JPEG, PNG and BMP files under two classes (a tree as users have them)."""
+    rng = np.random.default_rng(4)
+    for cls in ("a", "b"):
+        (root / cls).mkdir(parents=True)
+        for i, fmt in enumerate(("JPEG", "PNG", "BMP")):
+            Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(root / cls / f"{i}.{fmt}", fmt)
+
+
+def _image_members(out: Path) -> set[str]:
+    """Extensions of the image members across every shard of ``out``."""
+    import tarfile
+
+    exts = set()
+    for shard in sorted(out.glob("*.tar")):
+        with tarfile.open(shard) as tar:
+            exts |= {m.name.rsplit(".", 1)[-1] for m in tar if m.name.rsplit(".", 1)[-1] in ("jpg", "png", "webp")}
+    return exts
+
+
+@pytest.mark.parametrize("image_format", ["auto", "jpg", "png"])
+def test_one_image_format_per_shard_set_and_timm_info(image_format, tmp_path):
+    _mixed_tree(tmp_path / "tree")
+    out = tmp_path / "out"
+    summaries, _ = convert_imagefolder(tmp_path / "tree", out, max_samples=4, max_bytes=0, image_format=image_format)
+    assert summaries[0].samples == 6 and summaries[0].skipped == 0
+    # auto keeps each file's own bytes (BMP becomes PNG): the mixed set Hugging Face datasets refuses
+    assert _image_members(out) == ({"jpg", "png"} if image_format == "auto" else {image_format})
+    assert summaries[0].formats == ({"jpg": 2, "png": 4} if image_format == "auto" else {image_format: 6})
+    if image_format == "png":  # lossless: a JPEG re-encoded as PNG decodes to the JPEG's own pixels
+        stored = _read(str(out / "train-{000000..000001}.tar"))["a/0"]["png"]
+        source = np.asarray(Image.open(tmp_path / "tree" / "a" / "0.JPEG"))
+        assert np.array_equal(np.asarray(Image.open(io.BytesIO(stored))), source)
+    # timm's WebDataset reader sizes the split from _info.json (its fields, as timm's _parse_split_info reads them)
+    info = json.loads((out / "_info.json").read_text())["splits"]["train"]
+    assert info == {"name": "train", "num_samples": 6, "filenames": ["train-000000.tar", "train-000001.tar"],
+                    "shard_lengths": [4, 2]}
+    try:
+        from timm.data.readers.reader_wds import ReaderWds
+    except ImportError:
+        return
+    reader = ReaderWds(str(out), split="train")
+    assert reader.num_samples == 6 and len(list(reader)) == 6
+
+
+def test_hugging_face_datasets_loads_a_one_format_shard_set(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    datasets = pytest.importorskip("datasets", reason="Hugging Face datasets is not installed")
+    _mixed_tree(tmp_path / "tree")
+    for image_format in ("auto", "jpg"):
+        convert_imagefolder(tmp_path / "tree", tmp_path / image_format, max_samples=4, max_bytes=0,
+                            image_format=image_format)
+
+    def load(image_format: str):
+        files = sorted(str(p) for p in (tmp_path / image_format).glob("train-*.tar"))
+        return datasets.load_dataset("webdataset", data_files={"train": files}, split="train",
+                                     cache_dir=str(tmp_path / "cache" / image_format))
+
+    ds = load("jpg")
+    assert len(ds) == 6 and sorted(ds["cls"]) == [0, 0, 0, 1, 1, 1] and ds[0]["jpg"].size == (24, 20)
+    with pytest.raises(ValueError, match="same prefix or the same types"):
+        load("auto")  # why --image-format exists: mixed jpg/png members are refused

@@ -144,8 +144,9 @@ def test_multi_shard_spec_and_determinism(tmp_path: Path) -> None:
     synthetic.write_synthetic_split(tmp_path / "c", "test", 50, seed=8, samples_per_shard=16)
     assert a == str(tmp_path / "a" / "test-{000000..000003}.tar")
     assert [r["key"] for r in _read(a)] == [f"{i:06d}" for i in range(50)]
-    files = sorted(p.name for p in (tmp_path / "a").iterdir())
+    files = sorted(p.name for p in (tmp_path / "a").iterdir() if p.name != "groups.json")
     assert files == [f"test-{i:06d}.tar" for i in range(4)]
+    assert json.loads((tmp_path / "a" / "groups.json").read_text()) == ["aligned", "conflicting"]  # json.group 0, 1
     for name in files:
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
         assert (tmp_path / "a" / name).read_bytes() != (tmp_path / "c" / name).read_bytes()
@@ -171,7 +172,7 @@ def test_interrupted_write_leaves_no_partial_shard(tmp_path: Path, monkeypatch: 
     with pytest.raises(KeyboardInterrupt):
         synthetic.write_demo_shards(tmp_path, n_teacher=40, n_distill=8, n_test=8)
     # Shard 0 of teacher would need 40 samples: nothing final, nothing temporary, no DONE marker.
-    assert sorted(p.name for p in tmp_path.iterdir()) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["groups.json"]  # written first, whole (atomic)
 
 
 def test_colour_backgrounds_code_the_place_by_hue() -> None:

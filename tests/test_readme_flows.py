@@ -118,6 +118,8 @@ def test_waterbirds_flow(workdir):
          "--json", "m.json"])
     m = json.loads(Path("m.json").read_text())
     assert m["n"] == 8 and set(m["groups"]) == {"0", "1", "2", "3"} and "worst_group_acc" in m
+    assert m["group_names"] == {"0": "landbird-on-land", "1": "landbird-on-water", "2": "waterbird-on-land",
+                                "3": "waterbird-on-water"}
 
 
 def _voc(root: Path, n_trainval: int, n_test: int) -> None:
@@ -148,3 +150,26 @@ def test_voc_flow(workdir):
     gte(["eval", "runs/voc-r50-r18/model.safetensors", "--data", "data/voc/test-*.tar", "--json", "m.json"])
     m = json.loads(Path("m.json").read_text())
     assert m["n"] == 4 and "f1" in m and "epg" in m
+
+
+def test_frozen_teaching_flow(workdir):
+    """README "Frozen e2KD": its `gte precompute` and `gte distill … distill.frozen=true` lines as written, on a
+    recipe (the README's my.toml) whose teacher exists only for precompute."""
+    import tomli_w
+
+    from gte.data.synthetic import write_synthetic_split
+
+    spec = write_synthetic_split(workdir / "data", "distill", 16, image_size=32, num_classes=4)
+    arch = "bcos_cifar_resnet20"
+    teacher(workdir / "t.safetensors", arch, 4)
+    recipe = {"data": {"train": spec, "num_classes": 4}, "teacher": {"arch": arch, "weights": "t.safetensors"},
+              "student": {"arch": arch}, "distill": {"method": "e2kd"}, "run": {"out": "runs/frozen"}}
+    Path("my.toml").write_text(tomli_w.dumps(recipe))
+    gte(readme_command("gte precompute --recipe my.toml") + SMALL)
+    assert [p.name for p in Path("shards/frozen").glob("*.tar")] == ["distill-000000.tar"]
+    assert Path("shards/frozen/gte-frozen.json").is_file()
+    Path("t.safetensors").unlink()  # frozen teaching needs no teacher: the stored logits and maps stand in
+    out = gte(readme_command("gte distill --recipe my.toml --set distill.frozen=true") + SMALL)
+    assert "data.train: 1 shard(s), 16 samples" in out
+    epochs = [json.loads(x) for x in Path("runs/frozen/metrics.jsonl").read_text().splitlines() if '"time_s"' in x]
+    assert len(epochs) == 1 and epochs[0]["step"] == 4 and Path("runs/frozen/model.safetensors").is_file()

@@ -220,3 +220,32 @@ def test_limits_and_other_user_errors(ws, monkeypatch):
     with pytest.raises(GteError, match="out of range"):
         explain_images([str(ws / "img.png")], str(ws / "bcos.safetensors"), cls=4, out=ws / "never.png")
     assert not (ws / "never.png").exists()
+
+
+# ------------------------------------------------------------------------------------------ (8) caption, colour bar
+@pytest.mark.parametrize("model,cmap", [("bcos.safetensors", "bwr"), ("std.safetensors", "jet")])
+def test_pictures_have_a_caption_and_a_colour_bar_of_the_map_scale(ws, model, cmap):
+    import matplotlib
+
+    from gte.render import figure
+
+    rows = rows_for(ws, model, cls=2)
+    fig = figure(rows, NAMES)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    pixels = np.asarray(Image.open(buf).convert("RGB")).astype(float)
+    captions = [ax.get_title() for ax in fig.axes if "p=" in ax.get_title()]
+    assert len(captions) == len(rows)
+    explainer = "B-cos W(x)" if cmap == "bwr" else "GradCAM"
+    assert all("osprey" in c and "class 2" in c and explainer in c for c in captions), captions
+    lut = JET.astype(float) if cmap == "jet" else 255 * matplotlib.colormaps["bwr"](np.linspace(0, 1, 256))[:, :3]
+    bars = [ax for ax in fig.axes if ax.get_label() == "<colorbar>"]
+    assert len(bars) == len(rows)  # one per attribution map
+    for bar in bars:
+        box = bar.get_window_extent()  # display pixels, origin at the bottom left; the PNG's rows run from the top
+        height = pixels.shape[0]
+        column = pixels[height - int(box.y1) + 2:height - int(box.y0) - 2, int((box.x0 + box.x1) / 2)]
+        distance = ((column[:, None, :] - lut[None]) ** 2).sum(-1)
+        index = distance.argmin(1)
+        assert distance.min(1).max() < 30, "the bar's pixels are not the map's colours"
+        assert np.all(np.diff(index) <= 2) and index[0] - index[-1] > 200, index  # the scale, top (max) to bottom

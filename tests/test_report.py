@@ -114,11 +114,42 @@ def test_report_renders_in_headless_chromium(report, tmp_path):
 
 
 def test_terminal_tables():
+    text = _terminal(METRICS)
+    assert "explanation similarity" in text and "84.0" in text and "0.850" in text and "25.0" in text
+
+
+def _terminal(metrics: dict, width: int = 120) -> str:
     from rich.console import Console
 
     from gte.report import print_summary
 
-    console = Console(file=io.StringIO(), width=120, color_system=None)
-    print_summary(METRICS, console)
-    text = console.file.getvalue()
-    assert "explanation similarity" in text and "84.0" in text and "0.850" in text and "25.0" in text
+    console = Console(file=io.StringIO(), width=width, color_system=None)
+    print_summary(metrics, console)
+    return console.file.getvalue()
+
+
+def test_groups_are_named_and_the_waterbirds_note_is_for_waterbirds_only(tmp_path):
+    from gte.report import write_report
+
+    named = {**METRICS, "group_names": {"0": "aligned", "1": "conflicting"}}
+    write_report(tmp_path / "demo", named)
+    md = (tmp_path / "demo" / "report.md").read_text()
+    assert "| 1 conflicting | 4 | 25.0 |" in md and "Waterbirds" not in md
+    assert "1 conflicting" in _terminal(named) and "Waterbirds" not in _terminal(named)
+    birds = {**METRICS, "waterbirds": True, "group_names": {"0": "landbird-on-land", "1": "landbird-on-water"}}
+    write_report(tmp_path / "birds", birds)
+    md = (tmp_path / "birds" / "report.md").read_text()
+    assert "| 1 landbird-on-water | 4 |" in md and "OOD = the minority groups 1 and 2" in md
+
+
+def test_epg_and_iou_are_explained_where_they_are_shown(report, tmp_path):
+    out, page = report
+    for text in ((out / "report.md").read_text(), page.read_text(), _terminal(METRICS)):
+        flat = " ".join(text.replace("│", " ").split())  # the terminal caption wraps
+        assert "fraction of the positive attribution energy" in flat and "thresholded at 0.5" in flat
+    from gte.report import write_report
+
+    without = {k: v for k, v in METRICS.items() if k not in ("epg", "iou", "teacher")}
+    write_report(tmp_path / "plain", without)
+    assert "attribution energy" not in (tmp_path / "plain" / "report.md").read_text()
+    assert "attribution energy" not in _terminal(without)

@@ -78,6 +78,7 @@ def test_gte_eval_cli_json(tmp_path, shards, teacher_path):
     assert m["agreement"] == 1.0  # a model agrees with itself
     assert m["explanation_similarity"] == pytest.approx(1.0, abs=1e-5)
     assert set(m["groups"]) == {"0", "1"} and m["worst_group_acc"] == min(m["groups"].values())
+    assert m["group_names"] == {"0": "aligned", "1": "conflicting"}  # the synthetic writer's groups.json
 
 
 def test_channels_last_trains_like_nchw_and_saves(tmp_path, shards, teacher_path):

@@ -17,11 +17,12 @@ ArchOpt = typer.Option(None, "--arch", help="Architecture of a .pth MODEL.")
 TeacherArchOpt = typer.Option(None, "--teacher-arch", help="Architecture of a .pth teacher.")
 
 
-def recipe(name: str, overrides: Optional[List[str]], out: Optional[Path] = None):
-    """The recipe ``name`` (shipped or a file) with ``--set`` overrides and ``--out``."""
+def recipe(name: str, overrides: Optional[List[str]], out: Optional[Path] = None, dry_run: bool = False):
+    """The recipe ``name`` (shipped or a file) with ``--set`` overrides and ``--out``; for a dry run, values out of
+    range are left for its list of problems instead of stopping at the first."""
     from gte.config import load_recipe
 
-    r = load_recipe(name, overrides)
+    r = load_recipe(name, overrides, check_ranges=not dry_run)
     if out is not None:
         r.run.out = str(out)
     return r

@@ -8,6 +8,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from gte.tables import add_columns, compact_table
+
 from gte.commands._common import RecipeOpt, SetOpt, err, recipe
 from gte.errors import GteError
 
@@ -39,10 +41,10 @@ def bench_command(recipe_name: str = RecipeOpt, set_: Optional[List[str]] = SetO
 
 def table(result: dict[str, Any]) -> Table:
     """The bench result as a rich table."""
-    t = Table(title=f"{result['student']} ← {result['teacher']}, {result['image_size']}², batch {result['batch']}, "
-                    f"{result['device']}")
-    for col in ("method", "ms/step", "img/s", "peak MiB", "× CE", "× KD", "speed-up vs reference"):
-        t.add_column(col, justify="left" if col == "method" else "right")
+    t = compact_table(f"{result['student']} ← {result['teacher']}, {result['image_size']}², batch {result['batch']}, "
+                      f"{result['device']}", caption="speed-up: the reference e2KD step's time ÷ this row's")
+    numbers = ("ms/step", "img/s", "peak MiB", "× CE", "× KD", "speed-up")
+    add_columns(t, ("method", *numbers), numeric=numbers)
     for r in result["rows"]:
         t.add_row(r["name"], f"{1000 * r['step_s']:.1f}", f"{r['img_per_s']:.1f}", f"{r['peak_mem_mib']:.0f}",
                   f"{r['x_ce']:.2f}", f"{r['x_kd']:.2f}", f"{r['speedup_vs_reference']:.2f}")

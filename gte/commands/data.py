@@ -33,26 +33,33 @@ ShuffleOpt = typer.Option(True, "--shuffle/--no-shuffle", help="Mix classes acro
 CheckOpt = typer.Option("header", "--check", help="Image check: none | header (identify + verify) | decode (full).")
 WorkersOpt = typer.Option(4, "--workers", help="Threads reading and checking images.")
 OverwriteOpt = typer.Option(False, "--overwrite", help="Replace shards of a different earlier conversion in --out.")
+ImageFormatOpt = typer.Option("auto", "--image-format", help="auto (each image's own bytes: JPEG, PNG, WebP) | jpg | "
+                              "png: one format for every member, as Hugging Face datasets needs (others re-encoded).")
 
 
 def _options(max_samples: int, max_bytes: str, seed: int, shuffle: bool, check: str, workers: int,
-             overwrite: bool) -> dict:
+             overwrite: bool, image_format: str) -> dict:
     from gte.data.writers.core import parse_size
 
     return dict(max_samples=max_samples, max_bytes=parse_size(max_bytes), seed=seed, shuffle=shuffle, check=check,
-                workers=workers, overwrite=overwrite)
+                workers=workers, overwrite=overwrite, image_format=image_format)
 
 
-def _report(out: Path, summaries, classes: list[str], groups: list[str] | None = None) -> None:
+def _report(out: Path, summaries, classes: list[str]) -> None:
+    from gte.data.index import read_group_names
     from gte.data.writers.core import shard_spec
 
-    err.print(summary_table(summaries, classes, groups))
+    err.print(summary_table(summaries, classes, read_group_names(out)))
     for s in summaries:
         err.print(f"{s.split}: {shard_spec(out, s.split, s.shards)}")
         for p in s.problems[:5]:
             err.print(f"  skipped: {p}")
         if len(s.problems) > 5 or s.skipped > len(s.problems[:5]):
             err.print(f"  ({s.skipped} skipped in all; the first are listed in the summary above)")
+    formats = sorted({f for s in summaries for f in s.formats})
+    if len(formats) > 1:
+        err.print(f"[yellow]note:[/] the images are stored as {' and '.join(formats)} (their own formats); Hugging "
+                  "Face datasets refuses mixed members in one shard set: --image-format jpg or png writes one")
 
 
 @shard_app.command("imagefolder")
@@ -64,6 +71,7 @@ def shard_imagefolder(
                                            "split's, so that a val tree missing a class keeps the indices)."),
     max_samples: int = MaxSamplesOpt, max_bytes: str = MaxBytesOpt, seed: int = SeedOpt, shuffle: bool = ShuffleOpt,
     check: str = CheckOpt, workers: int = WorkersOpt, overwrite: bool = OverwriteOpt,
+    image_format: str = ImageFormatOpt,
 ) -> None:
     """An ImageFolder tree → shards + classes.json."""
     from gte.data.writers.imagefolder import convert_imagefolder
@@ -77,7 +85,8 @@ def shard_imagefolder(
         if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
             raise GteError(f"--classes {classes}: expected a JSON list of class names")
     summaries, names = convert_imagefolder(root, out, split=split, classes=names, console=err,
-                                           **_options(max_samples, max_bytes, seed, shuffle, check, workers, overwrite))
+                                           **_options(max_samples, max_bytes, seed, shuffle, check, workers, overwrite,
+                                                      image_format))
     _report(out, summaries, names)
 
 
@@ -87,13 +96,14 @@ def shard_waterbirds(
     out: Path = RequiredOutOpt,
     max_samples: int = MaxSamplesOpt, max_bytes: str = MaxBytesOpt, seed: int = SeedOpt, shuffle: bool = ShuffleOpt,
     check: str = CheckOpt, workers: int = WorkersOpt, overwrite: bool = OverwriteOpt,
+    image_format: str = ImageFormatOpt,
 ) -> None:
     """Waterbirds → train/val/test shards; cls = y, json.group = 2·y + place."""
-    from gte.data.writers.waterbirds import WATERBIRDS_GROUPS, convert_waterbirds
+    from gte.data.writers.waterbirds import convert_waterbirds
 
     summaries, names = convert_waterbirds(root, out, console=err, **_options(max_samples, max_bytes, seed, shuffle,
-                                                                             check, workers, overwrite))
-    _report(out, summaries, names, list(WATERBIRDS_GROUPS))
+                                                                             check, workers, overwrite, image_format))
+    _report(out, summaries, names)
 
 
 @shard_app.command("voc")
@@ -103,12 +113,14 @@ def shard_voc(
     split: List[str] = typer.Option(["trainval", "test"], "--split", help="ImageSets/Main/<split>.txt (repeatable)."),
     max_samples: int = MaxSamplesOpt, max_bytes: str = MaxBytesOpt, seed: int = SeedOpt, shuffle: bool = ShuffleOpt,
     check: str = CheckOpt, workers: int = WorkersOpt, overwrite: bool = OverwriteOpt,
+    image_format: str = ImageFormatOpt,
 ) -> None:
     """PASCAL VOC → multi-label shards: json.labels, json.boxes, json.box_labels (the 20 classes, standard order)."""
     from gte.data.writers.voc import convert_voc
 
     summaries, names = convert_voc(root, out, splits=split, console=err,
-                                   **_options(max_samples, max_bytes, seed, shuffle, check, workers, overwrite))
+                                   **_options(max_samples, max_bytes, seed, shuffle, check, workers, overwrite,
+                                              image_format))
     _report(out, summaries, names)
 
 
@@ -241,7 +253,11 @@ def info_table(info: dict, directory: str):
             t.add_row("classes", f"{len(v)} (indices {min(indices)}..{max(indices)}); "
                       f"per class min / median / max {min(v)} / {sorted(v)[len(v) // 2]} / {max(v)}")
         if info["groups"]:
-            t.add_row("groups", ", ".join(f"{k}: {n}" for k, n in info["groups"].items()))
+            from gte.data.index import read_group_names
+
+            names = read_group_names(directory) or []
+            t.add_row("groups", ", ".join(f"{k} {names[int(k)]}: {n}" if 0 <= int(k) < len(names) else f"{k}: {n}"
+                                          for k, n in info["groups"].items()))
         t.add_row("members", ", ".join(f"{k}: {n}" for k, n in info["members"].items()))
         if info["without_cls"]:
             t.add_row("[red]without cls", str(info["without_cls"]))

@@ -21,7 +21,7 @@ def distill_command(recipe_name: str = RecipeOpt, set_: Optional[List[str]] = Se
 
     Multi-process: `torchrun --nproc_per_node N -m gte distill …` or `accelerate launch --multi_gpu -m gte distill …`.
     """
-    r = recipe(recipe_name, set_, out)
+    r = recipe(recipe_name, set_, out, dry_run)
     if r.demo.enabled and r.data.train:  # the demo recipe as a template for one's own data: an ordinary run
         r.demo.enabled = False
         err.print("data.train is set: running an ordinary distillation with the demo's settings (no synthetic data)")
@@ -44,7 +44,7 @@ def distill_command(recipe_name: str = RecipeOpt, set_: Optional[List[str]] = Se
 def train_command(recipe_name: str = RequiredRecipeOpt, set_: Optional[List[str]] = SetOpt, out: Optional[Path] = OutOpt,
           dry_run: bool = DryRunOpt) -> None:
     """Label-only training (baseline students, teachers)."""
-    r = recipe(recipe_name, set_, out)
+    r = recipe(recipe_name, set_, out, dry_run)
     r.distill.method = "ce"
     if dry_run:
         return _dry_run(r)

@@ -37,6 +37,12 @@ def eval_command(
         raise GteError("--batch-size and --shift-samples must be positive, --shift-max and --examples not negative")
     if json_out and json_out != "-" and not Path(json_out).resolve().parent.is_dir():  # before, not after, the work
         raise GteError(f"--json {json_out}: the directory {Path(json_out).resolve().parent} does not exist")
+    from gte.io import check_writable
+
+    if json_out and json_out != "-":
+        check_writable(Path(json_out).resolve().parent, "--json")
+    if report:
+        check_writable(report, "--report")
     from gte import dist
     from gte.evaluate import EvalOptions
 
@@ -71,6 +77,8 @@ def _evaluate(model_path: str, spec: str, teacher_path: str | None, arch: str | 
     if not dist.is_main():
         return
     m = {**out.metrics, "image_size": image_size, "eval_resize": eval_resize or round(image_size / 0.875)}
+    if m.get("groups"):
+        m["group_names"] = _group_names(spec, list(m["groups"]), bool(m.get("waterbirds")))
     if json_out == "-":
         import json
 
@@ -97,7 +105,26 @@ def _class_names(spec: str, num_classes: int, model_path: str) -> list[str]:
     from gte.data.index import read_class_names
     from gte.render import class_names
 
-    names = read_class_names(Path(spec.split("::")[0]).parent)  # the demo's shards carry a classes.json
+    names = read_class_names(_data_dir(spec))  # gte data's and the demo's shards carry a classes.json
     if names is not None and len(names) == num_classes:  # one that does not fit is ignored
         return names
     return class_names(num_classes, None, [model_path])
+
+
+def _group_names(spec: str, groups: list[str], waterbirds: bool) -> dict[str, str]:
+    """{group: name} from the shards' groups.json (Waterbirds' names for Waterbirds data without one); a group the
+    file does not name keeps its number only."""
+    from gte.data.index import read_group_names
+    from gte.data.writers.waterbirds import WATERBIRDS_GROUPS
+
+    names = read_group_names(_data_dir(spec)) or (list(WATERBIRDS_GROUPS) if waterbirds else [])
+    return {g: names[int(g)] for g in groups if 0 <= int(g) < len(names)}
+
+
+def _data_dir(spec: str) -> str:
+    """The directory of the first shard of ``spec`` (where gte data writes classes.json and groups.json)."""
+    import os
+
+    from gte.data.spec import expand_spec, local_path
+
+    return os.path.dirname(local_path(expand_spec(spec)[0])) or "."

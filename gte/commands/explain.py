@@ -41,6 +41,9 @@ def explain_images(paths: Sequence[str], model: str, *, teacher: str | None = No
     if not paths:
         raise GteError("no images given")
     pictures = [load_image(p) for p in paths]  # all inputs checked before any model (and torch) is loaded
+    from gte.io import check_writable
+
+    check_writable(Path(out).absolute().parent, "--out")
     from gte import dist
     from gte.models import eval_geometry, freeze, info, load_model
     from gte.render import class_names, explain_rows, preprocess, print_top, render

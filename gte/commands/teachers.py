@@ -6,11 +6,11 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
-from rich import box
 from rich.console import Console
 from rich.table import Table
 
 from gte.commands._common import err
+from gte.tables import add_columns, compact_table
 
 
 def fetch_teachers_command(
@@ -37,12 +37,9 @@ def catalog_table(dest: str | Path | None = None) -> Table:
     """The catalog as a rich table, with whether each teacher is cached in ``dest``."""
     from gte import hub
 
-    # Compact enough that names stay whole in an 80-column terminal.
     where = Path(dest) if dest is not None else hub.cache_dir()
-    table = Table(title=f"teachers (cache: {where})", box=box.SIMPLE_HEAD, pad_edge=False,
-                  title_justify="left")
-    for col in ("name", "arch", "top-1 %", "cached"):
-        table.add_column(col, no_wrap=True, justify="right" if col == "top-1 %" else "left")
+    table = compact_table(f"teachers (cache: {where})")
+    add_columns(table, ("name", "arch", "top-1 %", "cached"), numeric=("top-1 %",))
     for t in hub.CATALOG.values():
         table.add_row(t.name, t.arch, f"{t.acc1:.2f}", "yes" if hub.cached_path(t.name, dest).is_file() else "no")
     return table

@@ -8,17 +8,22 @@ there. Counts are cached per file (path, size, mtime) in memory and under ``$GTE
 from a ``shards.json`` written next to the shards by ``gte data shard`` / ``gte data fewshot`` when its recorded
 byte size still matches the file.
 
-This module is the only reader and writer of the two files gte keeps next to shards:
+This module is the only reader and writer of the files gte keeps next to shards:
 
 - ``shards.json``: ``{"splits": {split: {"digest", "shards", "samples_planned"}}, "shards": {name: {"n", "bytes",
-  "skipped", "classes", "groups"}}}`` (written by gte.data.writers);
-- ``classes.json``: the class names in index order (a JSON list of strings).
+  "skipped", "classes", "groups", "formats"}}}`` (written by gte.data.writers);
+- ``_info.json``: the same splits in timm's WebDataset format (``timm/data/readers/reader_wds.py``: ``{"name",
+  "splits": {split: {"name", "num_samples", "filenames", "shard_lengths"}}}``), so that timm's reader sizes them;
+- ``classes.json``: the class names in index order (a JSON list of strings);
+- ``groups.json``: the names of the ``json.group`` values in index order (Waterbirds' four, the demo's aligned and
+  conflicting), read by ``gte eval`` and ``gte data info`` for their tables.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import tarfile
 import threading
 from dataclasses import dataclass
@@ -31,7 +36,9 @@ from gte.errors import GteError
 from gte.io import atomic_write_bytes, atomic_write_json, atomic_write_text, read_json
 
 SIDE_INDEX = "shards.json"
+TIMM_INFO = "_info.json"
 CLASSES = "classes.json"
+GROUPS = "groups.json"
 
 
 # ---------------------------------------------------------------------------------------------------- counting
@@ -235,13 +242,47 @@ def update_side_index(directory: str | os.PathLike, update: Callable[[dict], Non
     atomic_write_text(Path(directory, SIDE_INDEX), json.dumps(data, indent=1, sort_keys=True))
 
 
+def is_shard_of(name: str, split: str) -> bool:
+    """True for the file name of a shard of ``split`` as gte data writes it: ``<split>-NNNNNN.tar``."""
+    return re.fullmatch(rf"{re.escape(split)}-\d{{6}}\.tar", name) is not None
+
+
+def write_timm_info(directory: str | os.PathLike) -> dict:
+    """Write ``_info.json`` from ``shards.json``: every split's finished shards, in order, with their sample counts;
+    returns it."""
+    recorded = _recorded_shards(str(directory))
+    splits = {}
+    for split in sorted(read_side_index(directory).get("splits", {})):
+        names = sorted(n for n in recorded if is_shard_of(n, split))
+        lengths = [int(recorded[n]["n"]) for n in names]
+        splits[split] = {"name": split, "num_samples": sum(lengths), "filenames": names, "shard_lengths": lengths}
+    info = {"name": Path(directory).resolve().name, "splits": splits}
+    atomic_write_json(Path(directory, TIMM_INFO), info)
+    return info
+
+
 # ----------------------------------------------------------------------------------------------- classes.json
 
 
 def read_class_names(directory: str | os.PathLike) -> list[str] | None:
     """The class names of ``directory``'s ``classes.json`` (``None`` when missing, unreadable or not a list of
     strings)."""
-    names = read_json(Path(directory, CLASSES))
+    return _read_names(Path(directory, CLASSES))
+
+
+def read_group_names(directory: str | os.PathLike) -> list[str] | None:
+    """The group names of ``directory``'s ``groups.json`` (``None`` when missing, unreadable or not a list of
+    strings)."""
+    return _read_names(Path(directory, GROUPS))
+
+
+def write_group_names(directory: str | os.PathLike, names: list[str]) -> None:
+    """Write ``directory/groups.json`` atomically."""
+    atomic_write_json(Path(directory, GROUPS), list(names))
+
+
+def _read_names(path: Path) -> list[str] | None:
+    names = read_json(path)
     if isinstance(names, list) and all(isinstance(n, str) for n in names):
         return names
     return None
@@ -264,8 +305,9 @@ def keep_class_names(directory: str | os.PathLike, names: list[str]) -> None:
     write_class_names(directory, names)
 
 
-def copy_class_names(source: str | os.PathLike, directory: str | os.PathLike) -> None:
-    """Copy ``source/classes.json`` (verbatim) into ``directory`` when there is one."""
-    src = Path(source, CLASSES)
-    if src.is_file():
-        atomic_write_bytes(Path(directory, CLASSES), src.read_bytes())
+def copy_names(source: str | os.PathLike, directory: str | os.PathLike) -> None:
+    """Copy ``source``'s ``classes.json`` and ``groups.json`` (verbatim) into ``directory``, those it has."""
+    for name in (CLASSES, GROUPS):
+        src = Path(source, name)
+        if src.is_file():
+            atomic_write_bytes(Path(directory, name), src.read_bytes())

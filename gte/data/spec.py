@@ -12,6 +12,7 @@ import glob
 import os
 
 from gte.errors import GteError
+from gte.io import is_file
 
 
 def is_local(url: str) -> bool:
@@ -23,8 +24,8 @@ def local_path(url: str) -> str:
 
 
 def expand_spec(spec: str) -> list[str]:
-    """Shard URLs of a spec (see the module docstring). Local files must exist; a spec or glob that matches nothing
-    is an error (one line, before any work)."""
+    """Shard URLs of a spec (see the module docstring). Local files must exist and be readable; a spec or glob that
+    matches nothing is an error (one line, before any work)."""
     import braceexpand
 
     if not spec or not spec.strip():
@@ -53,7 +54,8 @@ def expand_spec(spec: str) -> list[str]:
                 urls.append(url)
     if not urls:
         raise GteError(f"shard spec '{spec}' names no shards")
-    missing = [u for u in urls if is_local(u) and not os.path.isfile(local_path(u))]
+    # gte.io.is_file: a shard that may not be read is "permission denied", not "not found" as os.path.isfile says
+    missing = [u for u in urls if is_local(u) and not is_file(local_path(u))]
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise GteError(f"shard file not found: {local_path(missing[0])}{more}")

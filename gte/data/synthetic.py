@@ -22,13 +22,14 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from gte.data.index import write_class_names
+from gte.data.index import write_class_names, write_group_names
 from gte.data.writers.core import atomic_tar, shard_name, shard_spec
 from gte.io import atomic_write_json
 
 SPLITS = ("teacher", "distill", "test")
 BACKGROUNDS = ("stripes", "colour")  # how a place is coded: stripe texture (the demo) or mean colour (its limit)
 CLASS_NAMES = ("circle", "square", "triangle", "plus", "diamond", "ring")
+GROUP_NAMES = ("aligned", "conflicting")  # json.group = 1 when the background codes another class than the label
 _MIN_CONTRAST = 80.0  # mean |RGB diff| (0..255) between object and background mean
 
 
@@ -215,6 +216,7 @@ def write_synthetic_split(
     _check_sizes(image_size, num_classes)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    write_group_names(out_dir, list(GROUP_NAMES))
     labels, places = _assign(_split_rng(seed, split), split, n, num_classes)
     num_shards = -(-n // samples_per_shard)
     for shard in range(num_shards):

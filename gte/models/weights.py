@@ -16,7 +16,7 @@ import torch.nn as nn
 
 from gte import __version__, hub
 from gte.errors import GteError
-from gte.io import is_file, write_with
+from gte.io import atomic_write_bytes, is_file
 from gte.models.registry import create, info
 
 
@@ -103,10 +103,11 @@ def model_metadata(model: nn.Module, **extra: str) -> dict[str, str]:
 
 def save_model(model: nn.Module, path: str | os.PathLike, **extra: str) -> None:
     """Write the model's weights as safetensors with metadata, atomically."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    write_with(path, lambda tmp: save_file(state, str(tmp), metadata=model_metadata(model, **extra)))
+    # bytes written by Python: a full disk is an OSError (ENOSPC, one line from the CLI), not a SafetensorError
+    atomic_write_bytes(path, save(state, metadata=model_metadata(model, **extra)))
 
 
 def load_model(path_or_name: str, arch: str | None = None, num_classes: int | None = None) -> nn.Module:

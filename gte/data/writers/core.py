@@ -15,6 +15,10 @@ How it is written:
   (``overwrite=True`` replaces it).
 - An image that cannot be read or identified (``check="header"``, the default; ``"decode"`` decodes fully; ``"none"``
   trusts the extension) is skipped and counted in the summary.
+- ``image_format``: ``"auto"`` keeps each source file's bytes (JPEG, PNG, WebP; other formats become PNG), so a tree
+  of mixed formats gives mixed members — which Hugging Face ``datasets`` refuses in one shard set; ``"jpg"`` or
+  ``"png"`` re-encodes every other image (JPEG quality 95 / lossless PNG) so that all members share one extension.
+- Beside ``shards.json``, ``_info.json`` describes the splits in timm's WebDataset format (``gte.data.index``).
 """
 
 from __future__ import annotations
@@ -32,11 +36,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
-from gte.data.index import read_side_index, update_side_index
+from gte.data.index import is_shard_of, read_side_index, update_side_index, write_timm_info
 from gte.errors import GteError
-from gte.io import atomic_path
+from gte.io import atomic_path, check_writable
 
 _FORMAT_EXT = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp"}
+IMAGE_FORMATS = ("auto", "jpg", "png")
+JPEG_QUALITY = 95  # re-encoding for --image-format jpg: visually lossless, about 3x smaller than PNG
 _TAR_OVERHEAD = 512 * 4  # per sample: 3 member headers + padding, roughly
 
 
@@ -55,10 +61,6 @@ def shard_spec(out: str | os.PathLike, split: str, shards: int) -> str:
     return str(Path(out) / f"{split}-{{000000..{shards - 1:06d}}}.tar")
 
 
-def _is_shard_of(name: str, split: str) -> bool:
-    return re.fullmatch(rf"{re.escape(split)}-\d{{6}}\.tar", name) is not None
-
-
 @contextmanager
 def atomic_tar(path: str | os.PathLike) -> Iterator:
     """A ``webdataset.TarWriter`` (no encoding, mtime 0: the bytes are a pure function of the samples) onto a
@@ -68,6 +70,14 @@ def atomic_tar(path: str | os.PathLike) -> Iterator:
 
     with atomic_path(path) as tmp, open(tmp, "wb") as f, wds.TarWriter(f, encoder=False, mtime=0) as sink:
         yield sink
+
+
+def output_dir(out: str | os.PathLike) -> Path:
+    """``out``, created, once it is known that shards can be written there (one line before any image is read)."""
+    check_writable(out, "--out")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ items, plans
@@ -116,15 +126,18 @@ class SplitSummary:
     classes: dict[int, int] = field(default_factory=dict)
     groups: dict[int, int] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
+    formats: dict[str, int] = field(default_factory=dict)  # image members per extension (jpg, png, webp)
 
-    def add(self, n: int, skipped: int, classes: dict, groups: dict) -> None:
-        """Count one shard's samples (class and group keys may be JSON strings)."""
-        self.samples += n
-        self.skipped += skipped
-        for k, v in classes.items():
+    def add(self, entry: dict) -> None:
+        """Count one shard from its ``shards.json`` entry (class and group keys are JSON strings)."""
+        self.samples += entry["n"]
+        self.skipped += entry.get("skipped", 0)
+        for k, v in entry.get("classes", {}).items():
             self.classes[int(k)] = self.classes.get(int(k), 0) + v
-        for k, v in groups.items():
+        for k, v in entry.get("groups", {}).items():
             self.groups[int(k)] = self.groups.get(int(k), 0) + v
+        for k, v in entry.get("formats", {}).items():
+            self.formats[k] = self.formats.get(k, 0) + v
 
 
 def _unique_keys(items: list[Item]) -> None:
@@ -166,8 +179,9 @@ def _plan_digest(split: str, shards: list[list[Item]], settings: dict) -> str:
 MAX_IMAGE_FILE_BYTES = 1 << 30  # 1 GiB: no photograph is larger; a device or a mistake would fill memory
 
 
-def load_image_item(item: Item, check: str) -> tuple[dict | None, str]:
-    """The sample dict of ``item`` (image bytes as stored), or (None, why) when the image is unusable."""
+def load_image_item(item: Item, check: str, image_format: str = "auto") -> tuple[dict | None, str]:
+    """The sample dict of ``item`` (image bytes as stored, or re-encoded to ``image_format``), or (None, why) when the
+    image is unusable."""
     try:
         st = os.stat(item.path)
         if not stat.S_ISREG(st.st_mode):  # a FIFO would hang the read, /dev/zero would never end
@@ -179,29 +193,72 @@ def load_image_item(item: Item, check: str) -> tuple[dict | None, str]:
         return None, f"{item.path}: {e.strerror or e}"
     ext = item.path.suffix.lower().lstrip(".")
     ext = {"jpeg": "jpg"}.get(ext, ext)
-    if check != "none" or ext not in ("jpg", "png", "webp"):
+    if check != "none" or ext not in ("jpg", "png", "webp") or image_format not in ("auto", ext):
         from PIL import Image
 
         try:
             with Image.open(io.BytesIO(data)) as im:
-                fmt = im.format
-                if check == "decode" or fmt not in _FORMAT_EXT:
-                    im.load()
-                else:
+                found = _FORMAT_EXT.get(im.format or "")
+                target = (found or "png") if image_format == "auto" else image_format
+                if found == target and check != "decode":
                     im.verify()
-                if fmt in _FORMAT_EXT:
-                    ext = _FORMAT_EXT[fmt]
-                else:  # another format: stored as PNG
-                    buf = io.BytesIO()
-                    im.convert("RGB").save(buf, format="PNG")
-                    data, ext = buf.getvalue(), "png"
+                else:
+                    im.load()
+                if found != target:  # another format: re-encoded
+                    data = _encode(im, target)
+                ext = target
         except Exception as e:  # noqa: BLE001 - PIL raises many types for bad files
             return None, f"{item.path}: not a readable image ({e})"
     return {"__key__": item.key, ext: data, "cls": str(item.cls).encode(),
             "json": json.dumps(item.meta, sort_keys=True).encode()}, ""
 
 
+def _encode(im, ext: str) -> bytes:
+    """A decoded image as JPEG (quality :data:`JPEG_QUALITY`) or PNG bytes, in 8-bit RGB."""
+    from gte.data.images import to_rgb
+
+    buf = io.BytesIO()
+    if ext == "jpg":
+        to_rgb(im).save(buf, format="JPEG", quality=JPEG_QUALITY)
+    else:
+        to_rgb(im).save(buf, format="PNG")
+    return buf.getvalue()
+
+
 # ---------------------------------------------------------------------------------------------------- writing
+IMAGE_EXTS = ("jpg", "png", "webp")
+
+
+def _write_shard(path: Path, shard: list[Item], loaded: Iterator[tuple[dict | None, str]], problems: list[str],
+                 advance: Callable[[int], None]) -> dict:
+    """Write the usable samples of ``shard`` (``loaded``: its items' (sample, why), in order) to ``path``
+    atomically; returns the shard's ``shards.json`` entry. The first 20 problems of a split are kept."""
+    n, skipped = 0, 0
+    classes: dict[int, int] = {}
+    groups: dict[int, int] = {}
+    formats: dict[str, int] = {}
+    with atomic_tar(path) as sink:
+        for item, (sample, why) in zip(shard, loaded):
+            if sample is None:
+                skipped += 1
+                if len(problems) < 20:
+                    problems.append(why)
+            else:
+                sink.write(sample)
+                n += 1
+                classes[item.cls] = classes.get(item.cls, 0) + 1
+                g = item.meta.get("group")
+                if isinstance(g, int):
+                    groups[g] = groups.get(g, 0) + 1
+                for ext in IMAGE_EXTS:
+                    if ext in sample:
+                        formats[ext] = formats.get(ext, 0) + 1
+            advance(skipped)
+    return {"n": n, "bytes": path.stat().st_size, "skipped": skipped,
+            "classes": {str(k): v for k, v in sorted(classes.items())},
+            "groups": {str(k): v for k, v in sorted(groups.items())}, "formats": dict(sorted(formats.items()))}
+
+
 
 
 def _ordered(items: list[Item], keep_order: bool, shuffle: bool, seed: int) -> list[Item]:
@@ -234,7 +291,7 @@ def _start_plan(out: Path, split: str, names: list[str], digest: str, planned: i
     def record_plan(data: dict) -> None:
         data["splits"][split] = {"digest": digest, "shards": len(names), "samples_planned": planned}
         for name in list(data["shards"]):
-            if _is_shard_of(name, split) and name not in names:
+            if is_shard_of(name, split) and name not in names:
                 del data["shards"][name]
 
     update_side_index(out, record_plan)
@@ -243,17 +300,20 @@ def _start_plan(out: Path, split: str, names: list[str], digest: str, planned: i
 def write_split(out: Path, split: str, items: list[Item], *, max_samples: int = 1000, max_bytes: int = 0,
                 check: str = "header", workers: int = 4, overwrite: bool = False, shuffle: bool = True,
                 seed: int = 0, console=None, description: str = "", keep_order: bool = False,
-                load: Callable[[Item], tuple[dict | None, str]] | None = None) -> SplitSummary:
+                load: Callable[[Item], tuple[dict | None, str]] | None = None,
+                image_format: str = "auto") -> SplitSummary:
     """Write ``items`` as ``out/<split>-NNNNNN.tar`` (see the module docstring); returns the split's summary.
 
     ``keep_order``: write the items in the given order (no sorting, no shuffling). ``load``: item → (sample dict,
-    "") or (None, why); default: read ``item.path`` as an image file.
+    "") or (None, why); default: read ``item.path`` as an image file, stored as ``image_format``.
     """
     from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
                                TimeRemainingColumn)
 
     if check not in ("none", "header", "decode"):
         raise GteError(f"check must be none, header or decode, got '{check}'")
+    if image_format not in IMAGE_FORMATS:
+        raise GteError(f"image format must be {', '.join(IMAGE_FORMATS)}, got '{image_format}'")
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", split):
         raise GteError(f"split name '{split}' must use letters, digits, '_', '-', '.' only")
     if max_samples < 0 or max_bytes < 0 or (max_samples == 0 and max_bytes == 0):
@@ -261,10 +321,12 @@ def write_split(out: Path, split: str, items: list[Item], *, max_samples: int = 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     items = _ordered(items, keep_order, shuffle, seed)
-    load = load or (lambda it: load_image_item(it, check))
+    load = load or (lambda it: load_image_item(it, check, image_format))
     shards = plan_shards(items, max_samples, max_bytes)
     names = [shard_name(split, i) for i in range(len(shards))]
-    _start_plan(out, split, names, _plan_digest(split, shards, {"check": check}), len(items), overwrite)
+    # "auto" is left out of the digest: conversions made before the option existed stay the same conversion
+    settings = {"check": check, **({"image_format": image_format} if image_format != "auto" else {})}
+    _start_plan(out, split, names, _plan_digest(split, shards, settings), len(items), overwrite)
     summary = SplitSummary(split, shards=len(shards))
     index = read_side_index(out)["shards"]
     progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -272,39 +334,19 @@ def write_split(out: Path, split: str, items: list[Item], *, max_samples: int = 
                         console=console, disable=console is None)
     with progress, ThreadPoolExecutor(max(1, workers)) as pool:
         task = progress.add_task(description or split, total=len(items), note="")
+
+        def advance(skipped: int) -> None:  # one sample of the shard being written, ``skipped`` of them so far
+            progress.update(task, advance=1, note=f"{summary.skipped + skipped} skipped")
+
         for name, shard in zip(names, shards):
             final = out / name
             entry = index.get(name)
             if final.is_file() and entry and entry.get("bytes") == final.stat().st_size:  # finished by an earlier run
-                summary.add(entry["n"], entry.get("skipped", 0), entry.get("classes", {}), entry.get("groups", {}))
                 progress.update(task, advance=len(shard))
-                continue
-            n, skipped = 0, 0
-            classes: dict[int, int] = {}
-            groups: dict[int, int] = {}
-            with atomic_tar(final) as sink:
-                for item, (sample, why) in zip(shard, pool.map(load, shard)):
-                    if sample is None:
-                        skipped += 1
-                        if len(summary.problems) < 20:
-                            summary.problems.append(why)
-                    else:
-                        sink.write(sample)
-                        n += 1
-                        classes[item.cls] = classes.get(item.cls, 0) + 1
-                        g = item.meta.get("group")
-                        if isinstance(g, int):
-                            groups[g] = groups.get(g, 0) + 1
-                    progress.update(task, advance=1, note=f"{summary.skipped + skipped} skipped")
-            size = final.stat().st_size
-
-            def record_shard(data: dict, name=name, n=n, size=size, skipped=skipped, classes=classes,
-                             groups=groups) -> None:
-                data["shards"][name] = {"n": n, "bytes": size, "skipped": skipped,
-                                        "classes": {str(k): v for k, v in sorted(classes.items())},
-                                        "groups": {str(k): v for k, v in sorted(groups.items())}}
-
-            update_side_index(out, record_shard)
-            summary.add(n, skipped, classes, groups)
-            summary.written += 1
+            else:
+                entry = _write_shard(final, shard, pool.map(load, shard), summary.problems, advance)
+                update_side_index(out, lambda data, name=name, entry=entry: data["shards"].__setitem__(name, entry))
+                summary.written += 1
+            summary.add(entry)
+    write_timm_info(out)
     return summary

@@ -27,12 +27,12 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from gte.data.index import copy_class_names
+from gte.data.index import copy_names
 from gte.data.spec import expand_spec, is_local, local_path
 from gte.data.tar import iter_index, read_members
 from gte.data.writers.core import Item, SplitSummary, write_split
 from gte.errors import GteError
-from gte.io import atomic_write_json
+from gte.io import atomic_write_json, check_writable
 
 RULE = ("per class, samples sorted by blake2b(f'{seed}\\0{key}') (ties: key): the first `holdout` are held out "
         "for validation, the next `shots` form the training subset")
@@ -141,6 +141,7 @@ def fewshot(src: str, out: Path, *, shots: int, holdout: int = 50, seed: int = 4
     out = Path(out)
     if any(Path(p).parent == out.resolve() for p in paths):
         raise GteError("--out must not be the source directory")
+    check_writable(out, "--out")  # before the scan, which reads every source shard
     keep = shots + holdout
     t0 = time.time()
     jobs = [(p, seed, keep) for p in paths]
@@ -173,7 +174,7 @@ def fewshot(src: str, out: Path, *, shots: int, holdout: int = 50, seed: int = 4
 
     t1 = time.time()
     out.mkdir(parents=True, exist_ok=True)
-    copy_class_names(Path(paths[0]).parent, out)
+    copy_names(Path(paths[0]).parent, out)
 
     def items(cands: list[Candidate]) -> list[Item]:
         return [Item(c.key, Path(c.path), c.cls, {"members": c.members, **({"group": c.group} if c.group is not None

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 from gte.data.index import keep_class_names
-from gte.data.writers.core import Item, SplitSummary, safe_key, write_split
+from gte.data.writers.core import Item, SplitSummary, output_dir, safe_key, write_split
 from gte.errors import GteError
 
 IMAGE_FILE_EXTS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")  # torchvision's
@@ -55,7 +55,6 @@ def imagefolder_items(root: Path, classes: list[str] | None = None) -> tuple[lis
 def convert_imagefolder(root: Path, out: Path, *, split: str = "train", classes: list[str] | None = None,
                         console=None, **options) -> tuple[list[SplitSummary], list[str]]:
     items, classes = imagefolder_items(root, classes)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = output_dir(out)
     keep_class_names(out, classes)
     return [write_split(out, split, items, console=console, description=f"imagefolder {split}", **options)], classes

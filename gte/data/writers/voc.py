@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Iterable
 
 from gte.data.index import keep_class_names
-from gte.data.writers.core import Item, SplitSummary, safe_key, write_split
+from gte.data.writers.core import Item, SplitSummary, output_dir, safe_key, write_split
 from gte.errors import GteError
 
 VOC_CLASSES = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "diningtable",
@@ -78,8 +78,7 @@ def voc_items(root: Path, split: str) -> tuple[list[Item], list[str]]:
 
 def convert_voc(root: Path, out: Path, *, splits: Iterable[str] = ("trainval", "test"), console=None,
                 **options) -> tuple[list[SplitSummary], list[str]]:
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = output_dir(out)
     keep_class_names(out, list(VOC_CLASSES))
     summaries = []
     for sp in splits:

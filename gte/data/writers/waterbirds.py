@@ -6,13 +6,13 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-from gte.data.index import keep_class_names
-from gte.data.writers.core import Item, SplitSummary, safe_key, write_split
+from gte.data.index import keep_class_names, write_group_names
+from gte.data.writers.core import Item, SplitSummary, output_dir, safe_key, write_split
 from gte.errors import GteError
-from gte.io import atomic_write_json
 
 WATERBIRDS_CLASSES = ("landbird", "waterbird")
-WATERBIRDS_GROUPS = ("landbird/land", "landbird/water", "waterbird/land", "waterbird/water")  # group = 2·y + place
+# group = 2·y + place; the minority groups 1 and 2 are the out-of-distribution ones (gte eval --waterbirds)
+WATERBIRDS_GROUPS = ("landbird-on-land", "landbird-on-water", "waterbird-on-land", "waterbird-on-water")
 WATERBIRDS_SPLITS = {0: "train", 1: "val", 2: "test"}
 
 
@@ -45,10 +45,9 @@ def waterbirds_items(root: Path) -> dict[str, list[Item]]:
 
 
 def convert_waterbirds(root: Path, out: Path, *, console=None, **options) -> tuple[list[SplitSummary], list[str]]:
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = output_dir(out)
     keep_class_names(out, list(WATERBIRDS_CLASSES))
-    atomic_write_json(out / "groups.json", list(WATERBIRDS_GROUPS))
+    write_group_names(out, list(WATERBIRDS_GROUPS))
     splits = waterbirds_items(root)
     return [write_split(out, sp, splits[sp], console=console, description=f"waterbirds {sp}", **options)
             for sp in ("train", "val", "test") if sp in splits], list(WATERBIRDS_CLASSES)
