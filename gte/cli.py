@@ -88,11 +88,9 @@ def accelerate_launcher() -> int | None:
     which waits for one child), or None."""
     if "WORLD_SIZE" in os.environ:  # started by torchrun, or by accelerate's multi-process launcher (torchrun's)
         return None
-    try:
-        with open(f"/proc/{os.getppid()}/cmdline", "rb") as f:
-            args = [a.decode(errors="replace") for a in f.read().split(b"\0")]
-    except OSError:
-        return None
+    from gte.dist import parent_args  # here, not at the top: gte.dist loads torch, which `gte --help` must not
+
+    args = parent_args()
     for i, a in enumerate(args[:-1]):
         if a == "accelerate.commands.launch" or (os.path.basename(a) == "accelerate" and args[i + 1] == "launch"):
             return os.getppid()

@@ -86,3 +86,13 @@ def reduce_sums(sums: dict[str, float]) -> dict[str, float]:
         vec = vec.cuda()
     td.all_reduce(vec)
     return dict(zip(keys, vec.cpu().tolist()))
+
+
+def parent_args() -> list[str]:
+    """The command line of the process that started this one ([] where /proc cannot tell): how gte recognises the
+    launcher it runs under (``accelerate launch``'s single-process one, for its errors and its ``--num_processes``)."""
+    try:
+        with open(f"/proc/{os.getppid()}/cmdline", "rb") as f:
+            return [a.decode(errors="replace") for a in f.read().split(b"\0")]
+    except OSError:
+        return []

@@ -59,11 +59,7 @@ def _processes_asked_of_accelerate_cpu() -> int:
     """--num_processes of a parent `accelerate launch --cpu` that started this single process (0 if none)."""
     if "WORLD_SIZE" in os.environ or "ACCELERATE_USE_CPU" not in os.environ:
         return 0
-    try:
-        with open(f"/proc/{os.getppid()}/cmdline", "rb") as f:
-            args = [a.decode(errors="replace") for a in f.read().split(b"\0")]
-    except OSError:
-        return 0
+    args = dist.parent_args()
     for i, a in enumerate(args):
         for flag in ("--num_processes", "--num-processes"):
             value = a[len(flag) + 1:] if a.startswith(flag + "=") else (args[i + 1] if a == flag and i + 1 < len(args)
