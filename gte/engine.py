@@ -252,8 +252,8 @@ def setup(recipe: Recipe, n_train: int, n_data: int = 0) -> Engine:
     parts = method.parts
     if parts is not None:
         parts.to(accelerator.device)
-    params = [*student.parameters(), *(parts.parameters() if parts is not None else [])]
-    optimizer = build_optimizer(recipe, params)
+    optimizer = build_optimizer(recipe, [{"params": list(student.parameters()), "name": "student"},
+                                         *method.param_groups()])
     per_step = o.batch_size * accelerator.num_processes * o.grad_accum
     steps_per_epoch = n_train // per_step
     if steps_per_epoch == 0:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Iterable
+from typing import Any, Iterable
 
 import torch
 import torch.nn as nn
@@ -42,7 +42,8 @@ def warmup_cosine(total_steps: int, warmup_steps: int, warmup_decay: float):
     return factor
 
 
-def build_optimizer(recipe: Recipe, params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
+def build_optimizer(recipe: Recipe, params: Iterable[Any]) -> torch.optim.Optimizer:
+    """``optim.name`` over ``params`` (parameters, or parameter groups: dicts whose own keys override the recipe's)."""
     o = recipe.optim
     if o.name == "adam":
         return torch.optim.Adam(params, lr=o.lr, weight_decay=o.weight_decay)

@@ -90,6 +90,11 @@ class Method:
         """The method's loss of one batch and its logged (detached) terms."""
         raise NotImplementedError
 
+    def param_groups(self) -> list[dict[str, Any]]:
+        """Optimiser parameter groups of the method's trainable parts (appended to the student's group; a method may
+        give its parts their own ``lr`` / ``weight_decay`` here). Default: one group, the optimiser's settings."""
+        return [{"params": list(self.parts.parameters()), "name": f"{self.name}.parts"}] if self.parts is not None else []
+
     def extra_state(self) -> dict[str, torch.Tensor]:
         """Non-parameter state saved with checkpoints (tensors only), e.g. a memory bank."""
         return {}
