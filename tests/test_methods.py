@@ -160,3 +160,39 @@ def test_dry_run_names_a_layer_the_student_lacks(tmp_path):
                           "--dry-run"], capture_output=True, text=True, cwd=tmp_path)
     assert res.returncode == 2 and "Traceback" not in res.stderr
     assert "student bcos_cifar_resnet20 has no layer 'layer9'" in res.stderr
+
+
+def test_single_label_methods_refuse_multilabel_data():
+    student, teacher = _models("standard")
+    for name in ("dkd", "dist"):
+        with pytest.raises(GteError, match="one class per sample"):
+            build_method(DistillConfig(method=name, multilabel=True), student, teacher)
+    with pytest.raises(GteError, match="logit_std"):
+        build_method(DistillConfig(method="kd", multilabel=True, logit_std=True), student, teacher)
+    assert build_method(DistillConfig(method="at", multilabel=True), student, teacher).multilabel
+
+
+def test_logit_std_option_is_the_papers_loss_for_kd_and_standardises_dkd_and_dist():
+    """distill.logit_std: KD on z-scored logits equals logit_std.standardized_kd_loss (checked against torchdistill in
+    test_method_losses); DKD and DIST see the z-scored logits too."""
+    from gte.methods.dist import dist_loss
+    from gte.methods.dkd import dkd_loss
+    from gte.methods.logit_std import standardize, standardized_kd_loss
+
+    student, teacher = _models("standard")
+    s, t = torch.randn(6, 5) * 3, torch.randn(6, 5) * 7
+    labels = torch.randint(0, 5, (6,))
+    kd = build_method(DistillConfig(method="kd", logit_std=True, temperature=2.0, ce_weight=0.0), student, teacher)
+    torch.testing.assert_close(kd.logit_terms(s, t, labels)[0], standardized_kd_loss(s, t, 2.0))
+    plain = build_method(DistillConfig(method="kd", temperature=2.0, ce_weight=0.0), student, teacher)
+    assert not torch.allclose(plain.logit_terms(s, t, labels)[0], standardized_kd_loss(s, t, 2.0))
+    for name, fn in (("dkd", lambda a, b: dkd_loss(a, b, labels, 1.0, 0.5, 2.0)),
+                     ("dist", lambda a, b: 2.0 * dist_loss(a, b, 1.0, 1.0, 2.0))):
+        m = build_method(DistillConfig(method=name, logit_std=True, temperature=2.0, ce_weight=0.0), student, teacher)
+
+        class Pass:  # the method's objective only reads the logits of both passes
+            def __init__(self, logits):
+                self.logits = logits
+
+        loss, _ = m.objective(Batch(torch.zeros(6, 3, 8, 8), labels, epoch=5.0), Pass(s), Pass(t))
+        torch.testing.assert_close(loss, fn(standardize(s), standardize(t)))

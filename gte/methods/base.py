@@ -70,6 +70,7 @@ class Method:
     needs: ClassVar[Needs] = Needs()
     Options: ClassVar[type] = NoOptions
     ce_default: ClassVar[float] = 1.0  # label-loss weight when distill.ce_weight < 0 (the method paper's setting)
+    multilabel: ClassVar[bool] = True  # works with multi-hot labels (distill.multilabel); False: one class per sample
 
     def __init__(self, cfg: DistillConfig, student: nn.Module, teacher: nn.Module | None = None, *,
                  explanation: bool = False, context: Context = Context()):
@@ -77,6 +78,9 @@ class Method:
         self.student_info = info(student)
         if teacher is not None and info(teacher).num_classes != self.student_info.num_classes:
             raise GteError(f"teacher has {info(teacher).num_classes} classes, student {self.student_info.num_classes}")
+        if cfg.multilabel and not self.multilabel:
+            raise GteError(f"distill.method '{self.name}' needs one class per sample: it cannot train on multi-label "
+                           "data (distill.multilabel)")
         self.options = parse_options(type(self), cfg.options)
         self.ce_weight = cfg.ce_weight if cfg.ce_weight >= 0 else self.ce_default
         self.explanation = ExplanationTerm(cfg, student, teacher) if explanation else None

@@ -63,6 +63,7 @@ class DIST(KD):
 
     Options = DISTOptions
     ce_default = DEFAULTS["ce_weight"]
+    multilabel = False  # per-sample class distributions (softmax) and, for DKD, the target class
 
     def objective(self, batch, s, t):
         o = self.options

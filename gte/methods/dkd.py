@@ -90,6 +90,7 @@ class DKD(KD):
 
     Options = DKDOptions
     ce_default = DEFAULTS["ce_weight"]
+    multilabel = False  # per-sample class distributions (softmax) and, for DKD, the target class
 
     def objective(self, batch, s, t):
         o = self.options

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from gte.errors import GteError
 from gte.losses import kd_loss, multilabel_kd_loss
 from gte.methods.base import Method, Needs, register
 from gte.methods.logit_std import standardize
@@ -29,6 +30,12 @@ class KD(Method):
 
     def objective(self, batch, s, t):
         return self.logit_terms(s.logits, t.logits, batch.labels)
+
+    def __init__(self, cfg, student, teacher=None, **kw):
+        super().__init__(cfg, student, teacher, **kw)
+        if cfg.logit_std and cfg.multilabel:
+            raise GteError("distill.logit_std standardises a softmax's logits: not for multi-label data "
+                           "(distill.multilabel)")
 
     def logit_terms(self, s_logits: torch.Tensor, t_logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict]:
         loss_fn = multilabel_kd_loss if self.cfg.multilabel else kd_loss
