@@ -26,3 +26,5 @@ def test_readme_python_api_block_runs(tmp_path, monkeypatch):
     assert all(p.grad is not None for p in student.parameters())
     assert scope["w_a"].shape == scope["w_b"].shape == (2, 6, 32, 32)
     assert torch.allclose(scope["w_a"], scope["w_s"])  # one forward, the same W(x) of the same class
+    logs, method = scope["logs"], scope["method"]
+    assert {"ce", "crd", "exp"} <= set(logs) and all(p.grad is not None for p in method.parts.parameters())
