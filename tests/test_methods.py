@@ -65,7 +65,12 @@ def test_every_method_steps_trains_its_parts_and_round_trips_its_state(name, kin
     assert all(p.grad is None for p in teacher.parameters())
     if method.parts is not None:
         assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in method.parts.parameters())
+    before = {k: v.clone() for k, v in method.extra_state().items()}
     method.end_step()
+    if name.startswith("crd"):  # the step's memory update lands at end_step, on the batch's rows only
+        idx = _batch().indices
+        moved = (method.memory.memory_s - before["memory_s"]).abs().sum(1) > 0
+        assert moved[idx].all() and moved.sum() == len(idx)
     # state: a second method built the same way and loaded with the first's state gives the same loss
     state = method.state_dict()
     assert all(isinstance(v, torch.Tensor) for v in state.values())
