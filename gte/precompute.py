@@ -29,7 +29,7 @@ from gte.errors import GteError
 from gte.explain import choose_explainer, explain_with_logits
 from gte.frozen import LOGITS, MAP, npy_bytes, read_info, write_info
 from gte.io import check_writable
-from gte.models import REGISTRY, build_model, freeze, info, to_model_input
+from gte.models import build_model, freeze, info, is_bcos, to_model_input
 
 
 def teacher_outputs(teacher: torch.nn.Module, images: torch.Tensor, explainer: str,
@@ -63,7 +63,7 @@ def precompute(recipe: Recipe, out: str | Path, *, map_scale: int = 1, batch_siz
     device = dist.device()
     teacher = freeze(build_model(recipe.teacher.arch, d.num_classes, recipe.teacher.weights)).to(device)
     # The maps are made with the student's explainer: training compares them with the student's own maps.
-    student_bcos = REGISTRY[recipe.student.arch].bcos if recipe.student.arch in REGISTRY else info(teacher).bcos
+    student_bcos = is_bcos(recipe.student.arch) if recipe.student.arch else info(teacher).bcos
     explainer = choose_explainer(recipe.distill.explainer, student_bcos)
     meta = {"teacher_arch": recipe.teacher.arch, "teacher_weights": str(recipe.teacher.weights),
             "explainer": explainer, "num_classes": d.num_classes, "image_size": d.image_size,

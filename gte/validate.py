@@ -20,7 +20,7 @@ from gte.io import check_writable, is_file
 from gte.methods import parse_method, uses_teacher
 from gte.methods.base import parse_options
 from gte.methods.features import layer_names
-from gte.models import REGISTRY, check_arch, create
+from gte.models import check_arch, create, is_bcos
 from gte.onepass import EXP_GRADS
 
 
@@ -93,12 +93,12 @@ def _teacher(recipe: Recipe) -> None:
 def _explainer_pair(recipe: Recipe) -> None:
     """B-cos explanations need a B-cos teacher as well as a B-cos student (e2KD compares W(x) of both)."""
     d, s, t = recipe.distill, recipe.student.arch, recipe.teacher.arch
-    if not _explained(d.method) or d.frozen or s not in REGISTRY or t not in REGISTRY:
+    if not _explained(d.method) or d.frozen or not s or not t:
         return
     if d.explainer not in ("auto", *EXPLAINERS):  # an unknown name is _method's problem
         return
-    explainer = choose_explainer(d.explainer, REGISTRY[s].bcos)
-    if get(explainer).needs_bcos and not REGISTRY[t].bcos:
+    explainer = choose_explainer(d.explainer, is_bcos(s))
+    if get(explainer).needs_bcos and not is_bcos(t):
         raise GteError(f"e2KD with B-cos explanations needs a B-cos teacher too; {t} is a standard network "
                        "(use a bcos_* teacher, or distill.explainer = 'gradcam')")
     if recipe.run.compile_teacher:
@@ -123,7 +123,11 @@ def _layers(recipe: Recipe) -> None:
     roles = [("student", recipe.student.arch, n.student_features, d.student_layers),
              ("teacher", recipe.teacher.arch, n.teacher_features if n.teacher else "", d.teacher_layers)]
     for role, arch, which, override in roles:
-        if which and arch in REGISTRY:
+        try:
+            check_arch(arch)
+        except GteError:  # an unknown or missing name is _student's / _teacher's problem
+            continue
+        if which:
             with torch.device("meta"):
                 model = create(arch, max(2, recipe.data.num_classes))
             layer_names(model, which, override, role)
@@ -156,6 +160,6 @@ _CHECKS: tuple[Callable[[Recipe], None], ...] = (_method, _student, _teacher, _e
 
 def check_compilable_teacher(recipe: Recipe) -> None:
     """``run.compile_teacher`` with explanations: only B-cos W(x) (call after ``check_arch(student.arch)``)."""
-    if choose_explainer(recipe.distill.explainer, REGISTRY[recipe.student.arch].bcos) == "gradcam":
+    if choose_explainer(recipe.distill.explainer, is_bcos(recipe.student.arch)) == "gradcam":
         raise GteError("run.compile_teacher needs B-cos explanations: GradCAM's per-call hooks would make "
                        "torch.compile recompile the teacher every guided step")

@@ -174,7 +174,8 @@ def test_bcos_train_mode_batch_maps_equal_per_sample_gradients():
 
 
 # ------------------------------------------------------------------------------------------------ GradCAM
-GRADCAM_CASES = [("resnet18", 64), ("cifar_resnet20", 32)]
+GRADCAM_CASES = [("resnet18", 64), ("cifar_resnet20", 32), ("timm/tf_efficientnet_lite0", 64), ("timm/convnext_atto", 96),
+                 ("torchvision/mobilenet_v3_small", 128)]
 
 
 @pytest.mark.parametrize("name,size", GRADCAM_CASES)

@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 
 from gte.errors import GteError
+from gte.models import external
 from gte.models.small import SmallResNet
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -131,11 +132,23 @@ REGISTRY: dict[str, Arch] = {
 
 
 def check_arch(name: str) -> None:
-    """Raise a one-line error naming close matches if ``name`` is not a known architecture."""
+    """Raise a one-line error naming close matches (gte's names, ``timm/…``, ``torchvision/…``) if ``name`` is not
+    a known architecture."""
+    if external.is_external(name):
+        if not external.known(name):
+            close = external.close_matches(name)
+            raise GteError(f"unknown model '{name}'" + (f"; did you mean {', '.join(close[:3])}?" if close else ""))
+        return
     if name not in REGISTRY:
-        close = difflib.get_close_matches(name, REGISTRY, n=3, cutoff=0.5)
-        hint = f"; did you mean {', '.join(close)}?" if close else f"; known: {', '.join(sorted(REGISTRY))}"
+        close = difflib.get_close_matches(name, REGISTRY, n=3, cutoff=0.5) + external.close_matches(name)[:2]
+        hint = (f"; did you mean {', '.join(close)}?" if close else
+                f"; known: {', '.join(sorted(REGISTRY))}, timm/<name>, torchvision/<name>")
         raise GteError(f"unknown model '{name}'{hint}")
+
+
+def is_bcos(name: str) -> bool:
+    """Whether architecture ``name`` is a B-cos network (without building it; external models never are)."""
+    return name in REGISTRY and REGISTRY[name].bcos
 
 
 def create(name: str, num_classes: int) -> nn.Module:
@@ -143,6 +156,11 @@ def create(name: str, num_classes: int) -> nn.Module:
     check_arch(name)
     if num_classes < 2:
         raise GteError(f"num_classes must be at least 2, got {num_classes}")
+    if external.is_external(name):
+        model, facts = external.build(name, num_classes)
+        model.gte_info = ModelInfo(arch=name, num_classes=num_classes, bcos=False, gradcam_layer=facts.gradcam_layer,
+                                   stages=facts.stages, head=facts.head, mean=facts.mean, std=facts.std)
+        return model
     arch = REGISTRY[name]
     model = arch.builder(num_classes)
     if arch.bcos:

@@ -1,0 +1,148 @@
+"""Classifiers from other libraries by name: ``timm/<name>`` (any model ``timm.list_models()`` knows; timm is the
+optional extra ``gte[timm]``) and ``torchvision/<name>`` (any torchvision classification model).
+
+What gte needs to know about them is read from the model, not listed by hand:
+
+- **GradCAM layer** — the last spatial feature map before global pooling. timm: the module whose output
+  ``forward_features`` returns (ResNet ``layer4``, EfficientNet ``bn2``, MobileNetV3 ``blocks``; one probe forward at
+  64 px); torchvision: ``layer4`` for ResNets, else
+  ``features`` (MobileNet, EfficientNet, ConvNeXt, DenseNet, VGG, …). Token models (ViT, DeiT, Swin through timm's
+  ``patch_embed``; torchvision's ``encoder``) have none here yet. ``teacher.explain_layer`` style overrides are the
+  model-spec work of issue 11 and not built.
+- **Stages** (feature methods) — timm: the ``feature_info`` modules at stride ≥ 4; torchvision: ResNets' ``layer1..4``.
+- **Head** — timm: ``pretrained_cfg["classifier"]``; torchvision: ``fc`` where it is a Linear.
+- **Input spec** — timm: ``pretrained_cfg`` mean/std; torchvision: ImageNet's.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+
+import torch.nn as nn
+
+from gte.errors import GteError
+
+TIMM, TORCHVISION = "timm/", "torchvision/"
+PREFIXES = (TIMM, TORCHVISION)
+
+
+@dataclass(frozen=True)
+class Facts:
+    """What :func:`build` learnt about an external model (the rest of :class:`~gte.models.registry.ModelInfo`)."""
+
+    gradcam_layer: str | None
+    stages: tuple[str, ...]
+    head: str | None
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+
+def is_external(name: str) -> bool:
+    return name.startswith(PREFIXES)
+
+
+def _timm():
+    try:
+        import timm
+    except ImportError:
+        raise GteError("timm/… models need timm: pip install 'gte[timm]' (or uv pip install timm)") from None
+    return timm
+
+
+def _torchvision_names() -> list[str]:
+    import torchvision
+
+    return sorted(torchvision.models.list_models(module=torchvision.models))
+
+
+def known(name: str) -> bool:
+    """Whether the library behind ``name``'s prefix can build it."""
+    if name.startswith(TIMM):
+        return _timm().is_model(name[len(TIMM):])
+    return name[len(TORCHVISION):] in _torchvision_names()
+
+
+def close_matches(name: str) -> list[str]:
+    """Prefixed names close to ``name`` (both libraries when they can be asked; the one named first)."""
+    bare = name.split("/", 1)[-1]
+    tv = [TORCHVISION + n for n in difflib.get_close_matches(bare, _torchvision_names(), n=3, cutoff=0.6)]
+    try:
+        tm = [TIMM + n for n in difflib.get_close_matches(bare, _timm().list_models(), n=3, cutoff=0.6)]
+    except GteError:
+        tm = []
+    return tm + tv if name.startswith(TIMM) else tv + tm
+
+
+def build(name: str, num_classes: int) -> tuple[nn.Module, Facts]:
+    """A randomly initialised ``num_classes``-way model and its facts."""
+    if not known(name):
+        close = close_matches(name)
+        raise GteError(f"unknown model '{name}'" + (f"; did you mean {', '.join(close[:3])}?" if close else ""))
+    if name.startswith(TIMM):
+        return _build_timm(name[len(TIMM):], num_classes)
+    return _build_torchvision(name[len(TORCHVISION):], num_classes)
+
+
+def _build_timm(name: str, num_classes: int) -> tuple[nn.Module, Facts]:
+    model = _timm().create_model(name, pretrained=False, num_classes=num_classes)
+    cfg = dict(getattr(model, "pretrained_cfg", None) or {})
+    infos = list(getattr(model, "feature_info", None) or [])
+    tokens = getattr(model, "patch_embed", None) is not None  # ViT / DeiT / Swin: token maps, no spatial CNN map
+    spatial = [] if tokens else [f["module"] for f in infos if f.get("reduction", 1) >= 4]
+    head = cfg.get("classifier")
+    head = head[0] if isinstance(head, (tuple, list)) else head
+    mean, std = tuple(cfg.get("mean", (0.485, 0.456, 0.406))), tuple(cfg.get("std", (0.229, 0.224, 0.225)))
+    cam = None if tokens else _features_output_module(model)
+    return model, Facts(cam, tuple(spatial), head if _has(model, head) else None, mean, std)
+
+
+def _features_output_module(model: nn.Module) -> str | None:
+    """The module whose output ``forward_features`` returns (the map global pooling sees: ResNet ``layer4``,
+    EfficientNet ``bn2`` after the 1×1 head conv, MobileNetV3 ``blocks``), found by one small probe forward."""
+    import torch
+
+    if not hasattr(model, "forward_features"):
+        return None
+    seen: list[tuple[str, torch.Tensor]] = []
+    hooks = [m.register_forward_hook(lambda m, i, o, n=n: seen.append((n, o)))
+             for n, m in model.named_modules() if n]
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            out = model.forward_features(torch.zeros(1, 3, 64, 64))
+    except Exception:  # a model that needs its own input size: no automatic layer  # noqa: BLE001
+        return None
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    if not isinstance(out, torch.Tensor) or out.ndim != 4:
+        return None
+    # the outermost module (shortest name) among those that returned that very tensor last
+    names = [n for n, o in seen if o is out]
+    return min(names, key=lambda n: n.count(".")) if names else None
+
+
+def _build_torchvision(name: str, num_classes: int) -> tuple[nn.Module, Facts]:
+    import torchvision
+
+    model = torchvision.models.get_model(name, weights=None, num_classes=num_classes)
+    if all(hasattr(model, f"layer{i}") for i in range(1, 5)):
+        stages: tuple[str, ...] = ("layer1", "layer2", "layer3", "layer4")
+        cam: str | None = "layer4"
+    else:
+        stages, cam = (), ("features" if isinstance(getattr(model, "features", None), nn.Module) else None)
+    head = "fc" if isinstance(getattr(model, "fc", None), nn.Linear) else None
+    return model, Facts(cam, stages, head, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+
+
+def _has(model: nn.Module, name: str | None) -> bool:
+    if not name:
+        return False
+    try:
+        model.get_submodule(name)
+        return True
+    except AttributeError:
+        return False
