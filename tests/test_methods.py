@@ -40,12 +40,7 @@ def _batch(step: int = 0, seed: int = 1) -> Batch:
                  epoch=0.5, indices=torch.randperm(N_DATA, generator=g)[:4])
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.mark.parametrize("kind", PAIRS)
