@@ -66,11 +66,25 @@ def test_external_model_round_trips_through_model_safetensors(tmp_path):
     torch.testing.assert_close(again(to_model_input(info(again), x)), model(to_model_input(info(model), x)))
 
 
-def test_a_token_model_builds_and_refuses_gradcam_in_one_line():
-    vit = build_model("timm/deit_tiny_patch16_224", 4)
-    assert vit(torch.rand(1, 3, 224, 224)).shape == (1, 4)
+def test_a_vit_student_distils_with_e2kd_through_attention():
+    """DeiT-Tiny as an e2KD student of a CNN teacher: GradCAM on its patch grid, double backward through attention
+    (timm's fused attention is switched off for the explained forward: it has no double backward), GELU, LayerNorm."""
+    torch.manual_seed(2)
+    vit = build_model("timm/deit_tiny_patch16_224", 4).train()
+    teacher = freeze(build_model("timm/resnet18", 4))
+    method = build_method(DistillConfig(method="e2kd", explainer="gradcam"), vit, teacher)
+    loss, logs = method.loss(Batch(torch.rand(2, 3, 224, 224), torch.tensor([0, 3])))
+    loss.backward()
+    assert "exp" in logs and torch.isfinite(loss)
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in vit.parameters() if p.requires_grad)
+    assert all(getattr(m, "fused_attn", True) for m in vit.modules())  # restored after the forward
+
+
+def test_a_token_model_without_a_grid_refuses_gradcam_in_one_line():
+    swin = build_model("timm/swin_tiny_patch4_window7_224", 4)
+    assert info(swin).gradcam_layer is None
     with pytest.raises(GteError, match="no GradCAM layer"):
-        build_method(DistillConfig(method="e2kd", explainer="gradcam"), vit, freeze(build_model("timm/resnet18", 4)))
+        build_method(DistillConfig(method="e2kd", explainer="gradcam"), swin, freeze(build_model("timm/resnet18", 4)))
 
 
 @pytest.mark.parametrize("name, hint", [("timm/resnet_18", "timm/resnet18"), ("torchvision/resnet19",

@@ -5,6 +5,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from typing import Iterator
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -14,10 +17,22 @@ from gte.explainers.base import Explainer, register, selected
 from gte.models import get_submodule, info
 
 
+def on_grid(tokens: torch.Tensor, prefix: int) -> torch.Tensor:
+    """N×L×D tokens → N×D×h×w: the ``prefix`` class/register tokens dropped, the rest on their square patch grid."""
+    patches = tokens[:, prefix:]
+    side = int(round(patches.shape[1] ** 0.5))
+    if side * side != patches.shape[1]:
+        raise GteError(f"{patches.shape[1]} patch tokens do not form a square grid: GradCAM cannot place them")
+    return patches.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], side, side)
+
+
 def gradcam(acts: torch.Tensor, logits: torch.Tensor, classes: torch.Tensor | None, size: tuple[int, int],
-            create_graph: bool = False) -> torch.Tensor:
-    """Positive GradCAM of ``classes`` (None = top-1) from a layer's activations and the logits of the same forward."""
+            create_graph: bool = False, token_prefix: int | None = None) -> torch.Tensor:
+    """Positive GradCAM of ``classes`` (None = top-1) from a layer's activations and the logits of the same forward
+    (token activations, N×L×D, are put on their patch grid first: ``token_prefix`` tokens dropped)."""
     (grads,) = torch.autograd.grad(selected(logits, classes), acts, create_graph=create_graph)
+    if token_prefix is not None:
+        acts, grads = on_grid(acts, token_prefix), on_grid(grads, token_prefix)
     cam = F.relu((grads.mean(dim=(2, 3), keepdim=True) * acts).sum(1, keepdim=True))
     return F.interpolate(cam, size=tuple(size), mode="bilinear", align_corners=False)
 
@@ -45,14 +60,30 @@ class GradCAM(Explainer):
         return logits, store[-1]
 
     def explain_with_logits(self, model, x, classes, create_graph=False):
-        logits, acts = self._forward(model, x.detach().requires_grad_(True))
+        with _unfused_attention(model) if create_graph else contextlib.nullcontext():
+            logits, acts = self._forward(model, x.detach().requires_grad_(True))
         with torch.enable_grad():
-            return gradcam(acts, logits, classes, x.shape[-2:], create_graph), logits
+            return gradcam(acts, logits, classes, x.shape[-2:], create_graph, info(model).token_prefix), logits
 
     def training_forward(self, model, x, exp_grad="exact"):
-        logits, acts = self._forward(model, x)
+        with _unfused_attention(model):
+            logits, acts = self._forward(model, x)
 
         def explain(classes: torch.Tensor) -> torch.Tensor:
             with torch.enable_grad():
-                return gradcam(acts, logits, classes, x.shape[-2:], create_graph=True)
+                return gradcam(acts, logits, classes, x.shape[-2:], True, info(model).token_prefix)
         return logits, explain
+
+
+@contextlib.contextmanager
+def _unfused_attention(model: nn.Module) -> Iterator[None]:
+    """timm attention without its fused kernel during a student's explained forward: torch's fused CPU attention has
+    no double backward, and the explanation term needs one (same values; the plain softmax(QKᵀ)V path)."""
+    fused = [m for m in model.modules() if getattr(m, "fused_attn", False) is True]
+    for m in fused:
+        m.fused_attn = False
+    try:
+        yield
+    finally:
+        for m in fused:
+            m.fused_attn = True

@@ -6,9 +6,10 @@ What gte needs to know about them is read from the model, not listed by hand:
 - **GradCAM layer** — the last spatial feature map before global pooling. timm: the module whose output
   ``forward_features`` returns (ResNet ``layer4``, EfficientNet ``bn2``, MobileNetV3 ``blocks``; one probe forward at
   64 px); torchvision: ``layer4`` for ResNets, else
-  ``features`` (MobileNet, EfficientNet, ConvNeXt, DenseNet, VGG, …). Token models (ViT, DeiT, Swin through timm's
-  ``patch_embed``; torchvision's ``encoder``) have none here yet. ``teacher.explain_layer`` style overrides are the
-  model-spec work of issue 11 and not built.
+  ``features`` (MobileNet, EfficientNet, ConvNeXt, DenseNet, VGG, …). timm ViT / DeiT: the last block's ``norm1``,
+  its tokens reshaped to the patch grid with the class/distillation/register tokens dropped (``num_prefix_tokens``;
+  pytorch-grad-cam's ``reshape_transform`` convention). Swin and torchvision's ViTs have none yet, and overrides
+  (``teacher.explain_layer``) are not built.
 - **Stages** (feature methods) — timm: the ``feature_info`` modules at stride ≥ 4; torchvision: ResNets' ``layer1..4``.
 - **Head** — timm: ``pretrained_cfg["classifier"]``; torchvision: ``fc`` where it is a Linear.
 - **Input spec** — timm: ``pretrained_cfg`` mean/std; torchvision: ImageNet's.
@@ -36,6 +37,7 @@ class Facts:
     head: str | None
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    token_prefix: int | None = None
 
 
 def is_external(name: str) -> bool:
@@ -93,8 +95,13 @@ def _build_timm(name: str, num_classes: int) -> tuple[nn.Module, Facts]:
     head = cfg.get("classifier")
     head = head[0] if isinstance(head, (tuple, list)) else head
     mean, std = tuple(cfg.get("mean", (0.485, 0.456, 0.406))), tuple(cfg.get("std", (0.229, 0.224, 0.225)))
-    cam = None if tokens else _features_output_module(model)
-    return model, Facts(cam, tuple(spatial), head if _has(model, head) else None, mean, std)
+    cam, prefix = (None if tokens else _features_output_module(model)), None
+    blocks = getattr(model, "blocks", None)
+    if tokens and isinstance(blocks, nn.Sequential) and hasattr(model, "num_prefix_tokens") and \
+            _has(model, f"blocks.{len(blocks) - 1}.norm1"):
+        # ViT / DeiT: pytorch-grad-cam's convention, the last block's first LayerNorm, tokens back on the patch grid
+        cam, prefix = f"blocks.{len(blocks) - 1}.norm1", int(model.num_prefix_tokens)
+    return model, Facts(cam, tuple(spatial), head if _has(model, head) else None, mean, std, prefix)
 
 
 def _features_output_module(model: nn.Module) -> str | None:

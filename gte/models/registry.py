@@ -38,6 +38,7 @@ class ModelInfo:
     gradcam_layer: str | None  # dotted module path of the last conv stage, None where GradCAM makes no sense
     stages: tuple[str, ...] = ()  # modules whose outputs are the stage feature maps, shallow → deep (feature KD)
     head: str | None = None  # the classifier module (a Linear, or a B-cos 1×1 conv giving per-class maps)
+    token_prefix: int | None = None  # token models (ViT): class/register tokens before the patch grid at gradcam_layer
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
 
@@ -159,7 +160,8 @@ def create(name: str, num_classes: int) -> nn.Module:
     if external.is_external(name):
         model, facts = external.build(name, num_classes)
         model.gte_info = ModelInfo(arch=name, num_classes=num_classes, bcos=False, gradcam_layer=facts.gradcam_layer,
-                                   stages=facts.stages, head=facts.head, mean=facts.mean, std=facts.std)
+                                   stages=facts.stages, head=facts.head, mean=facts.mean, std=facts.std,
+                                   token_prefix=facts.token_prefix)
         return model
     arch = REGISTRY[name]
     model = arch.builder(num_classes)
