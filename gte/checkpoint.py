@@ -89,18 +89,26 @@ def save(directory: Path, *, model: nn.Module, optimizer: torch.optim.Optimizer,
     return final
 
 
+class OtherRecipe(GteError):
+    """The checkpoint was written by a run of a different recipe (nothing was loaded)."""
+
+
 def load(path: Path, *, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
-         method: Any = None) -> dict[str, Any]:
+         method: Any = None, digest: str | None = None) -> dict[str, Any]:
     """Restore model/optimizer/scheduler (and ``method``'s parts and state) from ``path``; returns its position (with
-    the per-rank RNG list)."""
+    the per-rank RNG list). ``digest``: the recipe's training digest, checked first (:class:`OtherRecipe`)."""
     from safetensors.torch import load_file
 
     try:
+        position = json.loads((path / "position.json").read_text())
+        if not isinstance(position, dict):
+            raise ValueError("position.json is not an object")
+        if digest is not None and position.get("digest") != digest:
+            raise OtherRecipe(f"{path.parent} holds checkpoints of a different recipe: choose another --out")
         model.load_state_dict(load_file(str(path / "model.safetensors")))
         if method is not None and (method.state_dict() or (path / "method.safetensors").exists()):
             method.load_state_dict(load_file(str(path / "method.safetensors")))
         state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
-        position = json.loads((path / "position.json").read_text())
     # UnpicklingError: weights_only=True refusing a corrupt (or hostile) state.pt — nothing is ever unpickled
     except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as e:
         raise GteError(f"checkpoint {path} cannot be restored ({str(e).splitlines()[0][:200]})") from None

@@ -183,8 +183,8 @@ class Engine:
             images = batch["image"].to(acc.device, non_blocking=True)
             labels = labels.to(acc.device, non_blocking=True)
             index = batch.get("index")
-            item = Batch(images, labels, step, step / self.steps_per_epoch,
-                         index.to(acc.device) if index is not None else None, frozen.from_batch(batch, acc.device))
+            # sample indices stay on the host: methods use them for bookkeeping (CRD's seeds and memory rows)
+            item = Batch(images, labels, step, step / self.steps_per_epoch, index, frozen.from_batch(batch, acc.device))
             with contextlib.ExitStack() as sync:
                 if j < accum - 1:  # gradients are synchronised on the last micro-batch only
                     for m in self.trainable:
@@ -203,7 +203,8 @@ class Engine:
 
     def update(self) -> None:
         """Clip, optimiser and schedule steps, gradients cleared; on CPU, freed heap memory handed back."""
-        apply_update(self.accelerator, self.trainable, self.optimizer, self.scheduler, self.clip, self.clip_value)
+        # optim.clip is the student's (AGC for B-cos students): a method's parts train unclipped, as in their papers
+        apply_update(self.accelerator, [self.student], self.optimizer, self.scheduler, self.clip, self.clip_value)
         self.method.end_step()
         if self.accelerator.device.type == "cpu":
             release_host_memory()

@@ -25,6 +25,7 @@ from gte.config import Recipe
 from gte.data.spec import expand_spec
 from gte.data.tar import ReadProblem, iter_samples
 from gte.errors import GteError
+from gte.methods import parse_method
 from gte.io import atomic_write_json, read_json
 
 LOGITS, MAP, INFO = "logits.npy", "map.npy", "gte-frozen.json"
@@ -55,7 +56,11 @@ def read_info(directory: Path) -> dict[str, Any] | None:
 
 def members_needed(recipe: Recipe) -> tuple[str, ...]:
     """The stored members a frozen run of this recipe's method reads."""
-    return (LOGITS, MAP) if recipe.distill.method == "e2kd" else (LOGITS,)
+    try:
+        explained = parse_method(recipe.distill.method)[1]
+    except GteError:  # an unknown name is reported by the recipe checks
+        explained = False
+    return (LOGITS, MAP) if explained else (LOGITS,)
 
 
 def check_shards(recipe: Recipe) -> None:

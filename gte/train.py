@@ -89,15 +89,15 @@ class _Run:
         for i, path in enumerate(reversed(found)):  # newest first; an unreadable one falls back to the one before
             try:
                 self.position = checkpoint.load(path, model=e.model(), optimizer=e.optimizer, scheduler=e.scheduler,
-                                                method=e.method)
+                                                method=e.method, digest=self.digest)
+            except checkpoint.OtherRecipe:
+                raise
             except GteError as err:
                 if i == len(found) - 1:
                     raise
                 if self.main:
                     self.console.print(f"{err}; trying the previous checkpoint", markup=False)
                 continue
-            if self.position["digest"] != self.digest:
-                raise GteError(f"{self.ckpt_dir} holds checkpoints of a different recipe: choose another --out")
             self.step = self.position["step"]
             if self.main:
                 self.console.print(f"resuming from {path} (step {self.step})")

@@ -101,3 +101,26 @@ def test_cli_names_an_unknown_timm_model_in_one_line(tmp_path):
                          cwd=tmp_path)
     assert res.returncode == 2 and "Traceback" not in res.stderr
     assert "unknown model 'timm/resnet_18'; did you mean timm/resnet18" in res.stderr
+
+
+@pytest.mark.parametrize("method", ["at", "cat_kd", "crd", "reviewkd", "dkd+e2kd"])
+def test_every_feature_method_runs_on_a_timm_pair(method):
+    """EfficientNet-Lite0 student, ResNet-18 teacher (timm): stages from feature_info, the pooled map at bn2 (what
+    the classifier reads, not the last block), trainable parts sized from a probe."""
+    from gte.methods import Context
+
+    torch.manual_seed(3)
+    student = build_model("timm/tf_efficientnet_lite0", 4).train()
+    teacher = freeze(build_model("timm/resnet18", 4))
+    cfg = DistillConfig(method=method, explainer="gradcam", options={"nce_k": 8} if method == "crd" else {})
+    m = build_method(cfg, student, teacher, Context(n_data=16, image_size=64))
+    loss, _ = m.loss(Batch(torch.rand(2, 3, 64, 64), torch.tensor([0, 3]), indices=torch.tensor([1, 9])))
+    loss.backward()
+    assert torch.isfinite(loss) and all(p.grad is None for p in teacher.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in student.parameters())
+
+
+def test_cat_kd_refuses_a_head_that_does_not_read_the_last_map():
+    student = build_model("timm/mobilenetv3_small_050", 4)  # global pool, then a 1×1 conv, then the classifier
+    with pytest.raises(GteError, match="classifier reads 1024 channels"):
+        build_method(DistillConfig(method="cat_kd"), student, freeze(build_model("timm/resnet18", 4)))

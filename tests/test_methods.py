@@ -196,3 +196,14 @@ def test_logit_std_option_is_the_papers_loss_for_kd_and_standardises_dkd_and_dis
 
         loss, _ = m.objective(Batch(torch.zeros(6, 3, 8, 8), labels, epoch=5.0), Pass(s), Pass(t))
         torch.testing.assert_close(loss, fn(standardize(s), standardize(t)))
+
+
+def test_frozen_teaching_reads_the_stored_map_for_every_explained_method():
+    from gte.config import Recipe
+    from gte.frozen import LOGITS, MAP, members_needed
+
+    for name, want in (("e2kd", (LOGITS, MAP)), ("kd+e2kd", (LOGITS, MAP)), ("dkd+e2kd", (LOGITS, MAP)),
+                       ("kd", (LOGITS,)), ("dist", (LOGITS,))):
+        r = Recipe()
+        r.distill.method = name
+        assert members_needed(r) == want, name

@@ -120,3 +120,19 @@ def test_compiled_teacher_refused_with_gradcam(tmp_path, shards, teacher_path):
     recipe.distill.explainer = "gradcam"
     with pytest.raises(GteError, match="compile_teacher needs B-cos"):
         validate(recipe)
+
+
+def test_checkpoints_of_another_recipe_are_refused_before_anything_is_loaded(tmp_path, shards, teacher_path):
+    """A different recipe's checkpoint (here: another method, whose state would not even fit) is named as such."""
+    from gte import checkpoint
+    from gte.errors import GteError
+
+    recipe = _recipe(tmp_path, shards, teacher_path)
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    checkpoint.save(tmp_path / "run" / "checkpoints", model=model, optimizer=opt,
+                    scheduler=torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0),
+                    position={"step": 3, "epoch": 0, "batch": 3, "digest": "another"}, rng=[], keep=2,
+                    method_state={"state.memory_s": torch.zeros(2, 2)})
+    with pytest.raises(GteError, match="holds checkpoints of a different recipe"):
+        train(recipe)

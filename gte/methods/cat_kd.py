@@ -100,9 +100,14 @@ class CATKD(Method):
         when the head itself outputs per-class maps."""
         mi = info(model)
         head = get_submodule(model, mi.head) if mi.head else None
-        if isinstance(head, nn.Linear):
-            return head.weight
         layers = self.student_layers if role == "student" else self.teacher_layers
+        if isinstance(head, nn.Linear):
+            channels = self.feature_shapes()[0 if role == "student" else 1][-1][0]
+            if channels != head.in_features:
+                raise GteError(f"cat_kd: the {role} {mi.arch}'s classifier reads {head.in_features} channels, its "
+                               f"tapped map {layers[-1]} has {channels} (set distill.{role}_layers to the map it "
+                               "pools)")
+            return head.weight
         if head is not None:
             saved = list(layers)
             layers[:] = [mi.head]

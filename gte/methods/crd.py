@@ -279,7 +279,11 @@ class CRD(Method):
         if n < 2:
             raise GteError("crd keeps one memory row per training sample: it needs local shards gte can count")
         device = next(student.parameters()).device
-        (s_shape,), (t_shape,) = self.feature_shapes()
+        s_shapes, t_shapes = self.feature_shapes()
+        if len(s_shapes) != 1 or len(t_shapes) != 1:
+            raise GteError("crd embeds one feature map per model: give distill.student_layers / teacher_layers one "
+                           f"layer each (got {len(s_shapes)} and {len(t_shapes)})")
+        s_shape, t_shape = s_shapes[0], t_shapes[0]
         self.parts = CRDHeads(s_shape[0], t_shape[0], o.feat_dim)
         # the run's seeded RNG (set_seed: the same on every rank) seeds the memory and the negatives' stream
         self.seed = int(torch.randint(0, 2**62, (1,)))
@@ -313,6 +317,9 @@ class CRD(Method):
         return {"seed": torch.tensor(self.seed), **self.memory.state_dict()}
 
     def load_extra_state(self, state: dict[str, torch.Tensor]) -> None:
+        if "seed" not in state:
+            raise GteError("CRD state lacks its seed (a checkpoint of another method?)")
+        state = dict(state)
         self.seed = int(state.pop("seed"))
         self.memory.load_state_dict(state)
 

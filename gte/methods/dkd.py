@@ -34,7 +34,7 @@ from gte.losses import _f32
 from gte.methods.base import register
 from gte.methods.kd import KD
 
-DEFAULTS = {"ce_weight": 1.0, "alpha": 1.0, "beta": 0.5, "temperature": 1.0, "warmup_epochs": 1}
+DEFAULTS = {"ce_weight": 1.0, "alpha": 1.0, "beta": 0.5, "temperature": 1.0, "warmup_epochs": 1.0}
 
 _MASK_SHIFT = 1000.0  # the official code's gt-mask offset
 

@@ -1,7 +1,7 @@
 """Feature maps at named layers, taken with forward hooks (no model changes), for methods that match features.
 
 A method names the layers it needs through :class:`~gte.methods.base.Needs` (``"stages"``: the model's stage outputs,
-shallow → deep; ``"last"``: the deepest one); ``distill.student_layers`` / ``distill.teacher_layers`` name others
+shallow → deep; ``"last"``: the map global pooling sees); ``distill.student_layers`` / ``distill.teacher_layers`` name others
 (``"<module>:in"`` taps a module's input).
 """
 
@@ -24,7 +24,7 @@ def layer_names(model: nn.Module, which: str, override: list[str], role: str) ->
     if not which:
         return []
     mi = info(model)
-    names = list(override) if override else list(mi.stages if which in ("stages", "preact") else mi.stages[-1:])
+    names = list(override) if override else (list(mi.stages) if which in ("stages", "preact") else last_map(mi))
     if not names:
         raise GteError(f"{mi.arch} has no feature stages gte knows: set distill.{role}_layers to module names "
                        f"(the {role} has e.g. {', '.join(_some_modules(model))})")
@@ -35,6 +35,14 @@ def layer_names(model: nn.Module, which: str, override: list[str], role: str) ->
             raise GteError(f"{role} {mi.arch} has no layer '{name}' (it has e.g. "
                            f"{', '.join(_some_modules(model))})") from None
     return preactivation(model, names) if which == "preact" and not override else names
+
+
+def last_map(mi) -> list[str]:
+    """The map the classifier's global pooling sees: the GradCAM layer of a CNN (ResNet ``layer4``, EfficientNet
+    ``bn2`` after its 1×1 head conv — not the last stage), else the deepest stage; [] when neither is known."""
+    if mi.gradcam_layer and mi.token_prefix is None:
+        return [mi.gradcam_layer]
+    return list(mi.stages[-1:])
 
 
 def _module(name: str) -> str:

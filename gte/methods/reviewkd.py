@@ -36,14 +36,14 @@ from torch import nn
 
 from gte.errors import GteError
 from gte.methods.base import Method, Needs, register
-from gte.methods.features import pooled
+from gte.methods.features import last_map, pooled
 from gte.models import info
 
 MID_CHANNEL = 512
 MAX_MID_CHANNEL = 512  # mdistiller: mid = min(512, channels of the deepest student feature)
 REVIEWKD_WEIGHT = 1.0
 CE_WEIGHT = 1.0
-WARMUP_EPOCHS = 0
+WARMUP_EPOCHS = 0.0
 HCL_LEVELS = (4, 2, 1)
 
 
@@ -170,9 +170,8 @@ class ReviewKD(Method):
         super().__init__(cfg, student, teacher, **kw)
         # the pooled feature is the global average of the deepest stage's output (after its ReLU), as the
         # classifier sees it
-        self.student_layers.append(self.student_info.stages[-1] if self.student_info.stages else self.student_layers[-1])
-        t_stages = info(teacher).stages
-        self.teacher_layers.append(t_stages[-1] if t_stages else self.teacher_layers[-1])
+        for layers, mi in ((self.student_layers, self.student_info), (self.teacher_layers, info(teacher))):
+            layers.append((last_map(mi) or layers[-1:])[0])
         s_shapes, t_shapes = self.feature_shapes()
         pooled_shape = [(2, s_shapes[-1][0])], [(2, t_shapes[-1][0])]
         self.parts = ReviewKDHeads.for_features([(2, *x) for x in s_shapes[:-1]] + pooled_shape[0],
