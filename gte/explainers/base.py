@@ -8,6 +8,7 @@ forward and a function giving maps of any classes, differentiable in the paramet
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import Callable, ClassVar
 
 import torch
@@ -18,7 +19,7 @@ from gte.errors import GteError
 Explain = Callable[[torch.Tensor], torch.Tensor]  # classes (N) -> maps (N×c×H×W), differentiable
 
 
-class Explainer:
+class Explainer(ABC):
     """One attribution method."""
 
     name: ClassVar[str] = ""
@@ -28,15 +29,15 @@ class Explainer:
     def check(self, model: nn.Module) -> None:
         """Raise a one-line :class:`GteError` when ``model`` cannot be explained this way."""
 
+    @abstractmethod
     def explain_with_logits(self, model: nn.Module, x: torch.Tensor, classes: torch.Tensor | None,
                             create_graph: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """(maps, logits) of one forward; ``classes=None`` explains each sample's top-1 class."""
-        raise NotImplementedError
 
+    @abstractmethod
     def training_forward(self, model: nn.Module, x: torch.Tensor, exp_grad: str = "exact") -> tuple[torch.Tensor,
                                                                                                     Explain]:
         """A student's training forward: (logits, explain) — ``explain(classes)`` differentiable in the parameters."""
-        raise NotImplementedError
 
     def attribution(self, x: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:
         """N×H×W evidence per pixel (for EPG / IoU): the map itself for single-channel maps."""

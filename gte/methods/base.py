@@ -11,6 +11,7 @@ adds the e2KD explanation term when the method runs "+ e2KD". The loop never nam
 from __future__ import annotations
 
 import dataclasses
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -63,7 +64,7 @@ class NoOptions:
     """A method without hyperparameters of its own."""
 
 
-class Method:
+class Method(ABC):
     """A training objective over a student (and a frozen teacher, or its stored outputs)."""
 
     name: ClassVar[str] = ""
@@ -90,9 +91,9 @@ class Method:
         self.parts: nn.Module | None = None  # set by methods with trainable modules (in __init__)
 
     # ------------------------------------------------------------------------------------------ the contract
+    @abstractmethod
     def objective(self, batch: Batch, s: StudentPass, t: TeacherPass | None) -> tuple[torch.Tensor, dict]:
         """The method's loss of one batch and its logged (detached) terms."""
-        raise NotImplementedError
 
     def param_groups(self) -> list[dict[str, Any]]:
         """Optimiser parameter groups of the method's trainable parts (appended to the student's group; a method may
