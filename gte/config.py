@@ -22,6 +22,7 @@ class DataConfig:
     image_size: int = 224         # train crop and eval size
     eval_resize: int = 0          # eval Resize before CenterCrop; 0 = image_size / 0.875
     crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])  # RandomResizedCrop area range
+    interpolation: str = "bilinear"  # of the crops' resize, train and eval ("bilinear" | "bicubic" | "nearest")
     train_size: int = 0           # samples per epoch; 0 = count the shards' members once
     num_workers: int = 4
     shuffle_buffer: int = 2000
@@ -32,6 +33,9 @@ class DataConfig:
 class ModelConfig:
     arch: str = ""
     weights: str = ""             # file path ('' = random init)
+    explain_layer: str = ""       # GradCAM layer (dotted module name); '' = the model's own (its spec)
+    image_size: int = 0           # teacher: the side it sees each batch at; 0 = the batch's own, or the spec's
+                                  # size when the teacher runs at a fixed size only (ViT)
 
 
 @dataclass
@@ -161,10 +165,13 @@ RANGES: dict[str, tuple[Any, str]] = {
     "data.crop_scale": (lambda v: len(v) == 2 and all(isinstance(x, (int, float)) and not isinstance(x, bool)
                                                        for x in v) and 0 < v[0] <= v[1] <= 1,
                         "two numbers [min, max] with 0 < min <= max <= 1"),
+    "data.interpolation": (lambda v: v in ("bilinear", "bicubic", "nearest"), "bilinear, bicubic or nearest"),
     "data.train_size": (_not_negative, ">= 0 (0 = count the shards)"),
     "data.num_workers": (_not_negative, ">= 0"),
     "data.shuffle_buffer": (_not_negative, ">= 0"),
     "data.max_bad_fraction": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "teacher.image_size": (_not_negative, ">= 0 (0 = the batch's size)"),
+    "student.image_size": (lambda v: v == 0, "0 (the student sees data.image_size)"),
     "distill.temperature": (_positive, "> 0"),
     "distill.lambda_exp": (_not_negative, ">= 0"),
     "distill.ce_weight": (lambda v: v >= 0 or v == -1, ">= 0, or -1 (the method's own weight)"),

@@ -20,10 +20,10 @@ import torch
 import torch.nn as nn
 
 from gte import dist, frozen
-from gte.config import Recipe
+from gte.config import ModelConfig, Recipe
 from gte.errors import GteError
 from gte.methods import Batch, Context, Method, build_method, uses_teacher
-from gte.models import build_model, freeze, info
+from gte.models import build_model, freeze, info, with_spec
 from gte.optim import apply_update, build_optimizer, warmup_cosine
 
 
@@ -100,12 +100,30 @@ def build_models(recipe: Recipe, *, pretrained: bool = True, teacher: bool | Non
     step does not depend on them."""
     d = recipe.data
     student = build_model(recipe.student.arch, d.num_classes, (recipe.student.weights or None) if pretrained else None)
+    # the student's spec is this run's geometry: what eval, explain and precompute use for model.safetensors
+    with_spec(student, input_size=d.image_size, crop_pct=d.image_size / (d.eval_resize or d.image_size / 0.875),
+              interpolation=d.interpolation, **layer_spec(recipe.student))
     if teacher is None:
         teacher = uses_teacher(recipe.distill.method) and not recipe.distill.frozen
     if teacher:
-        return student, freeze(build_model(recipe.teacher.arch, d.num_classes,
-                                           recipe.teacher.weights if pretrained else None))
+        t = build_model(recipe.teacher.arch, d.num_classes, recipe.teacher.weights if pretrained else None)
+        return student, freeze(with_spec(t, **layer_spec(recipe.teacher)))
     return student, None
+
+
+def layer_spec(model: ModelConfig) -> dict[str, str]:
+    """``explain_layer`` as a spec change (checked: the layer must exist)."""
+    return {"gradcam_layer": model.explain_layer} if model.explain_layer else {}
+
+
+def teacher_size(recipe: Recipe, teacher: nn.Module | None) -> int:
+    """The side the teacher sees batches at: ``teacher.image_size``, else its spec's size when it runs at that size
+    only (ViT), else 0 (the batch as it is)."""
+    if teacher is None:
+        return 0
+    mi = info(teacher)
+    size = recipe.teacher.image_size or (mi.input_size if mi.fixed_input_size else 0)
+    return 0 if size == recipe.data.image_size else size
 
 
 def apply_run_options(recipe: Recipe, student: nn.Module, teacher: nn.Module | None) -> nn.Module | None:
@@ -246,9 +264,11 @@ def setup(recipe: Recipe, n_train: int, n_data: int = 0) -> Engine:
     student, teacher = build_models(recipe)
     if teacher is not None:
         teacher.to(accelerator.device)
+    size = teacher_size(recipe, teacher)  # before compiling: the spec lives on the uncompiled module
     teacher = apply_run_options(recipe, student, teacher)
     student.to(accelerator.device)
-    context = Context(n_data=n_data or n_train, image_size=recipe.data.image_size, epochs=o.epochs)
+    context = Context(n_data=n_data or n_train, image_size=recipe.data.image_size, epochs=o.epochs,
+                      teacher_size=size)
     method = build_method(recipe.distill, student, teacher, context)
     parts = method.parts
     if parts is not None:

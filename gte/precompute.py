@@ -29,13 +29,19 @@ from gte.errors import GteError
 from gte.explain import choose_explainer, explain_with_logits
 from gte.frozen import LOGITS, MAP, npy_bytes, read_info, write_info
 from gte.io import check_writable
-from gte.models import build_model, freeze, info, is_bcos, to_model_input
+from gte.engine import layer_spec, teacher_size
+from gte.methods.passes import resized
+from gte.models import build_model, freeze, info, is_bcos, to_model_input, with_spec
 
 
 def teacher_outputs(teacher: torch.nn.Module, images: torch.Tensor, explainer: str,
-                    map_scale: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logits N×C, explanation of the top-1 class N×c×h×w) of images in [0, 1], as stored (fp16)."""
-    maps, logits = explain_with_logits(teacher, to_model_input(info(teacher), images), None, explainer)
+                    map_scale: int = 1, size: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits N×C, explanation of the top-1 class N×c×h×w) of images in [0, 1], as stored (fp16); ``size``: the
+    teacher sees them at size² (``teacher.image_size``), its map is resized back."""
+    x = to_model_input(info(teacher), resized(images, size, info(teacher).interpolation))
+    maps, logits = explain_with_logits(teacher, x, None, explainer)
+    if maps.shape[-2:] != images.shape[-2:]:
+        maps = F.interpolate(maps.float(), size=images.shape[-2:], mode="bilinear", align_corners=False)
     if map_scale > 1:
         maps = F.avg_pool2d(maps, map_scale)
     return logits.half(), maps.half()
@@ -61,13 +67,16 @@ def precompute(recipe: Recipe, out: str | Path, *, map_scale: int = 1, batch_siz
     check_writable(out, "--out")  # before the teacher is loaded
     out.mkdir(parents=True, exist_ok=True)
     device = dist.device()
-    teacher = freeze(build_model(recipe.teacher.arch, d.num_classes, recipe.teacher.weights)).to(device)
+    teacher = build_model(recipe.teacher.arch, d.num_classes, recipe.teacher.weights)
+    teacher = freeze(with_spec(teacher, **layer_spec(recipe.teacher))).to(device)
+    size = teacher_size(recipe, teacher)
     # The maps are made with the student's explainer: training compares them with the student's own maps.
     student_bcos = is_bcos(recipe.student.arch) if recipe.student.arch else info(teacher).bcos
     explainer = choose_explainer(recipe.distill.explainer, student_bcos)
     meta = {"teacher_arch": recipe.teacher.arch, "teacher_weights": str(recipe.teacher.weights),
             "explainer": explainer, "num_classes": d.num_classes, "image_size": d.image_size,
-            "eval_resize": d.eval_resize, "map_scale": map_scale, "source": d.train, "members": [LOGITS, MAP]}
+            "eval_resize": d.eval_resize, "map_scale": map_scale, "teacher_size": size,
+            "explain_layer": info(teacher).gradcam_layer or "", "source": d.train, "members": [LOGITS, MAP]}
     earlier = read_info(out)
     if earlier is not None and earlier != meta and any((out / n).is_file() for n in names):
         changed = ", ".join(f"{k}: {earlier.get(k)!r} -> {meta[k]!r}" for k in meta if earlier.get(k) != meta[k])
@@ -75,7 +84,7 @@ def precompute(recipe: Recipe, out: str | Path, *, map_scale: int = 1, batch_siz
                        "delete it to start again")
     if rank == 0:
         write_info(out, meta)
-    transform = SampleTransform(False, d.image_size, d.eval_resize)
+    transform = SampleTransform(False, d.image_size, d.eval_resize, interpolation=d.interpolation)
     bs = batch_size or recipe.optim.batch_size
     mine = list(range(rank, len(urls), world))
     todo = [i for i in mine if not (out / names[i]).is_file()]
@@ -89,7 +98,7 @@ def precompute(recipe: Recipe, out: str | Path, *, map_scale: int = 1, batch_siz
         task = progress.add_task("", total=total or None, note="")
         for i in todo:
             n, bad = _one_shard(urls[i], out / names[i], teacher, transform, explainer, map_scale, bs, device,
-                                lambda k: progress.update(task, advance=k))
+                                lambda k: progress.update(task, advance=k), size)
             summary["written"] += 1
             summary["samples"] += n
             summary["bad"] += bad
@@ -101,14 +110,14 @@ def precompute(recipe: Recipe, out: str | Path, *, map_scale: int = 1, batch_siz
 
 
 def _one_shard(url: str, path: Path, teacher, transform: SampleTransform, explainer: str, map_scale: int, bs: int,
-               device, advance) -> tuple[int, int]:
+               device, advance, size: int = 0) -> tuple[int, int]:
     n = bad = 0
     with atomic_tar(path) as sink:  # a finished shard appears whole or not at all: a rerun skips it
         pending: list[tuple[dict, torch.Tensor]] = []
 
         def flush() -> None:
             images = torch.stack([p[1] for p in pending]).to(device).float().div_(255.0)
-            logits, maps = teacher_outputs(teacher, images, explainer, map_scale)
+            logits, maps = teacher_outputs(teacher, images, explainer, map_scale, size)
             logits, maps = logits.cpu().numpy(), maps.cpu().numpy()
             for k, (raw, _) in enumerate(pending):
                 sample = {key: v for key, v in raw.items() if key not in ("__url__", "__index__")}

@@ -65,47 +65,50 @@ def load_image(path: str | os.PathLike, limit: int | None = None) -> Image.Image
         Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES = saved
 
 
-def preprocess(image: Image.Image, size: int, resize: int = 0) -> torch.Tensor:
-    """gte's eval geometry (as in ``gte eval``): Resize(size/0.875) + CenterCrop(size), 3×H×W in [0, 1]."""
+def preprocess(image: Image.Image, size: int, resize: int = 0, interpolation: str = "bilinear") -> torch.Tensor:
+    """gte's eval geometry (as in ``gte eval``): Resize(resize, else size/0.875) + CenterCrop(size), 3×H×W in
+    [0, 1]; ``interpolation`` is the model spec's."""
     import torch
-    from torchvision.transforms import v2
+    from torchvision.transforms import InterpolationMode, v2
 
-    pipe = v2.Compose([v2.PILToTensor(), v2.Resize(resize or round(size / 0.875), antialias=True),
+    pipe = v2.Compose([v2.PILToTensor(), v2.Resize(resize or round(size / 0.875), InterpolationMode(interpolation),
+                                                   antialias=True),
                        v2.CenterCrop(size), v2.ToDtype(torch.float32, scale=True)])
     return pipe(image)
 
 
-def class_names(num_classes: int, classes_file: str | None = None, model_files: Sequence[str] = ()) -> list[str]:
-    """Names from ``--classes`` (a JSON list), else a model's safetensors ``class_names``, else ImageNet's (1000)."""
-    sources: list[tuple[str, str]] = []
+def class_names(num_classes: int, classes_file: str | None = None, models: Sequence = ()) -> list[str]:
+    """Names from ``--classes`` (a JSON list), else the first model's own (its spec's ``class_names``), else
+    ImageNet's (1000 classes), else ``class k``."""
     if classes_file:
         try:
-            sources.append((classes_file, Path(classes_file).read_text(encoding="utf-8")))
+            text = Path(classes_file).read_text(encoding="utf-8")
         except OSError as e:
             raise GteError(f"{classes_file}: cannot read the class names ({e.strerror})") from None
-    for f in model_files:
-        if f.endswith(".safetensors"):
-            from safetensors import safe_open
-
-            with safe_open(f, framework="pt") as sf:  # readable: load_model has opened it already
-                if "class_names" in (sf.metadata() or {}):
-                    sources.append((f"{f} (metadata class_names)", sf.metadata()["class_names"]))
-    if sources:
-        where, text = sources[0]
         try:
             names = json.loads(text)
         except json.JSONDecodeError as e:
-            raise GteError(f"{where}: not JSON ({e.msg} at line {e.lineno})") from None
+            raise GteError(f"{classes_file}: not JSON ({e.msg} at line {e.lineno})") from None
         if not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
-            raise GteError(f"{where}: expected a JSON list of class-name strings")
+            raise GteError(f"{classes_file}: expected a JSON list of class-name strings")
         if len(names) != num_classes:
-            raise GteError(f"{where}: {len(names)} class names, the model has {num_classes} classes")
+            raise GteError(f"{classes_file}: {len(names)} class names, the model has {num_classes} classes")
         return names
-    if num_classes == 1000:
-        import torchvision
+    from gte.models import info
 
-        return list(torchvision.models.ResNet50_Weights.IMAGENET1K_V2.meta["categories"])  # offline metadata
+    for m in models:
+        if info(m).class_names and len(info(m).class_names) == num_classes:
+            return list(info(m).class_names)
+    if num_classes == 1000:
+        return imagenet_class_names()
     return [f"class {k}" for k in range(num_classes)]
+
+
+def imagenet_class_names() -> list[str]:
+    """ImageNet-1k's 1000 class names (torchvision's offline weight metadata)."""
+    import torchvision
+
+    return list(torchvision.models.ResNet50_Weights.IMAGENET1K_V2.meta["categories"])
 
 
 # --------------------------------------------------------------------------------------------- pictures

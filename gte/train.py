@@ -141,7 +141,7 @@ class _Run:
         first = self.position["batch"] if resume_here else 0
         e.student.train()
         loader = make_loader(shards, train=True, image_size=d.image_size, batch_size=o.batch_size,
-                             crop_scale=tuple(d.crop_scale), num_workers=d.num_workers,
+                             crop_scale=tuple(d.crop_scale), interpolation=d.interpolation, num_workers=d.num_workers,
                              shuffle_buffer=d.shuffle_buffer, seed=r.seed, epoch=epoch, train_size=d.train_size,
                              max_bad_fraction=d.max_bad_fraction,
                              start_batch=first * o.grad_accum,  # resume: skips without decoding

@@ -116,9 +116,10 @@ def test_cli_writes_png_and_prints_class_names(ws):
 
 
 def test_class_names_sources(ws):
-    assert class_names(4, None, [str(ws / "bcos.safetensors")]) == ["m0", "m1", "m2", "m3"]  # metadata
-    assert class_names(4, str(ws / "classes.json"), [str(ws / "bcos.safetensors")]) == NAMES
-    assert class_names(4, None, [str(ws / "std.safetensors")]) == [f"class {k}" for k in range(4)]
+    bcos, std = load_model(str(ws / "bcos.safetensors")), load_model(str(ws / "std.safetensors"))
+    assert class_names(4, None, [bcos]) == ["m0", "m1", "m2", "m3"]  # the model's spec (safetensors metadata)
+    assert class_names(4, str(ws / "classes.json"), [bcos]) == NAMES
+    assert class_names(4, None, [std]) == [f"class {k}" for k in range(4)]
     assert class_names(1000)[:2] == ["tench", "goldfish"]  # torchvision's offline ImageNet metadata
     (ws / "three.json").write_text(json.dumps(NAMES[:3]))
     with pytest.raises(GteError, match="3 class names"):

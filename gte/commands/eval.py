@@ -20,9 +20,10 @@ def eval_command(
     teacher_arch: Optional[str] = TeacherArchOpt,
     json_out: Optional[str] = typer.Option(None, "--json", help="Write the metrics as JSON (- = stdout, no table)."),
     report: Optional[Path] = typer.Option(None, "--report", help="Write report.md + self-contained report.html here."),
-    image_size: Optional[int] = typer.Option(None, "--image-size", help="Centre-crop size (default: the recipe.toml "
-                                             "next to MODEL, else 32 for cifar_* archs, else 224)."),
-    eval_resize: int = typer.Option(0, "--eval-resize", help="Resize (short side) before the crop (0 = size/0.875)."),
+    image_size: Optional[int] = typer.Option(None, "--image-size", help="Centre-crop size (default: MODEL's own, "
+                                             "from its spec)."),
+    eval_resize: int = typer.Option(0, "--eval-resize", help="Resize (short side) before the crop (default: MODEL's "
+                                    "own; with --image-size: size/0.875)."),
     batch_size: int = typer.Option(64, "--batch-size"),
     waterbirds: Optional[bool] = typer.Option(None, "--waterbirds/--no-waterbirds", help="ID/OOD accuracy with "
                                               "group = 2·label + place, OOD = groups 1, 2 (default: detect 4 groups "
@@ -71,8 +72,9 @@ def _evaluate(model_path: str, spec: str, teacher_path: str | None, arch: str | 
     device = dist.device()
     student = load_model(model_path, arch=arch).to(device)
     teacher = freeze(load_model(teacher_path, arch=teacher_arch)).to(device) if teacher_path else None
-    image_size, eval_resize = eval_geometry(model_path, info(student).arch, image_size, eval_resize)
-    data = DataConfig(image_size=image_size, eval_resize=eval_resize, num_workers=2)
+    image_size, eval_resize = eval_geometry(student, image_size, eval_resize)  # the model's own spec by default
+    data = DataConfig(image_size=image_size, eval_resize=eval_resize, interpolation=info(student).interpolation,
+                      num_workers=2)
     out = run_eval(student, spec, data=data, teacher=teacher, device=device, options=options)
     if not dist.is_main():
         return
@@ -92,7 +94,7 @@ def _evaluate(model_path: str, spec: str, teacher_path: str | None, arch: str | 
     if report:
         from gte.report import write_report
 
-        names = _class_names(spec, info(student).num_classes, model_path)
+        names = _class_names(spec, student)
         about = {"model": model_path, "data": spec, **({"teacher": teacher_path} if teacher_path else {}),
                  "explainer": m["explainer"], "processes": str(m["world_size"])}
         page = write_report(report, m, examples=out.examples, student=student, teacher=teacher, names=names,
@@ -100,15 +102,16 @@ def _evaluate(model_path: str, spec: str, teacher_path: str | None, arch: str | 
         err.print(f"report written to {page}")
 
 
-def _class_names(spec: str, num_classes: int, model_path: str) -> list[str]:
+def _class_names(spec: str, model) -> list[str]:
     """The shards' classes.json when it fits the model, else the model's own names (or generic ones)."""
     from gte.data.index import read_class_names
+    from gte.models import info
     from gte.render import class_names
 
     names = read_class_names(_data_dir(spec))  # gte data's and the demo's shards carry a classes.json
-    if names is not None and len(names) == num_classes:  # one that does not fit is ignored
+    if names is not None and len(names) == info(model).num_classes:  # one that does not fit is ignored
         return names
-    return class_names(num_classes, None, [model_path])
+    return class_names(info(model).num_classes, None, [model])
 
 
 def _group_names(spec: str, groups: list[str], waterbirds: bool) -> dict[str, str]:

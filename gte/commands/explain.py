@@ -21,9 +21,10 @@ def explain_command(
     out: Path = typer.Option(Path("explain.png"), "--out", "-o", help="The PNG to write."),
     arch: Optional[str] = ArchOpt,
     teacher_arch: Optional[str] = TeacherArchOpt,
-    image_size: Optional[int] = typer.Option(None, "--image-size", help="Crop size (default: the recipe.toml next "
-                                             "to the model, else 32 for cifar_* archs, else 224)."),
-    eval_resize: int = typer.Option(0, "--eval-resize", help="Resize before the centre crop (0 = size/0.875)."),
+    image_size: Optional[int] = typer.Option(None, "--image-size", help="Crop size (default: the model's own, from "
+                                             "its spec)."),
+    eval_resize: int = typer.Option(0, "--eval-resize", help="Resize before the centre crop (default: the model's "
+                                    "own; with --image-size: size/0.875)."),
     classes: Optional[str] = typer.Option(None, "--classes", help="JSON list of class names."),
 ) -> None:
     """Pictures of explanations: B-cos W(x) and contributions, or GradCAM; prints the top-5."""
@@ -56,13 +57,13 @@ def explain_images(paths: Sequence[str], model: str, *, teacher: str | None = No
         raise GteError(f"teacher has {n} classes, the model {info(student).num_classes}")
     if cls is not None and not 0 <= cls < n:
         raise GteError(f"--class {cls} is out of range: the model has {n} classes (0..{n - 1})")
-    names = class_names(n, classes_file, [f for f in (teacher, model) if f])
-    size, resize = eval_geometry(teacher if t is not None else model, first.arch, image_size, eval_resize)
+    names = class_names(n, classes_file, [m for m in (t, student) if m is not None])
+    size, resize = eval_geometry(t if t is not None else student, image_size, eval_resize)
     device = dist.device()
     for m in (student, t):
         if m is not None:
             m.to(device)
-    images = [(str(p), preprocess(im, size, resize)) for p, im in zip(paths, pictures)]
+    images = [(str(p), preprocess(im, size, resize, first.interpolation)) for p, im in zip(paths, pictures)]
     rows = explain_rows(images, student, t, cls)
     print_top(rows, names, console or Console())
     err.print(f"explanations written to {render(rows, names, out)}")

@@ -56,6 +56,7 @@ class LoaderConfig:
     batch_size: int
     eval_resize: int = 0
     crop_scale: tuple[float, float] = (0.08, 1.0)
+    interpolation: str = "bilinear"
     num_workers: int = 0
     shuffle_buffer: int = 2000
     seed: int = 0
@@ -175,7 +176,8 @@ def make_loader(data: str | ShardSet, config: LoaderConfig | None = None, *, tra
     if rank == 0:
         _warn_truncated(shards)
     transform = SampleTransform(train, c.image_size, c.eval_resize, tuple(c.crop_scale), seed=c.seed, epoch=epoch,
-                                decoder=c.decoder, members=tuple(c.members), maps=tuple(c.maps))
+                                decoder=c.decoder, members=tuple(c.members), maps=tuple(c.maps),
+                                interpolation=c.interpolation)
     sizes = shards.sizes
     quotas = None
     if train:

@@ -106,6 +106,15 @@ def _map_boxes(boxes: list, sx: float, sy: float, dx: float, dy: float, out: int
     return mapped
 
 
+_PIL_FILTERS = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST}
+
+
+def _tv_mode(name: str):
+    from torchvision.transforms import InterpolationMode
+
+    return InterpolationMode(name)
+
+
 @dataclass
 class SampleTransform:
     """Raw sample dict → ``{"image": uint8 3×S×S, "label", "group", "key", "labels", "boxes", "box_labels", …}``."""
@@ -121,12 +130,15 @@ class SampleTransform:
     members: tuple[str, ...] = ()   # extra numeric members (``.npy``) to decode and return
     maps: tuple[str, ...] = ()      # members among ``members`` that are C×h×w maps of the EVAL view (frozen e2KD):
                                     # they follow the sample's geometry and come out C×S×S float32
+    interpolation: str = "bilinear"  # of the crop's resize ("bilinear" | "bicubic" | "nearest")
     _resize: int = field(init=False, default=0)
     _max_pixels: int = field(init=False, default=0)
 
     def __post_init__(self) -> None:
         self._resize = self.eval_resize or round(self.image_size / 0.875)
         self._max_pixels = max_pixels()
+        if self.interpolation not in _PIL_FILTERS:
+            raise ValueError(f"interpolation must be one of {', '.join(_PIL_FILTERS)}, got {self.interpolation!r}")
         if self.decoder not in ("pil", "torchvision"):
             raise ValueError(f"decoder must be 'pil' or 'torchvision', got {self.decoder!r}")
 
@@ -195,14 +207,15 @@ class SampleTransform:
         if self.train:
             (l, t, r, b), flip = self._geometry(width, height, key, repeat)
             if isinstance(img, Image.Image):
-                out = img.resize((s, s), Image.BILINEAR, box=(l, t, r, b))
+                out = img.resize((s, s), _PIL_FILTERS[self.interpolation], box=(l, t, r, b))
                 if flip:
                     out = out.transpose(Image.FLIP_LEFT_RIGHT)
                 pixels = torch.from_numpy(np.array(out, dtype=np.uint8)).permute(2, 0, 1)
             else:
                 from torchvision.transforms.v2 import functional as TF
 
-                pixels = TF.resized_crop(img, t, l, b - t, r - l, [s, s], antialias=True)
+                pixels = TF.resized_crop(img, t, l, b - t, r - l, [s, s], antialias=True,
+                                         interpolation=_tv_mode(self.interpolation))
                 if flip:
                     pixels = pixels.flip(-1)
             if boxes:
@@ -212,12 +225,13 @@ class SampleTransform:
             rw, rh = self._eval_size(width, height)
             dx, dy = int(round((rw - s) / 2.0)), int(round((rh - s) / 2.0))
             if isinstance(img, Image.Image):
-                out = img.resize((rw, rh), Image.BILINEAR).crop((dx, dy, dx + s, dy + s))  # PIL pads outside
+                out = img.resize((rw, rh), _PIL_FILTERS[self.interpolation]).crop((dx, dy, dx + s, dy + s))  # PIL pads outside
                 pixels = torch.from_numpy(np.array(out, dtype=np.uint8)).permute(2, 0, 1)
             else:
                 from torchvision.transforms.v2 import functional as TF
 
-                pixels = TF.center_crop(TF.resize(img, [rh, rw], antialias=True), [s, s])
+                pixels = TF.center_crop(TF.resize(img, [rh, rw], antialias=True,
+                                                  interpolation=_tv_mode(self.interpolation)), [s, s])
             if boxes:
                 boxes = _map_boxes(boxes, rw / width, rh / height, dx, dy, s, False)
         out_sample = {

@@ -58,6 +58,7 @@ class Context:
     n_data: int = 0                 # samples batch.indices ranges over
     image_size: int = 224
     epochs: int = 1
+    teacher_size: int = 0           # the side the teacher sees batches at (0 = the batch's own)
 
 
 class NoOptions:
@@ -116,7 +117,7 @@ class Method(ABC):
         if self.needs.teacher or self.explanation is not None:
             explainer = self.explanation.explainer if guided else None
             t = teacher_pass(self.teacher, batch.images, self.teacher_layers, explainer, batch.frozen,
-                             self.student_info.num_classes)
+                             self.student_info.num_classes, self.context.teacher_size)
         s = StudentPass(self.student, batch.images, self.student_layers,
                         self.explanation.explainer if guided else None, self.cfg.exp_grad)
         loss, logs = self.objective(batch, s, t)

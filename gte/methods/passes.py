@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from gte.errors import GteError
 from gte.explain import explain_with_logits
@@ -47,6 +48,16 @@ class StudentPass:
         return self._explain(classes)
 
 
+def resized(images: torch.Tensor, size: int, interpolation: str = "bilinear") -> torch.Tensor:
+    """``images`` (N×3×H×W in [0, 1]) resized to size² (antialiased when shrinking), or as they are for size 0."""
+    if not size or images.shape[-2:] == (size, size):
+        return images
+    mode = interpolation if interpolation in ("bilinear", "bicubic") else "nearest"
+    out = F.interpolate(images, size=(size, size), mode=mode, antialias=mode != "nearest",
+                        **({} if mode == "nearest" else {"align_corners": False}))
+    return out.clamp(0.0, 1.0)  # bicubic overshoots
+
+
 @dataclass
 class TeacherPass:
     """The teacher's outputs for one batch (no graph): logits, its explanation of its top-1 class when asked, and
@@ -58,9 +69,10 @@ class TeacherPass:
 
 
 def teacher_pass(teacher: nn.Module | None, images: torch.Tensor, layers: list[str], explainer: str | None,
-                 frozen: dict[str, torch.Tensor] | None, num_classes: int) -> TeacherPass:
+                 frozen: dict[str, torch.Tensor] | None, num_classes: int, size: int = 0) -> TeacherPass:
     """The live teacher's pass, or the stored one (``frozen``: logits and, for explanations, the map of the
-    un-augmented image cropped/flipped like ``images``)."""
+    un-augmented image cropped/flipped like ``images``). ``size``: the teacher sees the batch resized to size²
+    (its own interpolation; its explanation is resized back to the batch's size)."""
     if frozen is not None:
         logits = frozen["logits"].to(images.device, torch.float32)
         if logits.shape != (len(images), num_classes):
@@ -70,11 +82,13 @@ def teacher_pass(teacher: nn.Module | None, images: torch.Tensor, layers: list[s
         return TeacherPass(logits, maps)
     if teacher is None:
         raise GteError("this method needs a teacher (set teacher.arch and teacher.weights, or distill.frozen)")
-    x = to_model_input(info(teacher), images)
+    x = to_model_input(info(teacher), resized(images, size, info(teacher).interpolation))
     with tap(teacher, layers) as feats:
         if explainer is not None:
             # The teacher explains its own top-1 class on this augmented batch: one forward, no graph kept.
             maps, logits = explain_with_logits(teacher, x, None, explainer)
+            if maps.shape[-2:] != images.shape[-2:]:
+                maps = F.interpolate(maps, size=images.shape[-2:], mode="bilinear", align_corners=False)
         else:
             with torch.no_grad():
                 logits, maps = teacher(x), None

@@ -18,7 +18,7 @@ What gte needs to know about them is read from the model, not listed by hand:
 from __future__ import annotations
 
 import difflib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch.nn as nn
 
@@ -38,6 +38,7 @@ class Facts:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     token_prefix: int | None = None
+    geometry: dict = field(default_factory=dict)  # input_size / crop_pct / interpolation / fixed_input_size
 
 
 def is_external(name: str) -> bool:
@@ -101,7 +102,16 @@ def _build_timm(name: str, num_classes: int) -> tuple[nn.Module, Facts]:
             _has(model, f"blocks.{len(blocks) - 1}.norm1"):
         # ViT / DeiT: pytorch-grad-cam's convention, the last block's first LayerNorm, tokens back on the patch grid
         cam, prefix = f"blocks.{len(blocks) - 1}.norm1", int(model.num_prefix_tokens)
-    return model, Facts(cam, tuple(spatial), head if _has(model, head) else None, mean, std, prefix)
+    return model, Facts(cam, tuple(spatial), head if _has(model, head) else None, mean, std, prefix, timm_geometry(cfg))
+
+
+def timm_geometry(cfg: dict) -> dict:
+    """The eval geometry of a timm ``pretrained_cfg`` (input size, crop fraction, interpolation, fixed size)."""
+    size = cfg.get("input_size", (3, 224, 224))
+    interpolation = cfg.get("interpolation", "bilinear")
+    return {"input_size": int(size[-1]), "crop_pct": float(cfg.get("crop_pct", 0.875)),
+            "interpolation": interpolation if interpolation in ("bilinear", "bicubic", "nearest") else "bilinear",
+            "fixed_input_size": bool(cfg.get("fixed_input_size", False))}
 
 
 def _features_output_module(model: nn.Module) -> str | None:
@@ -142,7 +152,20 @@ def _build_torchvision(name: str, num_classes: int) -> tuple[nn.Module, Facts]:
     else:
         stages, cam = (), ("features" if isinstance(getattr(model, "features", None), nn.Module) else None)
     head = "fc" if isinstance(getattr(model, "fc", None), nn.Linear) else None
-    return model, Facts(cam, stages, head, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    return model, Facts(cam, stages, head, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), None, _tv_geometry(name))
+
+
+def _tv_geometry(name: str) -> dict:
+    """The eval geometry of a torchvision model's default weights (its transforms' crop, resize, interpolation)."""
+    import torchvision
+
+    try:
+        t = torchvision.models.get_model_weights(name).DEFAULT.transforms()
+        crop, resize = int(t.crop_size[0]), int(t.resize_size[0])
+        return {"input_size": crop, "crop_pct": crop / resize, "interpolation": t.interpolation.value,
+                "fixed_input_size": name.startswith(("vit_", "swin", "maxvit"))}
+    except (ValueError, AttributeError, TypeError, IndexError):  # a model without released weights
+        return {}
 
 
 def _has(model: nn.Module, name: str | None) -> bool:

@@ -41,6 +41,16 @@ class ModelInfo:
     token_prefix: int | None = None  # token models (ViT): class/register tokens before the patch grid at gradcam_layer
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
+    input_size: int = 224  # the square side it was trained / released at (eval crop, `gte explain`)
+    crop_pct: float = 0.875  # eval: short side resized to input_size / crop_pct, then the centre crop
+    interpolation: str = "bilinear"  # of that resize (and of a teacher's own resize in training)
+    fixed_input_size: bool = False  # runs at input_size only (ViT position embeddings)
+    class_names: tuple[str, ...] = ()  # when known: the training data's, or the release's
+
+    @property
+    def eval_resize(self) -> int:
+        """The eval resize (short side) before the centre crop."""
+        return round(self.input_size / self.crop_pct)
 
     @property
     def in_channels(self) -> int:
@@ -161,7 +171,7 @@ def create(name: str, num_classes: int) -> nn.Module:
         model, facts = external.build(name, num_classes)
         model.gte_info = ModelInfo(arch=name, num_classes=num_classes, bcos=False, gradcam_layer=facts.gradcam_layer,
                                    stages=facts.stages, head=facts.head, mean=facts.mean, std=facts.std,
-                                   token_prefix=facts.token_prefix)
+                                   token_prefix=facts.token_prefix, **facts.geometry)
         return model
     arch = REGISTRY[name]
     model = arch.builder(num_classes)
@@ -173,8 +183,63 @@ def create(name: str, num_classes: int) -> nn.Module:
             if isinstance(m, LogitLayer):
                 m.logit_bias = -math.log(num_classes - 1)
     model.gte_info = ModelInfo(arch=name, num_classes=num_classes, bcos=arch.bcos, gradcam_layer=arch.gradcam_layer,
-                               stages=arch.stages, head=arch.head)
+                               stages=arch.stages, head=arch.head, input_size=32 if "cifar_" in name else 224)
     return model
+
+
+INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
+SPEC_KEYS = ("input_size", "crop_pct", "interpolation", "fixed_input_size", "mean", "std", "gradcam_layer",
+             "class_names")  # what a model.safetensors may set on the architecture's own facts
+
+
+def with_spec(model: nn.Module, **changes) -> nn.Module:
+    """Set spec fields (:data:`SPEC_KEYS`) on a gte model's :class:`ModelInfo`, checked: a layer that does not exist,
+    a size, fraction, interpolation or class list that makes no sense is a one-line error."""
+    import dataclasses
+
+    mi = info(model)
+    unknown = sorted(set(changes) - set(SPEC_KEYS))
+    if unknown:
+        raise GteError(f"not a model spec field: {', '.join(unknown)} (known: {', '.join(SPEC_KEYS)})")
+    c = dict(changes)
+    if "input_size" in c and not (isinstance(c["input_size"], int) and 1 <= c["input_size"] <= 16384):
+        raise GteError(f"{mi.arch}: input size {c['input_size']!r} is not a side in pixels")
+    if "crop_pct" in c and not (isinstance(c["crop_pct"], (int, float)) and 0.05 <= c["crop_pct"] <= 1.0):
+        raise GteError(f"{mi.arch}: crop_pct {c['crop_pct']!r} is not a fraction in [0.05, 1]")
+    if "interpolation" in c and c["interpolation"] not in INTERPOLATIONS:
+        raise GteError(f"{mi.arch}: interpolation {c['interpolation']!r} is not one of {', '.join(INTERPOLATIONS)}")
+    for key in ("mean", "std"):
+        if key in c:
+            v = c[key]
+            if not (isinstance(v, (list, tuple)) and len(v) == 3 and all(isinstance(a, (int, float)) for a in v)
+                    and (key == "mean" or min(v) > 0)):
+                raise GteError(f"{mi.arch}: {key} {v!r} is not three numbers" + (" above 0" if key == "std" else ""))
+            c[key] = tuple(float(a) for a in v)
+    if "class_names" in c:
+        names = c["class_names"]
+        if not (isinstance(names, (list, tuple)) and all(isinstance(n, str) for n in names)):
+            raise GteError(f"{mi.arch}: class names must be a list of strings")
+        if names and len(names) != mi.num_classes:
+            raise GteError(f"{mi.arch}: {len(names)} class names for {mi.num_classes} classes")
+        c["class_names"] = tuple(names)
+    if c.get("gradcam_layer"):
+        layer = c["gradcam_layer"]
+        if not isinstance(layer, str) or not _has_module(model, layer):
+            close = difflib.get_close_matches(str(layer), [n for n, _ in model.named_modules() if n], n=3, cutoff=0.6)
+            raise GteError(f"{mi.arch} has no layer '{layer}' to explain at"
+                           + (f"; did you mean {', '.join(close)}?" if close else ""))
+    if "fixed_input_size" in c:
+        c["fixed_input_size"] = bool(c["fixed_input_size"])
+    model.gte_info = dataclasses.replace(mi, **c)
+    return model
+
+
+def _has_module(model: nn.Module, name: str) -> bool:
+    try:
+        get_submodule(model, name)
+        return True
+    except AttributeError:
+        return False
 
 
 def freeze(model: nn.Module) -> nn.Module:

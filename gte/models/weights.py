@@ -17,7 +17,7 @@ import torch.nn as nn
 from gte import __version__, hub
 from gte.errors import GteError
 from gte.io import atomic_write_bytes, is_file
-from gte.models.registry import create, info
+from gte.models.registry import SPEC_KEYS, create, info, with_spec
 
 
 MAX_CLASSES = 1_000_000  # far above any classifier's; a head this wide is already 2 GB at 512 features
@@ -28,7 +28,10 @@ def build_model(name: str, num_classes: int, weights: str | None = None) -> nn.M
     teacher catalog name meaning its cached download — an existing file path wins)."""
     model = create(name, num_classes)
     if weights is not None:
-        load_weights(model, weights if Path(weights).exists() else (hub.resolve(weights) or weights))
+        path = weights if Path(weights).exists() else (hub.resolve(weights) or weights)
+        state, meta = read_state_dict(path)
+        _load_state(model, state, meta, path)
+        _apply_file_spec(model, meta, Path(path))
     return model
 
 
@@ -93,12 +96,35 @@ def _load_state(model: nn.Module, state: dict[str, torch.Tensor], meta: dict[str
 
 
 def model_metadata(model: nn.Module, **extra: str) -> dict[str, str]:
-    """The string metadata gte writes into every ``model.safetensors``."""
+    """The string metadata gte writes into every ``model.safetensors``: the architecture, and its spec (``input_spec``:
+    input size, crop fraction, interpolation, mean/std, explanation layer, …; ``class_names``) that
+    :func:`load_model` reads back, so eval, explain and precompute see the model as it was trained."""
     mi = info(model)
+    spec = {k: v for k, v in asdict(mi).items() if k != "class_names"}
     meta = {"format": "gte", "gte_version": __version__, "arch": mi.arch, "num_classes": str(mi.num_classes),
-            "input_spec": json.dumps(asdict(mi))}
+            "input_spec": json.dumps(spec)}
+    if mi.class_names:
+        meta["class_names"] = json.dumps(list(mi.class_names))
     meta.update({k: str(v) for k, v in extra.items()})
     return meta
+
+
+def spec_from_metadata(meta: dict[str, str], path: object) -> dict:
+    """The spec fields a ``model.safetensors`` sets (:data:`~gte.models.registry.SPEC_KEYS`), parsed; a file
+    without them (gte < 0.4, or another tool's) sets none. Values are checked by ``with_spec``."""
+    out: dict = {}
+    for key, fields in (("input_spec", None), ("class_names", "class_names")):
+        if key not in meta:
+            continue
+        try:
+            value = json.loads(meta[key])
+        except json.JSONDecodeError:
+            raise GteError(f"{path}: metadata {key} is not JSON (a corrupt or edited file?)") from None
+        if fields:
+            out[fields] = value
+        elif isinstance(value, dict):
+            out.update({k: v for k, v in value.items() if k in SPEC_KEYS and k != "class_names" and v is not None})
+    return out
 
 
 def save_model(model: nn.Module, path: str | os.PathLike, **extra: str) -> None:
@@ -125,7 +151,18 @@ def load_model(path_or_name: str, arch: str | None = None, num_classes: int | No
     num_classes = num_classes or (_meta_classes(meta, p) if "num_classes" in meta else _infer_num_classes(state))
     model = create(arch, num_classes)
     _load_state(model, state, meta, p)
-    return model
+    return _apply_file_spec(model, meta, p)
+
+
+def _apply_file_spec(model: nn.Module, meta: dict[str, str], path: Path) -> nn.Module:
+    """The model's spec as its file says (the architecture's own facts where the file says nothing)."""
+    spec = spec_from_metadata(meta, path) if meta.get("arch", info(model).arch) == info(model).arch else {}
+    if "input_size" not in spec:  # no spec in the file: the recipe gte wrote next to it, if any
+        spec.update(_recipe_geometry(path))
+    try:
+        return with_spec(model, **spec)
+    except GteError as e:
+        raise GteError(f"{path}: {e}") from None
 
 
 def _meta_classes(meta: dict[str, str], path: object) -> int:
@@ -146,23 +183,29 @@ def _infer_num_classes(state: dict[str, torch.Tensor]) -> int:
     return int(heads[-1].shape[0])
 
 
-def eval_geometry(model_path: str, arch: str, image_size: int | None = None, eval_resize: int = 0) -> tuple[int, int]:
-    """(image_size, eval_resize) to evaluate or explain a saved model at — decided here only: the sizes given, else the
-    ``[data]`` of the ``recipe.toml`` gte wrote next to the model, else 32 for ``*cifar_*`` archs and 224 otherwise
-    (``eval_resize`` 0 means size/0.875, the torchvision convention)."""
+def eval_geometry(model: nn.Module, image_size: int | None = None, eval_resize: int = 0) -> tuple[int, int]:
+    """(image_size, eval_resize) to evaluate or explain a model at — decided here only: the sizes given (``eval_resize``
+    0 meaning size/0.875, the torchvision convention), else the model's spec (``input_size``, ``crop_pct``)."""
     if image_size is not None:
         return image_size, eval_resize
-    size, resize = (32 if "cifar_" in arch else 224), 0
-    recipe = Path(model_path).with_name("recipe.toml")
-    if Path(model_path).is_file() and recipe.is_file():
-        import tomllib
+    mi = info(model)
+    return mi.input_size, eval_resize or mi.eval_resize
 
-        try:
-            d = tomllib.loads(recipe.read_text()).get("data", {})
-            size, resize = int(d.get("image_size", 224)), int(d.get("eval_resize", 0))
-        except (tomllib.TOMLDecodeError, ValueError, TypeError, OSError):
-            pass
-    return size, eval_resize or resize
+
+def _recipe_geometry(model_path: Path) -> dict:
+    """``input_size`` / ``crop_pct`` from the ``[data]`` of the ``recipe.toml`` gte wrote next to a model file that
+    carries no spec (files written before the spec existed)."""
+    recipe = model_path.with_name("recipe.toml")
+    if not (model_path.is_file() and recipe.is_file()):
+        return {}
+    import tomllib
+
+    try:
+        d = tomllib.loads(recipe.read_text()).get("data", {})
+        size = int(d.get("image_size", 224))
+        return {"input_size": size, "crop_pct": size / (int(d.get("eval_resize", 0)) or size / 0.875)}
+    except (tomllib.TOMLDecodeError, ValueError, TypeError, OSError, ZeroDivisionError):
+        return {}
 
 
 def convert_release(teacher: hub.Teacher, pth: Path, out: Path, sha256: str) -> None:
