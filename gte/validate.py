@@ -20,7 +20,7 @@ from gte.io import check_writable, is_file
 from gte.methods import parse_method, uses_teacher
 from gte.methods.base import parse_options
 from gte.methods.features import layer_names
-from gte.models import check_arch, create, is_bcos
+from gte.models import check_arch, create, info, is_bcos, with_spec
 from gte.onepass import EXP_GRADS
 
 
@@ -120,17 +120,30 @@ def _layers(recipe: Recipe) -> None:
     except GteError:
         return
     n = cls.needs
-    roles = [("student", recipe.student.arch, n.student_features, d.student_layers),
-             ("teacher", recipe.teacher.arch, n.teacher_features if n.teacher else "", d.teacher_layers)]
-    for role, arch, which, override in roles:
+    gradcam = _explained(d.method) and d.explainer in ("auto", *EXPLAINERS) and \
+        choose_explainer(d.explainer, is_bcos(recipe.student.arch)) == "gradcam"
+    live_teacher = uses_teacher(d.method) and not d.frozen
+    roles = [("student", recipe.student, n.student_features, d.student_layers, True),
+             ("teacher", recipe.teacher, n.teacher_features if n.teacher else "", d.teacher_layers, live_teacher)]
+    for role, model_cfg, which, override, used in roles:
         try:
-            check_arch(arch)
+            check_arch(model_cfg.arch)
         except GteError:  # an unknown or missing name is _student's / _teacher's problem
             continue
+        if not (which or (used and (model_cfg.explain_layer or gradcam))):
+            continue
+        with torch.device("meta"):
+            model = create(model_cfg.arch, max(2, recipe.data.num_classes))
         if which:
-            with torch.device("meta"):
-                model = create(arch, max(2, recipe.data.num_classes))
             layer_names(model, which, override, role)
+        if used and model_cfg.explain_layer:
+            try:
+                with_spec(model, gradcam_layer=model_cfg.explain_layer)
+            except GteError as e:
+                raise GteError(f"{role}.explain_layer: {e}") from None
+        elif used and gradcam and info(model).gradcam_layer is None:
+            raise GteError(f"{role} {model_cfg.arch} has no GradCAM layer gte can find: name one with "
+                           f"{role}.explain_layer (a module whose output is a feature map or patch tokens)")
 
 
 def _run(recipe: Recipe) -> None:

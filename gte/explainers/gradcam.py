@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Iterator
 
 import torch
@@ -31,8 +32,11 @@ def gradcam(acts: torch.Tensor, logits: torch.Tensor, classes: torch.Tensor | No
     """Positive GradCAM of ``classes`` (None = top-1) from a layer's activations and the logits of the same forward
     (token activations, N×L×D, are put on their patch grid first: ``token_prefix`` tokens dropped)."""
     (grads,) = torch.autograd.grad(selected(logits, classes), acts, create_graph=create_graph)
-    if token_prefix is not None:
-        acts, grads = on_grid(acts, token_prefix), on_grid(grads, token_prefix)
+    if acts.ndim == 3:  # tokens (N×L×D); a layer named by explain_layer may not say how many lead the grid
+        prefix = token_prefix if token_prefix is not None else acts.shape[1] - math.isqrt(acts.shape[1]) ** 2
+        acts, grads = on_grid(acts, prefix), on_grid(grads, prefix)
+    elif acts.ndim != 4:
+        raise GteError(f"GradCAM needs a feature map (N×C×H×W) or tokens (N×L×D); the layer gave {acts.ndim} dims")
     cam = F.relu((grads.mean(dim=(2, 3), keepdim=True) * acts).sum(1, keepdim=True))
     return F.interpolate(cam, size=tuple(size), mode="bilinear", align_corners=False)
 
