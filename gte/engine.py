@@ -104,7 +104,7 @@ def build_models(recipe: Recipe, *, pretrained: bool = True, teacher: bool | Non
         teacher = uses_teacher(recipe.distill.method) and not recipe.distill.frozen
     if teacher:
         return student, freeze(build_model(recipe.teacher.arch, d.num_classes,
-                                           recipe.teacher.weights if pretrained else None))
+                                           (recipe.teacher.weights or None) if pretrained else None))
     return student, None
 
 

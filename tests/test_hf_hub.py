@@ -156,6 +156,26 @@ def test_what_cannot_be_built_is_one_line(hub, name, needles):
         assert str(hub[0]) in msg  # where gte looked
 
 
+def test_a_hub_teacher_needs_no_weights_file_when_its_head_fits_the_data(hub):
+    from gte.config import DataConfig, DistillConfig, ModelConfig, Recipe
+    from gte.validate import problems
+
+    from gte.engine import build_models
+
+    def recipe(n: int) -> Recipe:
+        return Recipe(data=DataConfig(num_classes=n), teacher=ModelConfig(arch=NAME),
+                      student=ModelConfig(arch="cifar_resnet20"), distill=DistillConfig(method="kd"))
+
+    def teacher_problems(n: int) -> list[str]:
+        return [p for p in problems(recipe(n)) if "teacher" in p]
+
+    assert teacher_problems(5) == []  # the repo's own 5-class head: its weights are the teacher
+    assert any("untrained" in p and "5 classes" in p for p in teacher_problems(4)), teacher_problems(4)
+    _, teacher = build_models(recipe(5))  # what gte distill builds
+    x = torch.randn(1, 3, 64, 64)
+    torch.testing.assert_close(logits(teacher, x), logits(hub[1], x), rtol=0, atol=0)
+
+
 def test_the_cli_says_a_repo_is_not_cached_in_one_line(hub, tmp_path):
     from PIL import Image
 

@@ -87,6 +87,22 @@ def snapshot(name: str) -> Path:
     return folder
 
 
+def repo_classes(name: str) -> int | None:
+    """The cached repo's class count (its config.json's), None where the config does not say."""
+    n = _config(name, snapshot(name))[1]
+    return n if isinstance(n, int) else None
+
+
+def _config(name: str, folder: Path) -> tuple[str, object]:
+    """(architecture, num_classes) from a snapshot's config.json (timm's layout, or its legacy flat one)."""
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        cfg = config.get("pretrained_cfg") or {}
+        return str(config.get("architecture") or cfg["architecture"]), config.get("num_classes", cfg.get("num_classes"))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        raise GteError(f"{name}: {folder / 'config.json'} is not a timm model config (no 'architecture')") from None
+
+
 def create(name: str, num_classes: int) -> tuple[nn.Module, dict[str, Any]]:
     """The cached repo's model with a ``num_classes``-way head and its weights (the head's only where the class
     counts agree), and the pretrained_cfg facts in :data:`KEPT` that it gives (label names only with the head kept).
@@ -94,11 +110,7 @@ def create(name: str, num_classes: int) -> tuple[nn.Module, dict[str, Any]]:
     import timm
 
     folder = snapshot(name)
-    try:
-        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-        arch = config.get("architecture") or config["pretrained_cfg"]["architecture"]
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        raise GteError(f"{name}: {folder / 'config.json'} is not a timm model config (no 'architecture')") from None
+    arch = _config(name, folder)[0]
     if not timm.is_model(arch):
         raise GteError(f"{name}: its config.json names architecture '{arch}', which timm {timm.__version__} does not "
                        "know (a newer timm?)")
