@@ -60,6 +60,18 @@ def hub(tmp_path_factory):
     (root / "partial").mkdir()
     (root / "partial" / "config.json").write_bytes((root / "export" / "config.json").read_bytes())
     put_in_cache(root / "cache", "gte-test/config-only", root / "partial")
+    # a repo whose config names an architecture this timm does not know
+    (root / "future").mkdir()
+    (root / "future" / "config.json").write_text('{"architecture": "no_such_net", "num_classes": 5}')
+    (root / "future" / "model.safetensors").write_bytes((root / "export" / "model.safetensors").read_bytes())
+    put_in_cache(root / "cache", "gte-test/future", root / "future")
+    # a repo that has no config.json, as the cache records after a failed lookup (an empty .no_exist entry)
+    (root / "other").mkdir()
+    (root / "other" / "README.md").write_text("not a timm model")
+    put_in_cache(root / "cache", "gte-test/other", root / "other")
+    no_exist = root / "cache" / "models--gte-test--other" / ".no_exist" / COMMIT
+    no_exist.mkdir(parents=True)
+    (no_exist / "config.json").touch()
     return root / "cache", model
 
 
@@ -142,12 +154,14 @@ def test_no_network_even_without_hf_hub_offline(hub, monkeypatch):
                                      "`hf download gte-test/absent`", "gte never downloads"]),
     (f"timm/hf-hub:{REPO}@v2", [f"{REPO}@v2 is not in", f"`hf download {REPO} --revision v2`"]),
     ("timm/hf-hub:gte-test/config-only", ["gte-test/config-only is not in", "model.safetensors"]),
+    ("timm/hf-hub:gte-test/future", ["timm/hf-hub:gte-test/future", "'no_such_net'", "does not know"]),
+    ("timm/hf-hub:gte-test/other", ["gte-test/other has no config.json", "not a timm model repo"]),
     (f"hf-hub:{REPO}", [f"'{NAME}'"]),
     (f"timm/hf_hub:{REPO}", [f"'{NAME}'"]),
     ("timm/hf-hub:not a repo", ["not a Hugging Face Hub repo id"]),
 ])
 def test_what_cannot_be_built_is_one_line(hub, name, needles):
-    for attempt in (lambda: check_arch(name), lambda: build_model(name, 5)):
+    for attempt in ([lambda: check_arch(name)] if "future" not in name else []) + [lambda: build_model(name, 5)]:
         with pytest.raises(GteError) as e:
             attempt()
         msg = str(e.value)
@@ -176,7 +190,9 @@ def test_a_hub_teacher_needs_no_weights_file_when_its_head_fits_the_data(hub):
     torch.testing.assert_close(logits(teacher, x), logits(hub[1], x), rtol=0, atol=0)
 
 
-def test_the_cli_says_a_repo_is_not_cached_in_one_line(hub, tmp_path):
+@pytest.mark.parametrize("repo,needle", [("gte-test/absent", "`hf download gte-test/absent`"),
+                                         ("gte-test/future", "'no_such_net'")])  # not cached; cached, unbuildable
+def test_the_cli_refuses_a_hub_model_it_cannot_build_in_one_line(hub, tmp_path, repo, needle):
     from PIL import Image
 
     Image.new("RGB", (8, 8)).save(tmp_path / "x.png")
@@ -184,8 +200,8 @@ def test_the_cli_says_a_repo_is_not_cached_in_one_line(hub, tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("GTE_DEBUG", "HF_HUB_OFFLINE")}
     env.update(OMP_NUM_THREADS="1", NO_COLOR="1", COLUMNS="200", HF_HUB_CACHE=str(hub[0]), HF_ENDPOINT=CLOSED)
     res = subprocess.run([sys.executable, "-m", "gte", "explain", str(tmp_path / "x.png"), "-m",
-                          str(tmp_path / "m.pth"), "--arch", "timm/hf-hub:gte-test/absent", "-o",
-                          str(tmp_path / "e.png")], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=180)
+                          str(tmp_path / "m.pth"), "--arch", f"timm/hf-hub:{repo}", "-o", str(tmp_path / "e.png")],
+                         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=180)
     lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
     assert res.returncode == 2 and len(lines) == 1 and "Traceback" not in res.stderr, res.stderr[-3000:]
-    assert lines[0].startswith("gte: error: ") and "`hf download gte-test/absent`" in lines[0], lines[0]
+    assert lines[0].startswith("gte: error: ") and needle in lines[0], lines[0]

@@ -77,7 +77,9 @@ def snapshot(name: str) -> Path:
     repo, revision = parse(name)
     cache = cache_dir()
     found = try_to_load_from_cache(repo, "config.json", cache_dir=cache, revision=revision)
-    folder = Path(found).parent if isinstance(found, str) else None  # None, or the "known missing" sentinel
+    if found is not None and not isinstance(found, str):  # the cache records that the repo has no config.json
+        raise GteError(f"{repo} has no config.json (so says the local Hugging Face cache): not a timm model repo")
+    folder = Path(found).parent if found else None
     missing = "config.json" if folder is None else \
         (None if any((folder / w).is_file() for w in WEIGHTS) else " or ".join(WEIGHTS))
     if missing:
