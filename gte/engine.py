@@ -106,7 +106,7 @@ def build_models(recipe: Recipe, *, pretrained: bool = True, teacher: bool | Non
     if teacher is None:
         teacher = uses_teacher(recipe.distill.method) and not recipe.distill.frozen
     if teacher:
-        t = build_model(recipe.teacher.arch, d.num_classes, recipe.teacher.weights if pretrained else None)
+        t = build_model(recipe.teacher.arch, d.num_classes, (recipe.teacher.weights or None) if pretrained else None)
         return student, freeze(with_spec(t, **layer_spec(recipe.teacher)))
     return student, None
 

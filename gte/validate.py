@@ -20,7 +20,7 @@ from gte.io import check_writable, is_file
 from gte.methods import parse_method, uses_teacher
 from gte.methods.base import parse_options
 from gte.methods.features import layer_names
-from gte.models import check_arch, create, info, is_bcos, with_spec
+from gte.models import check_arch, create, hfhub, info, is_bcos, with_spec
 from gte.onepass import EXP_GRADS
 
 
@@ -83,11 +83,21 @@ def _teacher(recipe: Recipe) -> None:
         frozen.check_shards(recipe)
         return
     _check_arch("teacher", recipe.teacher.arch)
+    if not recipe.teacher.weights and hfhub.is_hf_hub(recipe.teacher.arch):
+        _hub_teacher(recipe.teacher.arch, recipe.data.num_classes)
+        return
     if not recipe.teacher.weights:
         raise GteError("teacher.weights is empty: a distillation teacher must be trained")
     if not is_file(recipe.teacher.weights) and hub.resolve(recipe.teacher.weights) is None:
         # hub.resolve raises for a catalog name that is not downloaded
         raise GteError(f"teacher.weights: no such file or teacher name: {recipe.teacher.weights}")
+
+
+def _hub_teacher(arch: str, n: int) -> None:
+    """A Hub teacher without teacher.weights is its repo's weights: its head must be the pretrained one."""
+    if (have := hfhub.repo_classes(arch)) != n:
+        raise GteError(f"teacher.weights is empty and {arch} has {have} classes, data.num_classes {n}: its head would "
+                       "be untrained (give teacher.weights fine-tuned for these classes)")
 
 
 def _explainer_pair(recipe: Recipe) -> None:

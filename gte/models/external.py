@@ -13,16 +13,20 @@ What gte needs to know about them is read from the model, not listed by hand:
 - **Stages** (feature methods) — timm: the ``feature_info`` modules at stride ≥ 4; torchvision: ResNets' ``layer1..4``.
 - **Head** — timm: ``pretrained_cfg["classifier"]``; torchvision: ``fc`` where it is a Linear.
 - **Input spec** — timm: ``pretrained_cfg`` mean/std; torchvision: ImageNet's.
+
+``timm/hf-hub:<org>/<name>`` builds a timm model with its pretrained weights from the local Hugging Face cache
+(:mod:`gte.models.hfhub`); its facts are found as for ``timm/<name>``, plus the repo's ``pretrained_cfg``.
 """
 
 from __future__ import annotations
 
 import difflib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch.nn as nn
 
 from gte.errors import GteError
+from gte.models import hfhub
 
 TIMM, TORCHVISION = "timm/", "torchvision/"
 PREFIXES = (TIMM, TORCHVISION)
@@ -38,11 +42,12 @@ class Facts:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     token_prefix: int | None = None
-    geometry: dict = field(default_factory=dict)  # input_size / crop_pct / interpolation / fixed_input_size
+    geometry: dict = field(default_factory=dict, hash=False)  # input_size / crop_pct / interpolation / fixed_input_size
+    class_names: tuple[str, ...] = ()  # timm/hf-hub: the repo's label_names (when its head is kept)
 
 
 def is_external(name: str) -> bool:
-    return name.startswith(PREFIXES)
+    return name.startswith(PREFIXES) or hfhub.is_misspelt(name)  # a misspelt Hub name gets hfhub's spelling error
 
 
 def _timm():
@@ -60,7 +65,13 @@ def _torchvision_names() -> list[str]:
 
 
 def known(name: str) -> bool:
-    """Whether the library behind ``name``'s prefix can build it."""
+    """Whether the library behind ``name``'s prefix can build it (a Hub name: a one-line error if it is misspelt or
+    not in the local Hugging Face cache, which says more than 'unknown model')."""
+    if hfhub.is_misspelt(name):
+        hfhub.parse(name)  # raises, naming the right spelling (needs no timm)
+    if hfhub.is_hf_hub(name):
+        _timm()
+        return hfhub.snapshot(name).is_dir()
     if name.startswith(TIMM):
         return _timm().is_model(name[len(TIMM):])
     return name[len(TORCHVISION):] in _torchvision_names()
@@ -78,10 +89,14 @@ def close_matches(name: str) -> list[str]:
 
 
 def build(name: str, num_classes: int) -> tuple[nn.Module, Facts]:
-    """A randomly initialised ``num_classes``-way model and its facts."""
+    """A randomly initialised ``num_classes``-way model and its facts (a ``timm/hf-hub:`` model: pretrained, see
+    :mod:`gte.models.hfhub`; its head re-initialised where ``num_classes`` differs from the repo's)."""
     if not known(name):
         close = close_matches(name)
         raise GteError(f"unknown model '{name}'" + (f"; did you mean {', '.join(close[:3])}?" if close else ""))
+    if hfhub.is_hf_hub(name):
+        model, kept = hfhub.create(name, num_classes)  # timm's pretrained_cfg is the repo's: geometry follows
+        return model, replace(_timm_facts(model), class_names=tuple(kept.get("label_names", ())))
     if name.startswith(TIMM):
         return _build_timm(name[len(TIMM):], num_classes)
     return _build_torchvision(name[len(TORCHVISION):], num_classes)
@@ -89,6 +104,11 @@ def build(name: str, num_classes: int) -> tuple[nn.Module, Facts]:
 
 def _build_timm(name: str, num_classes: int) -> tuple[nn.Module, Facts]:
     model = _timm().create_model(name, pretrained=False, num_classes=num_classes)
+    return model, _timm_facts(model)
+
+
+def _timm_facts(model: nn.Module) -> Facts:
+    """What gte needs to know about a timm model, read from the model (and its ``pretrained_cfg``)."""
     cfg = dict(getattr(model, "pretrained_cfg", None) or {})
     infos = list(getattr(model, "feature_info", None) or [])
     tokens = getattr(model, "patch_embed", None) is not None  # ViT / DeiT / Swin: token maps, no spatial CNN map
@@ -102,7 +122,7 @@ def _build_timm(name: str, num_classes: int) -> tuple[nn.Module, Facts]:
             _has(model, f"blocks.{len(blocks) - 1}.norm1"):
         # ViT / DeiT: pytorch-grad-cam's convention, the last block's first LayerNorm, tokens back on the patch grid
         cam, prefix = f"blocks.{len(blocks) - 1}.norm1", int(model.num_prefix_tokens)
-    return model, Facts(cam, tuple(spatial), head if _has(model, head) else None, mean, std, prefix, timm_geometry(cfg))
+    return Facts(cam, tuple(spatial), head if _has(model, head) else None, mean, std, prefix, timm_geometry(cfg))
 
 
 def timm_geometry(cfg: dict) -> dict:

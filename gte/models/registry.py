@@ -171,7 +171,7 @@ def create(name: str, num_classes: int) -> nn.Module:
         model, facts = external.build(name, num_classes)
         model.gte_info = ModelInfo(arch=name, num_classes=num_classes, bcos=False, gradcam_layer=facts.gradcam_layer,
                                    stages=facts.stages, head=facts.head, mean=facts.mean, std=facts.std,
-                                   token_prefix=facts.token_prefix, **facts.geometry)
+                                   token_prefix=facts.token_prefix, class_names=facts.class_names, **facts.geometry)
         return model
     arch = REGISTRY[name]
     model = arch.builder(num_classes)
