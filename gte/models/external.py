@@ -88,6 +88,11 @@ def build(name: str, num_classes: int) -> tuple[nn.Module, Facts]:
 
 def _build_timm(name: str, num_classes: int) -> tuple[nn.Module, Facts]:
     model = _timm().create_model(name, pretrained=False, num_classes=num_classes)
+    return _timm_facts(model)
+
+
+def _timm_facts(model: nn.Module) -> tuple[nn.Module, Facts]:
+    """A timm model (built here or anywhere else) and what gte needs to know about it, read from the model."""
     cfg = dict(getattr(model, "pretrained_cfg", None) or {})
     infos = list(getattr(model, "feature_info", None) or [])
     tokens = getattr(model, "patch_embed", None) is not None  # ViT / DeiT / Swin: token maps, no spatial CNN map
@@ -118,7 +123,9 @@ def _features_output_module(model: nn.Module) -> str | None:
     try:
         model.eval()
         with torch.no_grad():
-            out = model.forward_features(torch.zeros(1, 3, 64, 64))
+            p = next(model.parameters(), None)  # a model built elsewhere may already sit on a GPU, in bf16
+            probe = torch.zeros(1, 3, 64, 64) if p is None else torch.zeros(1, 3, 64, 64, device=p.device, dtype=p.dtype)
+            out = model.forward_features(probe)
     except Exception:  # a model that needs its own input size: no automatic layer  # noqa: BLE001
         return None
     finally:
@@ -136,6 +143,11 @@ def _build_torchvision(name: str, num_classes: int) -> tuple[nn.Module, Facts]:
     import torchvision
 
     model = torchvision.models.get_model(name, weights=None, num_classes=num_classes)
+    return _torchvision_facts(model)
+
+
+def _torchvision_facts(model: nn.Module) -> tuple[nn.Module, Facts]:
+    """A torchvision(-like) classifier and its facts: ResNets' ``layer1..4``, else ``features``."""
     if all(hasattr(model, f"layer{i}") for i in range(1, 5)):
         stages: tuple[str, ...] = ("layer1", "layer2", "layer3", "layer4")
         cam: str | None = "layer4"
@@ -143,6 +155,12 @@ def _build_torchvision(name: str, num_classes: int) -> tuple[nn.Module, Facts]:
         stages, cam = (), ("features" if isinstance(getattr(model, "features", None), nn.Module) else None)
     head = "fc" if isinstance(getattr(model, "fc", None), nn.Linear) else None
     return model, Facts(cam, stages, head, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+
+
+def facts(model: nn.Module) -> Facts:
+    """The facts of a classifier built outside gte: a timm model (it has ``pretrained_cfg``), else torchvision-like."""
+    timm_like = getattr(model, "pretrained_cfg", None) is not None
+    return (_timm_facts(model) if timm_like else _torchvision_facts(model))[1]
 
 
 def _has(model: nn.Module, name: str | None) -> bool:

@@ -7,6 +7,7 @@ GradCAM at ``gradcam_layer``). Data pipelines hand models images in [0, 1]; :fun
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import math
 from dataclasses import dataclass
@@ -175,6 +176,30 @@ def create(name: str, num_classes: int) -> nn.Module:
     model.gte_info = ModelInfo(arch=name, num_classes=num_classes, bcos=arch.bcos, gradcam_layer=arch.gradcam_layer,
                                stages=arch.stages, head=arch.head)
     return model
+
+
+def describe(model: nn.Module, arch: str | None = None) -> ModelInfo:
+    """The :class:`ModelInfo` of a classifier built outside gte (``timm.create_model``, torchvision), attached as
+    ``model.gte_info`` so every gte function takes it; a model that has one keeps it. ``arch`` defaults to
+    ``timm/<architecture>`` from timm's ``pretrained_cfg`` (torchvision models must name it)."""
+    inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None) or model
+    if hasattr(inner, "gte_info"):
+        return inner.gte_info
+    cfg = getattr(inner, "pretrained_cfg", None) or {}
+    if arch is None:
+        if "architecture" not in cfg:
+            raise GteError(f"{type(inner).__name__} is not a timm model: describe(model, arch=...) needs its name")
+        arch = external.TIMM + cfg["architecture"]
+    num_classes = getattr(inner, "num_classes", None)
+    if not isinstance(num_classes, int):  # torchvision: the classifier's width
+        fc = getattr(inner, "fc", None)
+        num_classes = fc.out_features if isinstance(fc, nn.Linear) else None
+    if not num_classes or num_classes < 2:
+        raise GteError(f"cannot tell how many classes {arch} has (a classifier with num_classes >= 2 is needed)")
+    # Facts' fields are ModelInfo's, by name: fields added to both reach here without an edit
+    inner.gte_info = ModelInfo(arch=arch, num_classes=num_classes, bcos=False,
+                               **dataclasses.asdict(external.facts(inner)))
+    return inner.gte_info
 
 
 def freeze(model: nn.Module) -> nn.Module:
