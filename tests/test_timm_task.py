@@ -31,6 +31,9 @@ KEYS = {"loss", "output", "task_loss", "kd_loss", "exp_loss"}
 def models(seed: int = 0, teacher_seed: int = 100) -> tuple[torch.nn.Module, torch.nn.Module]:
     torch.manual_seed(seed)
     student = build_model("timm/resnet18", 4)
+    for m in student.modules():  # timm zero-inits each block's last BN; non-zero, so every layer gets a gradient
+        if isinstance(m, torch.nn.BatchNorm2d):
+            torch.nn.init.uniform_(m.weight, 0.5, 1.5)
     torch.manual_seed(teacher_seed)
     teacher = timm.create_model("mobilenetv3_small_050", num_classes=4, pretrained_cfg_overlay=dict(mean=HALF, std=HALF))
     return student, teacher
@@ -78,9 +81,10 @@ def test_steps_train_the_student_only(soft):
     assert not torch.equal(s0["fc.weight"], student.fc.weight.detach())
 
 
-def raw_gradcam(model, layer, x, classes, training: bool) -> torch.Tensor:
+def raw_gradcam(model, layer_name: str, x, classes, training: bool) -> torch.Tensor:
     """pytorch-grad-cam's GradCAM, ReLU(Σ_k mean_ij(∂y_c/∂A_k)·A_k), before its min-max scaling (e2KD compares the
     raw maps), bilinearly upsampled to the input size."""
+    layer = model.get_submodule(layer_name)
     cam = GradCAM(model=model, target_layers=[layer])
     model.train(training)  # GradCAM puts the model in eval mode; the task's student trains (batch statistics)
     cam(input_tensor=x, targets=[ClassifierOutputTarget(int(c)) for c in classes])
@@ -90,20 +94,35 @@ def raw_gradcam(model, layer, x, classes, training: bool) -> torch.Tensor:
     return F.interpolate(torch.from_numpy(raw)[:, None], size=x.shape[-2:], mode="bilinear", align_corners=False)
 
 
+def student_gradcam(model, x, classes) -> tuple[torch.Tensor, torch.Tensor]:
+    """The student's logits and GradCAM at layer4 by the formula, differentiable in its parameters."""
+    acts: list[torch.Tensor] = []
+    hook = model.layer4.register_forward_hook(lambda m, i, o: acts.append(o))
+    logits = model(x)
+    hook.remove()
+    (g,) = torch.autograd.grad(logits.gather(1, classes[:, None]).sum(), acts[0], create_graph=True)
+    cam = F.relu((g.mean((2, 3), keepdim=True) * acts[0]).sum(1, keepdim=True))
+    return logits, F.interpolate(cam, size=x.shape[-2:], mode="bilinear", align_corners=False)
+
+
 def test_loss_equals_independent_computation():
+    """T²·KL(p_T ‖ p_S) + λ·(1 − cos(GradCAM_S, GradCAM_T)) + w·CE, the maps from pytorch-grad-cam (values) and by
+    the formula (the student's, differentiable: the task's parameter gradient must match too)."""
     student, teacher = models()
     s_ref, t_ref = copy.deepcopy(student), copy.deepcopy(teacher).requires_grad_(True)
     x, y = batch(0)
     out = task_for(student, teacher).train()(x, y)
+    out["loss"].backward()
 
     images = x * torch.tensor(IMAGENET_DEFAULT_STD).view(1, 3, 1, 1) + torch.tensor(IMAGENET_DEFAULT_MEAN).view(1, 3, 1, 1)
     x_t = (images - 0.5) / 0.5  # the teacher's own normalisation
     with torch.no_grad():
         t_logits = t_ref.eval()(x_t)
     top1 = t_logits.argmax(1)
-    cam_t = raw_gradcam(t_ref, t_ref.blocks, x_t, top1, training=False)
-    cam_s = raw_gradcam(s_ref, s_ref.layer4, x, top1, training=True)
-    s_logits = s_ref(x).detach()  # train mode: the same batch statistics as the task's forward
+    cam_t = raw_gradcam(t_ref, "blocks", x_t, top1, training=False)
+    cam_s_pgc = raw_gradcam(copy.deepcopy(s_ref), "layer4", x, top1, training=True)
+    s_logits, cam_s = student_gradcam(s_ref, x, top1)  # train mode: the task forward's batch statistics
+    torch.testing.assert_close(cam_s.detach(), cam_s_pgc, rtol=1e-4, atol=1e-6)
 
     T = 2.0
     p_t, log_pt, log_ps = (t_logits / T).softmax(1), (t_logits / T).log_softmax(1), (s_logits / T).log_softmax(1)
@@ -111,13 +130,17 @@ def test_loss_equals_independent_computation():
     a, b = cam_s.flatten(1), cam_t.flatten(1)
     exp = (1 - (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1)).clamp_min(1e-8)).mean()
     ce = -s_logits.log_softmax(1).gather(1, y[:, None]).mean()
+    ref = 0.7 * kd + 0.5 * exp + 0.3 * ce
+    ref.backward()
     tol = dict(rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(out["output"].detach(), s_logits, **tol)
-    torch.testing.assert_close(out["kd_loss"], kd, **tol)
-    torch.testing.assert_close(out["exp_loss"], exp, **tol)
-    torch.testing.assert_close(out["task_loss"], ce, **tol)
-    torch.testing.assert_close(out["loss"].detach(), 0.7 * kd + 0.5 * exp + 0.3 * ce, **tol)
+    torch.testing.assert_close(out["output"].detach(), s_logits.detach(), **tol)
+    for key, value in (("kd_loss", kd), ("exp_loss", exp), ("task_loss", ce), ("loss", ref)):
+        torch.testing.assert_close(out[key].detach(), value.detach(), **tol)
     assert 0.01 < exp < 0.99  # a non-trivial explanation term on 2×2 maps
+    ours, theirs = dict(student.named_parameters()), dict(s_ref.named_parameters())
+    for name, p in ours.items():
+        diff = (p.grad - theirs[name].grad).norm()  # second-order terms: float32 noise, ~1e-5 relative
+        assert p.grad.norm() > 0 and diff <= 1e-4 * p.grad.norm(), name
 
 
 def test_default_weights_are_gte_e2kd():
