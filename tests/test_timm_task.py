@@ -235,8 +235,11 @@ def test_teacher_by_name_and_ddp(tmp_path):
         assert not isinstance(task.teacher, torch.nn.parallel.DistributedDataParallel)
         opt = torch.optim.SGD(wrapped.parameters(), lr=0.05)
         before = student.fc.weight.detach().clone()
+        through_ddp: list[int] = []  # the student pass must run through the wrapper (its gradient sync)
+        hook = wrapped.register_forward_hook(lambda m, i, o: through_ddp.append(1))
         out = step(task, opt, *batch(0))
-        assert torch.isfinite(out["loss"]) and out["exp_loss"] > 0 and not torch.equal(before, student.fc.weight)
+        hook.remove()
+        assert through_ddp == [1] and torch.isfinite(out["loss"]) and out["exp_loss"] > 0 and not torch.equal(before, student.fc.weight)
         assert set(task.get_checkpoint_state()["state_dict"]) == set(student.state_dict())
     finally:
         torch.distributed.destroy_process_group()
