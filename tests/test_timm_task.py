@@ -256,3 +256,22 @@ def test_readme_timm_snippet_runs():
     result, task = scope["result"], scope["task"]
     assert set(result) == KEYS and torch.isfinite(result["loss"]) and isinstance(task, TrainingTask)
     assert all(p.grad is not None for p in task.get_trainable_module().parameters())
+
+
+def test_bcos_student_and_teacher():
+    """B-cos models built by gte: explained by W(x) ("auto"), fed [x, 1 − x] of the un-normalised images."""
+    torch.manual_seed(0)
+    student, teacher = build_model("bcos_cifar_resnet20", 4), build_model("bcos_cifar_resnet20", 4)
+    task = E2KDTask(student, teacher, verbose=False).train()
+    assert task.method.explanation.explainer == "bcos"
+    x, y = batch(0)
+    x = x[..., :32, :32]
+    images = x * torch.tensor(IMAGENET_DEFAULT_STD).view(1, 3, 1, 1) + torch.tensor(IMAGENET_DEFAULT_MEAN).view(1, 3, 1, 1)
+    seen: list[torch.Tensor] = []
+    hook = teacher.register_forward_hook(lambda m, i, o: seen.append(i[0].detach()))
+    out = task(x, y)
+    hook.remove()
+    torch.testing.assert_close(seen[0], torch.cat([images, 1 - images], 1), rtol=0, atol=1e-5)
+    out["loss"].backward()
+    assert torch.isfinite(out["loss"]) and out["exp_loss"] > 0
+    assert all(p.grad is None for p in teacher.parameters())
