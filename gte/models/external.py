@@ -148,7 +148,9 @@ def _features_output_module(model: nn.Module) -> str | None:
     try:
         model.eval()
         with torch.no_grad():
-            out = model.forward_features(torch.zeros(1, 3, 64, 64))
+            p = next(model.parameters(), None)  # a model built elsewhere may already sit on a GPU, in bf16
+            probe = torch.zeros(1, 3, 64, 64) if p is None else torch.zeros(1, 3, 64, 64, device=p.device, dtype=p.dtype)
+            out = model.forward_features(probe)
     except Exception:  # a model that needs its own input size: no automatic layer  # noqa: BLE001
         return None
     finally:
@@ -166,13 +168,19 @@ def _build_torchvision(name: str, num_classes: int) -> tuple[nn.Module, Facts]:
     import torchvision
 
     model = torchvision.models.get_model(name, weights=None, num_classes=num_classes)
+    return model, _torchvision_facts(model, name)
+
+
+def _torchvision_facts(model: nn.Module, name: str = "") -> Facts:
+    """A torchvision(-like) classifier and its facts: ResNets' ``layer1..4``, else ``features``."""
     if all(hasattr(model, f"layer{i}") for i in range(1, 5)):
         stages: tuple[str, ...] = ("layer1", "layer2", "layer3", "layer4")
         cam: str | None = "layer4"
     else:
         stages, cam = (), ("features" if isinstance(getattr(model, "features", None), nn.Module) else None)
     head = "fc" if isinstance(getattr(model, "fc", None), nn.Linear) else None
-    return model, Facts(cam, stages, head, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), None, _tv_geometry(name))
+    return Facts(cam, stages, head, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), None,
+                 _tv_geometry(name) if name else {})
 
 
 def _tv_geometry(name: str) -> dict:
@@ -186,6 +194,14 @@ def _tv_geometry(name: str) -> dict:
                 "fixed_input_size": name.startswith(("vit_", "swin", "maxvit"))}
     except (ValueError, AttributeError, TypeError, IndexError):  # a model without released weights
         return {}
+
+
+def facts(model: nn.Module, name: str = "") -> Facts:
+    """The facts of a classifier built outside gte: a timm model (it has ``pretrained_cfg``), else torchvision-like
+    (``name``: its ``torchvision/<name>``, for the geometry of its released weights)."""
+    if getattr(model, "pretrained_cfg", None) is not None:
+        return _timm_facts(model)
+    return _torchvision_facts(model, name[len(TORCHVISION):] if name.startswith(TORCHVISION) else "")
 
 
 def _has(model: nn.Module, name: str | None) -> bool:

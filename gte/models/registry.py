@@ -7,6 +7,7 @@ GradCAM at ``gradcam_layer``). Data pipelines hand models images in [0, 1]; :fun
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import math
 from dataclasses import dataclass
@@ -142,6 +143,14 @@ REGISTRY: dict[str, Arch] = {
 }
 
 
+def external_info(arch: str, num_classes: int, facts: external.Facts) -> ModelInfo:
+    """The :class:`ModelInfo` of a timm / torchvision model from what :mod:`gte.models.external` read off it."""
+    names = facts.class_names if len(facts.class_names) == num_classes else ()
+    return ModelInfo(arch=arch, num_classes=num_classes, bcos=False, gradcam_layer=facts.gradcam_layer,
+                     stages=facts.stages, head=facts.head, mean=facts.mean, std=facts.std,
+                     token_prefix=facts.token_prefix, class_names=names, **facts.geometry)
+
+
 def check_arch(name: str) -> None:
     """Raise a one-line error naming close matches (gte's names, ``timm/…``, ``torchvision/…``) if ``name`` is not
     a known architecture."""
@@ -169,9 +178,7 @@ def create(name: str, num_classes: int) -> nn.Module:
         raise GteError(f"num_classes must be at least 2, got {num_classes}")
     if external.is_external(name):
         model, facts = external.build(name, num_classes)
-        model.gte_info = ModelInfo(arch=name, num_classes=num_classes, bcos=False, gradcam_layer=facts.gradcam_layer,
-                                   stages=facts.stages, head=facts.head, mean=facts.mean, std=facts.std,
-                                   token_prefix=facts.token_prefix, class_names=facts.class_names, **facts.geometry)
+        model.gte_info = external_info(name, num_classes, facts)
         return model
     arch = REGISTRY[name]
     model = arch.builder(num_classes)
@@ -195,7 +202,6 @@ SPEC_KEYS = ("input_size", "crop_pct", "interpolation", "fixed_input_size", "mea
 def with_spec(model: nn.Module, **changes) -> nn.Module:
     """Set spec fields (:data:`SPEC_KEYS`) on a gte model's :class:`ModelInfo`, checked: a layer that does not exist,
     a size, fraction, interpolation or class list that makes no sense is a one-line error."""
-    import dataclasses
 
     mi = info(model)
     unknown = sorted(set(changes) - set(SPEC_KEYS))
@@ -240,6 +246,28 @@ def _has_module(model: nn.Module, name: str) -> bool:
         return True
     except AttributeError:
         return False
+
+
+def describe(model: nn.Module, arch: str | None = None) -> ModelInfo:
+    """The :class:`ModelInfo` of a classifier built outside gte (``timm.create_model``, torchvision), attached as
+    ``model.gte_info`` so every gte function takes it; a model that has one keeps it. ``arch`` defaults to
+    ``timm/<architecture>`` from timm's ``pretrained_cfg`` (torchvision models must name it)."""
+    inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None) or model
+    if hasattr(inner, "gte_info"):
+        return inner.gte_info
+    cfg = getattr(inner, "pretrained_cfg", None) or {}
+    if arch is None:
+        if "architecture" not in cfg:
+            raise GteError(f"{type(inner).__name__} is not a timm model: describe(model, arch=...) needs its name")
+        arch = external.TIMM + cfg["architecture"]
+    num_classes = getattr(inner, "num_classes", None)
+    if not isinstance(num_classes, int):  # torchvision: the classifier's width
+        fc = getattr(inner, "fc", None)
+        num_classes = fc.out_features if isinstance(fc, nn.Linear) else None
+    if not num_classes or num_classes < 2:
+        raise GteError(f"cannot tell how many classes {arch} has (a classifier with num_classes >= 2 is needed)")
+    inner.gte_info = external_info(arch, num_classes, external.facts(inner, arch))
+    return inner.gte_info
 
 
 def freeze(model: nn.Module) -> nn.Module:
