@@ -197,11 +197,19 @@ def build_rows(recipe: Recipe, batch: int, precision: str, device: torch.device)
 
     context = Context(n_data=max(4 * b, 1024), image_size=d.image_size)
 
-    def other(name: str) -> BenchRow:
-        """A row for another registered method (or one "+e2kd"), with its paper defaults."""
+    skipped: dict[str, str] = {}
+
+    def other(name: str) -> list[BenchRow]:
+        """A row for another registered method (or one "+e2kd"), with its paper defaults; none (and the reason in
+        ``skipped``) where the method does not apply to this pair (CAT-KD on a student whose head is not a 1×1 map
+        classifier, a feature method on models with differing stage counts, …)."""
         options = {"nce_k": min(4096, context.n_data)} if name.startswith("crd") else {}
-        method = build_method(cfg(method=name, options=options), student, teacher, context)
-        return name.replace("+", "_"), f"{name} (live teacher)", method_step(method), 1
+        try:
+            method = build_method(cfg(method=name, options=options), student, teacher, context)
+        except GteError as e:
+            skipped[name] = str(e)
+            return []
+        return [(name.replace("+", "_"), f"{name} (live teacher)", method_step(method), 1)]
 
     def teacher_forward(index: int) -> None:
         with torch.no_grad(), autocast():
@@ -223,16 +231,17 @@ def build_rows(recipe: Recipe, batch: int, precision: str, device: torch.device)
         (f"e2kd_k{k}", f"e2KD live K={k}", e2kd(teacher, guided_every=k), k),
         ("e2kd_frozen", "e2KD frozen K=1", e2kd(None, frozen=True, guided_every=1), 1),
         (f"e2kd_frozen_k{k}", f"e2KD frozen K={k}", e2kd(None, frozen=True, guided_every=k), k),
-        *(other(name) for name in OTHER_METHODS),
+        *(row for name in OTHER_METHODS for row in other(name)),
         ("reference", "e2KD reference (official)",
          train_step(lambda i: reference_e2kd_loss(ref_student, ref_teacher, images, cfg(), explainer), ref_optimizer),
          1),
         ("teacher_fwd", "teacher forward (no grad)", teacher_forward, 1),
-        ("teacher_explain", "teacher forward + W(x)", teacher_explain, 1),
+        ("teacher_explain", "teacher forward + " + ("W(x)" if explainer == "bcos" else "GradCAM"), teacher_explain, 1),
     ]
     meta = {"student": recipe.student.arch, "teacher": recipe.teacher.arch, "explainer": explainer,
             "image_size": d.image_size, "batch": b, "precision": precision,
-            "channels_last": recipe.run.channels_last, "compile_teacher": recipe.run.compile_teacher}
+            "channels_last": recipe.run.channels_last, "compile_teacher": recipe.run.compile_teacher,
+            "skipped": skipped}
     return rows, meta
 
 
@@ -319,5 +328,5 @@ def run_bench(recipe: Recipe, *, steps: int = 10, batch: int = 0, warmup: int = 
                         "before it, in a process started with glibc's mmap threshold fixed at 64 KiB"),
         "torch": torch.__version__, "rows": rows,
         "floor": {"step_s": floor, "x_kd": floor / kd_t,
-                  "formula": "KD + (teacher forward + W(x) - teacher forward) + (e2KD frozen K=1 - CE)"},
+                  "formula": "KD + (teacher forward + explanation - teacher forward) + (e2KD frozen K=1 - CE)"},
     }

@@ -78,3 +78,19 @@ def test_bench_reference_step_computes_gtes_exact_gradient():
         reference_e2kd_loss(ref, teacher, images, cfg, "bcos").backward()
         for (name, p), q in zip(ref.named_parameters(), student.parameters()):
             assert (q.grad - p.grad).abs().max() <= 1e-9 * p.grad.abs().max(), (arch, name)
+
+
+def test_bench_skips_a_method_the_pair_cannot_run_and_says_why():
+    """MobileNetV3's classifier reads a 1×1 conv after pooling, not the feature map: CAT-KD has no class activation
+    maps there. The bench leaves that row out, with the reason, instead of failing (rows are built, not timed)."""
+    import torch
+
+    from gte.bench import build_rows
+    from gte.config import load_recipe
+
+    torch.set_num_threads(1)
+    recipe = load_recipe("own-teacher", ["data.image_size=32", "teacher.image_size=0", "data.num_classes=4"])
+    rows, meta = build_rows(recipe, 2, "fp32", torch.device("cpu"))
+    keys = {r[0] for r in rows}
+    assert "cat_kd" not in keys and {"at", "crd", "dkd", "dist", "reviewkd", "crd_e2kd"} <= keys
+    assert set(meta["skipped"]) == {"cat_kd"} and "1024 channels" in meta["skipped"]["cat_kd"]

@@ -35,6 +35,8 @@ def bench_command(recipe_name: str = RecipeOpt, set_: Optional[List[str]] = SetO
               f"{floor['x_kd']:.2f}× KD; measured {live['x_kd']:.2f}× KD, "
               f"{100 * (live['step_s'] / floor['step_s'] - 1):+.0f} % over the floor", highlight=False)
     out.print(f"memory: {result['memory']}", highlight=False)
+    for name, why in result.get("skipped", {}).items():
+        out.print(f"not run: {why}" if why.startswith(name) else f"not run: {name}: {why}", highlight=False)
     if json_out:
         atomic_write_json(json_out, result)
 

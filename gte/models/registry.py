@@ -202,7 +202,6 @@ SPEC_KEYS = ("input_size", "crop_pct", "interpolation", "fixed_input_size", "mea
 def with_spec(model: nn.Module, **changes) -> nn.Module:
     """Set spec fields (:data:`SPEC_KEYS`) on a gte model's :class:`ModelInfo`, checked: a layer that does not exist,
     a size, fraction, interpolation or class list that makes no sense is a one-line error."""
-
     mi = info(model)
     unknown = sorted(set(changes) - set(SPEC_KEYS))
     if unknown:
