@@ -23,7 +23,7 @@ from gte.data.loader import make_loader
 from gte.errors import GteError
 from gte.explain import explain, explain_with_logits
 from gte.explainers import get
-from gte.models import info, to_model_input
+from gte.models import info, resized, to_model_input
 
 
 @dataclass
@@ -37,6 +37,7 @@ class EvalOptions:
     shift_max: int = 16
     shift_samples: int = 256  # samples per run used by the shift test (split evenly over ranks)
     examples: int = 0  # images kept (rank 0) for the report grid
+    teacher_size: int = 0  # the side the teacher sees each image at (0: the eval size, or its fixed size)
 
 
 @dataclass
@@ -95,10 +96,13 @@ def _box_pairs(batch: dict) -> list[tuple[int, int, list]]:
     return pairs
 
 
-def _localisation(sums: dict[str, float], p: str, model: nn.Module, x: torch.Tensor, pairs: list) -> None:
+def _localisation(sums: dict[str, float], p: str, model: nn.Module, x: torch.Tensor, pairs: list,
+                  size: tuple[int, int] | None = None) -> None:
     idx = torch.tensor([i for i, _, _ in pairs], device=x.device)
     classes = torch.tensor([c for _, c, _ in pairs], device=x.device)
     attr = _attribution(model, x[idx], classes).float().cpu()
+    if size is not None and tuple(attr.shape[-2:]) != tuple(size):  # a teacher run at its own size: boxes are ours
+        attr = F.interpolate(attr[:, None], size=tuple(size), mode="bilinear", align_corners=False)[:, 0]
     h, w = attr.shape[-2:]
     for a, (_, _, boxes) in zip(attr, pairs):
         mask = M.box_mask(boxes, h, w)
@@ -130,6 +134,11 @@ def run_eval(model: nn.Module, spec: str, *, data: DataConfig, teacher: nn.Modul
     if teacher is not None and info(teacher).num_classes != mi.num_classes:
         raise GteError(f"teacher has {info(teacher).num_classes} classes, the model {mi.num_classes}")
     method = _explainer(model, teacher) if teacher is not None else mi.explainer
+    teacher_size = 0
+    if teacher is not None:  # the teacher's own side: asked for, or the only one it runs at (ViT)
+        t = info(teacher)
+        teacher_size = o.teacher_size or (t.input_size if t.fixed_input_size else 0)
+        teacher_size = 0 if teacher_size == data.image_size else teacher_size
     sums: dict[str, float] = defaultdict(float)
     ml: dict[str, list[np.ndarray]] = defaultdict(list)  # multi-label scores/targets for mAP
     kept: dict[int, list[Example]] = defaultdict(list)
@@ -150,9 +159,11 @@ def run_eval(model: nn.Module, spec: str, *, data: DataConfig, teacher: nn.Modul
                 logits = model(x_s)
                 explained = logits.argmax(1)
             else:
-                x_t = to_model_input(info(teacher), images)
+                x_t = to_model_input(info(teacher), resized(images, teacher_size, info(teacher).interpolation))
                 runs.append(("t", teacher, x_t))
                 t_maps, t_logits = explain_with_logits(teacher, x_t, None, method)
+                if t_maps.shape[-2:] != images.shape[-2:]:  # the teacher saw its own size: its map at the student's
+                    t_maps = F.interpolate(t_maps.float(), size=images.shape[-2:], mode="bilinear", align_corners=False)
                 explained = t_logits.argmax(1)
                 s_maps, logits = explain_with_logits(model, x_s, explained, method)
                 cos = F.cosine_similarity(s_maps.flatten(1).float(), t_maps.flatten(1).float(), dim=1)
@@ -187,7 +198,7 @@ def run_eval(model: nn.Module, spec: str, *, data: DataConfig, teacher: nn.Modul
             pairs = _box_pairs(batch) if o.localisation else []
             if pairs:
                 for p, m, x in runs:
-                    _localisation(sums, p, m, x, pairs)
+                    _localisation(sums, p, m, x, pairs, tuple(images.shape[-2:]))
 
             if shift_left > 0:
                 k = min(shift_left, labels.numel())
@@ -209,6 +220,8 @@ def run_eval(model: nn.Module, spec: str, *, data: DataConfig, teacher: nn.Modul
     scores = {p: np.concatenate([a for part in dist.gather_object(ml.get(p, [])) for a in part] or [np.zeros((0, 1))])
               for p in ("s", "t", "targets")} if total.get("ml_n") else {}
     metrics = _finalise(total, scores, teacher is not None, mi.num_classes, o)
+    if teacher_size:
+        metrics["teacher_image_size"] = teacher_size
     metrics["explainer"] = method
     metrics["world_size"] = world
     examples = [e for row in _round_robin(kept) for e in row][: o.examples]

@@ -30,8 +30,7 @@ from gte.explain import choose_explainer, explain_with_logits
 from gte.frozen import LOGITS, MAP, npy_bytes, read_info, write_info
 from gte.io import check_writable
 from gte.engine import layer_spec, teacher_size
-from gte.methods.passes import resized
-from gte.models import build_model, freeze, info, is_bcos, to_model_input, with_spec
+from gte.models import build_model, freeze, info, is_bcos, resized, to_model_input, with_spec
 
 
 def teacher_outputs(teacher: torch.nn.Module, images: torch.Tensor, explainer: str,

@@ -15,9 +15,9 @@ from _fixtures import one_line_exit_2, run_main, write_jpeg_shards
 from gte.config import DistillConfig
 from gte.errors import GteError
 from gte.methods import Batch, Context, build_method
-from gte.methods.passes import resized, teacher_pass
-from gte.models import (build_model, eval_geometry, freeze, info, load_model, save_model, to_model_input,
-                        with_spec)
+from gte.methods.passes import teacher_pass
+from gte.models import (build_model, eval_geometry, freeze, info, load_model, resized, save_model,
+                        to_model_input, with_spec)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -165,3 +165,22 @@ def test_teacher_sees_the_batch_at_its_own_size():
                           Context(image_size=32, teacher_size=48))
     loss, logs = method.loss(Batch(images, torch.tensor([0, 1])))
     assert torch.isfinite(loss) and "exp" in logs
+
+
+def test_eval_runs_the_teacher_at_its_own_size(tmp_path):
+    """``gte eval --teacher-image-size``: the teacher's metrics are those of the resized images (as in training with
+    ``teacher.image_size``); agreement and explanation similarity compare at the student's size."""
+    from gte.config import DataConfig
+    from gte.data.loader import make_loader
+    from gte.evaluate import EvalOptions, run_eval
+
+    torch.manual_seed(0)
+    student, teacher = build_model("cifar_resnet20", 4).eval(), freeze(build_model("timm/resnet18", 4))
+    spec, _ = write_jpeg_shards(tmp_path / "shards", [8], width=40, height=36)
+    data = DataConfig(image_size=32, num_workers=0)
+    m = run_eval(student, spec, data=data, teacher=teacher, options=EvalOptions(teacher_size=48)).metrics
+    assert info(teacher).interpolation == "bicubic" and m["teacher_image_size"] == 48 and -1 <= m["explanation_similarity"] <= 1
+    (batch,) = list(make_loader(spec, train=False, image_size=32, batch_size=8))
+    with torch.no_grad():
+        top1 = teacher(to_model_input(info(teacher), resized(batch["image"], 48, "bicubic"))).argmax(1)  # its own
+    assert m["teacher"]["acc1"] == pytest.approx(float((top1 == batch["label"]).float().mean()))

@@ -32,10 +32,14 @@ def eval_command(
     shift_max: int = typer.Option(16, "--shift-max", help="Largest shift in pixels."),
     shift_samples: int = typer.Option(256, "--shift-samples", help="Samples used by the shift test."),
     examples: int = typer.Option(6, "--examples", help="Images in the report's explanation grid."),
+    teacher_size: int = typer.Option(0, "--teacher-image-size", help="The side the teacher sees each image at, as "
+                                     "in training with teacher.image_size (0 = the eval size, or the teacher's "
+                                     "fixed size)."),
 ) -> None:
     """acc@1/5, agreement, explanation similarity, groups, F1/mAP, EPG/IoU, shift test (torchrun for many processes)."""
-    if batch_size < 1 or shift_max < 0 or shift_samples < 1 or examples < 0:
-        raise GteError("--batch-size and --shift-samples must be positive, --shift-max and --examples not negative")
+    if batch_size < 1 or shift_max < 0 or shift_samples < 1 or examples < 0 or teacher_size < 0:
+        raise GteError("--batch-size and --shift-samples must be positive, --shift-max, --examples and "
+                       "--teacher-image-size not negative")
     if json_out and json_out != "-" and not Path(json_out).resolve().parent.is_dir():  # before, not after, the work
         raise GteError(f"--json {json_out}: the directory {Path(json_out).resolve().parent} does not exist")
     from gte.io import check_writable
@@ -48,7 +52,7 @@ def eval_command(
     from gte.evaluate import EvalOptions
 
     opts = EvalOptions(batch_size=batch_size, waterbirds=waterbirds, shift=shift, shift_max=shift_max,
-                       shift_samples=shift_samples, examples=examples if report else 0)
+                       shift_samples=shift_samples, examples=examples if report else 0, teacher_size=teacher_size)
     started = not dist.initialized() and dist.launched_world_size() > 1
     if started:  # torchrun: the collectives here are a few small tensors
         dist.init_process_group()

@@ -20,7 +20,7 @@ from gte.explain import explain_with_logits
 from gte.explainers import get
 from gte.explainers.base import Explain
 from gte.methods.features import tap
-from gte.models import info, to_model_input
+from gte.models import info, resized, to_model_input
 from gte.onepass import fused_layers, is_bcos_cnn
 
 
@@ -46,16 +46,6 @@ class StudentPass:
         if self._explain is None:
             raise RuntimeError("this student pass was run without an explainer")
         return self._explain(classes)
-
-
-def resized(images: torch.Tensor, size: int, interpolation: str = "bilinear") -> torch.Tensor:
-    """``images`` (N×3×H×W in [0, 1]) resized to size² (antialiased when shrinking), or as they are for size 0."""
-    if not size or images.shape[-2:] == (size, size):
-        return images
-    mode = interpolation if interpolation in ("bilinear", "bicubic") else "nearest"
-    out = F.interpolate(images, size=(size, size), mode=mode, antialias=mode != "nearest",
-                        **({} if mode == "nearest" else {"align_corners": False}))
-    return out.clamp(0.0, 1.0)  # bicubic overshoots
 
 
 @dataclass

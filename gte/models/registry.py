@@ -80,6 +80,16 @@ def to_model_input(model_info: ModelInfo, x: torch.Tensor) -> torch.Tensor:
     return (x - mean) / std
 
 
+def resized(images: torch.Tensor, size: int, interpolation: str = "bilinear") -> torch.Tensor:
+    """``images`` (N×3×H×W in [0, 1]) resized to size² (antialiased when shrinking), or as they are for size 0."""
+    if not size or images.shape[-2:] == (size, size):
+        return images
+    mode = interpolation if interpolation in ("bilinear", "bicubic") else "nearest"
+    out = torch.nn.functional.interpolate(images, size=(size, size), mode=mode, antialias=mode != "nearest",
+                        **({} if mode == "nearest" else {"align_corners": False}))
+    return out.clamp(0.0, 1.0)  # bicubic overshoots
+
+
 # --------------------------------------------------------------------------------------------- builders
 def _bcos_imagenet(entry: str) -> Callable[[int], nn.Module]:
     def build(num_classes: int) -> nn.Module:
