@@ -235,6 +235,26 @@ def test_vit_gradcam_matches_pytorch_grad_cam_with_its_reshape_transform():
     torch.testing.assert_close((ours - lo) / (hi - lo), ref, rtol=0, atol=1e-4)
 
 
+def test_swin_gradcam_matches_pytorch_grad_cam_on_its_channels_last_map():
+    """timm Swin: its final norm's N×H×W×C map (what forward_features returns), channels moved first — pytorch-grad-cam
+    with the permuting reshape_transform is the oracle; a layout mix-up (channels read as width) is far off."""
+    from pytorch_grad_cam import GradCAM
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    torch.manual_seed(0)
+    model = build_model("timm/swin_tiny_patch4_window7_224", NUM_CLASSES).eval()
+    assert info(model).gradcam_layer == "norm" and info(model).map_nhwc and info(model).fixed_input_size
+    x = to_model_input(info(model), images(2, 224, seed=7))
+    classes = torch.tensor([2, 5])
+    ours = explain(model, x, classes, "gradcam")[:, 0]
+    with GradCAM(model=model, target_layers=[model.norm], reshape_transform=lambda t: t.permute(0, 3, 1, 2)) as cam:
+        ref = torch.from_numpy(cam(input_tensor=x, targets=[ClassifierOutputTarget(int(c)) for c in classes]))
+    lo = ours.flatten(1).min(1).values[:, None, None]
+    hi = ours.flatten(1).max(1).values[:, None, None]
+    assert (hi - lo).min() > 1e-6
+    torch.testing.assert_close((ours - lo) / (hi - lo), ref, rtol=0, atol=1e-4)
+
+
 def test_gradcam_train_mode_matches_own_hook_per_sample():
     """Own GradCAM oracle (forward hook, grad of each sample's logit alone) on the same train-mode batch."""
     torch.manual_seed(0)  # a random net can have an all-zero positive CAM for some class: fix which net

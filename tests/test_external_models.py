@@ -80,11 +80,19 @@ def test_a_vit_student_distils_with_e2kd_through_attention():
     assert all(getattr(m, "fused_attn", True) for m in vit.modules())  # restored after the forward
 
 
-def test_a_token_model_without_a_grid_refuses_gradcam_in_one_line():
-    swin = build_model("timm/swin_tiny_patch4_window7_224", 4)
-    assert info(swin).gradcam_layer is None
+def test_a_token_model_without_a_found_layer_refuses_gradcam_in_one_line():
+    vit = build_model("torchvision/vit_b_16", 4)  # torchvision's ViT: no layer found automatically
+    assert info(vit).gradcam_layer is None
     with pytest.raises(GteError, match="no GradCAM layer"):
-        build_method(DistillConfig(method="e2kd", explainer="gradcam"), swin, freeze(build_model("timm/resnet18", 4)))
+        build_method(DistillConfig(method="e2kd", explainer="gradcam"), vit, freeze(build_model("timm/resnet18", 4)))
+
+
+def test_torchvision_swin_map_is_channels_last():
+    swin = build_model("torchvision/swin_t", 4).eval()
+    assert info(swin).gradcam_layer == "features" and info(swin).map_nhwc
+    x = to_model_input(info(swin), torch.rand(1, 3, 64, 64))
+    maps = explain(swin, x, torch.tensor([1]), "gradcam")
+    assert maps.shape == (1, 1, 64, 64) and torch.isfinite(maps).all()
 
 
 @pytest.mark.parametrize("name, hint", [("timm/resnet_18", "timm/resnet18"), ("torchvision/resnet19",

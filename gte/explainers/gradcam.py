@@ -28,11 +28,13 @@ def on_grid(tokens: torch.Tensor, prefix: int) -> torch.Tensor:
 
 
 def gradcam(acts: torch.Tensor, logits: torch.Tensor, classes: torch.Tensor | None, size: tuple[int, int],
-            create_graph: bool = False, token_prefix: int | None = None) -> torch.Tensor:
+            create_graph: bool = False, token_prefix: int | None = None, nhwc: bool = False) -> torch.Tensor:
     """Positive GradCAM of ``classes`` (None = top-1) from a layer's activations and the logits of the same forward
     (token activations, N×L×D, are put on their patch grid first: ``token_prefix`` tokens dropped)."""
     (grads,) = torch.autograd.grad(selected(logits, classes), acts, create_graph=create_graph)
-    if acts.ndim == 3:  # tokens (N×L×D); a layer named by explain_layer may not say how many lead the grid
+    if nhwc:  # a channels-last map (Swin): channels first, as GradCAM weighs channels
+        acts, grads = acts.permute(0, 3, 1, 2), grads.permute(0, 3, 1, 2)
+    elif acts.ndim == 3:  # tokens (N×L×D); a layer named by explain_layer may not say how many lead the grid
         prefix = token_prefix if token_prefix is not None else acts.shape[1] - math.isqrt(acts.shape[1]) ** 2
         acts, grads = on_grid(acts, prefix), on_grid(grads, prefix)
     elif acts.ndim != 4:
@@ -67,7 +69,8 @@ class GradCAM(Explainer):
         with _unfused_attention(model) if create_graph else contextlib.nullcontext():
             logits, acts = self._forward(model, x.detach().requires_grad_(True))
         with torch.enable_grad():
-            return gradcam(acts, logits, classes, x.shape[-2:], create_graph, info(model).token_prefix), logits
+            return gradcam(acts, logits, classes, x.shape[-2:], create_graph, info(model).token_prefix,
+                           info(model).map_nhwc), logits
 
     def training_forward(self, model, x, exp_grad="exact"):
         with _unfused_attention(model):
@@ -75,7 +78,8 @@ class GradCAM(Explainer):
 
         def explain(classes: torch.Tensor) -> torch.Tensor:
             with torch.enable_grad():
-                return gradcam(acts, logits, classes, x.shape[-2:], True, info(model).token_prefix)
+                return gradcam(acts, logits, classes, x.shape[-2:], True, info(model).token_prefix,
+                               info(model).map_nhwc)
         return logits, explain
 
 

@@ -40,7 +40,7 @@ def layer_names(model: nn.Module, which: str, override: list[str], role: str) ->
 def last_map(mi) -> list[str]:
     """The map the classifier's global pooling sees: the GradCAM layer of a CNN (ResNet ``layer4``, EfficientNet
     ``bn2`` after its 1×1 head conv — not the last stage), else the deepest stage; [] when neither is known."""
-    if mi.gradcam_layer and mi.token_prefix is None:
+    if mi.gradcam_layer and mi.token_prefix is None and not mi.map_nhwc:
         return [mi.gradcam_layer]
     return list(mi.stages[-1:])
 

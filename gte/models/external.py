@@ -8,8 +8,8 @@ What gte needs to know about them is read from the model, not listed by hand:
   64 px); torchvision: ``layer4`` for ResNets, else
   ``features`` (MobileNet, EfficientNet, ConvNeXt, DenseNet, VGG, …). timm ViT / DeiT: the last block's ``norm1``,
   its tokens reshaped to the patch grid with the class/distillation/register tokens dropped (``num_prefix_tokens``;
-  pytorch-grad-cam's ``reshape_transform`` convention). Swin and torchvision's ViTs have none yet, and overrides
-  (``teacher.explain_layer``) are not built.
+  pytorch-grad-cam's ``reshape_transform`` convention). timm Swin: its final ``norm``, an N×H×W×C map
+  (``map_nhwc``). torchvision's ViTs: none found (``explain_layer`` names one).
 - **Stages** (feature methods) — timm: the ``feature_info`` modules at stride ≥ 4; torchvision: ResNets' ``layer1..4``.
 - **Head** — timm: ``pretrained_cfg["classifier"]``; torchvision: ``fc`` where it is a Linear.
 - **Input spec** — timm: ``pretrained_cfg`` mean/std; torchvision: ImageNet's.
@@ -44,6 +44,7 @@ class Facts:
     token_prefix: int | None = None
     geometry: dict = field(default_factory=dict, hash=False)  # input_size / crop_pct / interpolation / fixed_input_size
     class_names: tuple[str, ...] = ()  # timm/hf-hub: the repo's label_names (when its head is kept)
+    map_nhwc: bool = False  # the GradCAM layer's map is channels-last, N×H×W×C (timm Swin)
 
 
 def is_external(name: str) -> bool:
@@ -116,13 +117,18 @@ def _timm_facts(model: nn.Module) -> Facts:
     head = cfg.get("classifier")
     head = head[0] if isinstance(head, (tuple, list)) else head
     mean, std = tuple(cfg.get("mean", (0.485, 0.456, 0.406))), tuple(cfg.get("std", (0.229, 0.224, 0.225)))
-    cam, prefix = (None if tokens else _features_output_module(model)), None
+    geometry = timm_geometry(cfg)
+    prefix, nhwc = None, False
     blocks = getattr(model, "blocks", None)
     if tokens and isinstance(blocks, nn.Sequential) and hasattr(model, "num_prefix_tokens") and \
             _has(model, f"blocks.{len(blocks) - 1}.norm1"):
         # ViT / DeiT: pytorch-grad-cam's convention, the last block's first LayerNorm, tokens back on the patch grid
         cam, prefix = f"blocks.{len(blocks) - 1}.norm1", int(model.num_prefix_tokens)
-    return Facts(cam, tuple(spatial), head if _has(model, head) else None, mean, std, prefix, timm_geometry(cfg))
+    else:  # CNNs; Swin, whose forward_features returns its last stage's normed map channels-last (N×H×W×C)
+        side = geometry["input_size"] if geometry["fixed_input_size"] else 64
+        cam, nhwc = _features_output_module(model, side)
+    return Facts(cam, tuple(spatial), head if _has(model, head) else None, mean, std, prefix, geometry,
+                 map_nhwc=nhwc)
 
 
 def timm_geometry(cfg: dict) -> dict:
@@ -134,13 +140,14 @@ def timm_geometry(cfg: dict) -> dict:
             "fixed_input_size": bool(cfg.get("fixed_input_size", False))}
 
 
-def _features_output_module(model: nn.Module) -> str | None:
+def _features_output_module(model: nn.Module, side: int = 64) -> tuple[str | None, bool]:
     """The module whose output ``forward_features`` returns (the map global pooling sees: ResNet ``layer4``,
-    EfficientNet ``bn2`` after the 1×1 head conv, MobileNetV3 ``blocks``), found by one small probe forward."""
+    EfficientNet ``bn2`` after the 1×1 head conv, MobileNetV3 ``blocks``, Swin ``norm``), found by one probe forward
+    at side², and whether that map is channels-last (N×H×W×C: its last dim is ``num_features``, Swin's)."""
     import torch
 
     if not hasattr(model, "forward_features"):
-        return None
+        return None, False
     seen: list[tuple[str, torch.Tensor]] = []
     hooks = [m.register_forward_hook(lambda m, i, o, n=n: seen.append((n, o)))
              for n, m in model.named_modules() if n]
@@ -149,19 +156,22 @@ def _features_output_module(model: nn.Module) -> str | None:
         model.eval()
         with torch.no_grad():
             p = next(model.parameters(), None)  # a model built elsewhere may already sit on a GPU, in bf16
-            probe = torch.zeros(1, 3, 64, 64) if p is None else torch.zeros(1, 3, 64, 64, device=p.device, dtype=p.dtype)
+            shape = (1, 3, side, side)
+            probe = torch.zeros(shape) if p is None else torch.zeros(shape, device=p.device, dtype=p.dtype)
             out = model.forward_features(probe)
     except Exception:  # a model that needs its own input size: no automatic layer  # noqa: BLE001
-        return None
+        return None, False
     finally:
         for h in hooks:
             h.remove()
         model.train(was_training)
     if not isinstance(out, torch.Tensor) or out.ndim != 4:
-        return None
+        return None, False
+    width = getattr(model, "num_features", None)
+    nhwc = width is not None and out.shape[-1] == width and out.shape[1] != width
     # the outermost module (shortest name) among those that returned that very tensor last
     names = [n for n, o in seen if o is out]
-    return min(names, key=lambda n: n.count(".")) if names else None
+    return (min(names, key=lambda n: n.count(".")), nhwc) if names else (None, False)
 
 
 def _build_torchvision(name: str, num_classes: int) -> tuple[nn.Module, Facts]:
@@ -179,8 +189,9 @@ def _torchvision_facts(model: nn.Module, name: str = "") -> Facts:
     else:
         stages, cam = (), ("features" if isinstance(getattr(model, "features", None), nn.Module) else None)
     head = "fc" if isinstance(getattr(model, "fc", None), nn.Linear) else None
+    # torchvision's Swin: ``features`` ends channels-last (N×H×W×C), permuted only after its norm
     return Facts(cam, stages, head, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), None,
-                 _tv_geometry(name) if name else {})
+                 _tv_geometry(name) if name else {}, map_nhwc=name.startswith("swin"))
 
 
 def _tv_geometry(name: str) -> dict:

@@ -40,6 +40,7 @@ class ModelInfo:
     stages: tuple[str, ...] = ()  # modules whose outputs are the stage feature maps, shallow → deep (feature KD)
     head: str | None = None  # the classifier module (a Linear, or a B-cos 1×1 conv giving per-class maps)
     token_prefix: int | None = None  # token models (ViT): class/register tokens before the patch grid at gradcam_layer
+    map_nhwc: bool = False  # the gradcam_layer's map is channels-last, N×H×W×C (timm Swin)
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     input_size: int = 224  # the square side it was trained / released at (eval crop, `gte explain`)
@@ -130,6 +131,7 @@ class Arch(NamedTuple):
     gradcam_layer: str | None
     stages: tuple[str, ...]
     head: str | None
+    input_size: int = 224  # the side its data has (CIFAR-style networks: 32)
 
 
 _R4 = ("layer1", "layer2", "layer3", "layer4")
@@ -143,13 +145,13 @@ REGISTRY: dict[str, Arch] = {
     "bcos_densenet121": Arch(_bcos_imagenet("densenet121"), True, "features", _DENSE, "classifier"),
     "bcos_densenet169": Arch(_bcos_imagenet("densenet169"), True, "features", _DENSE, "classifier"),
     "bcos_vit_ti_patch16_224": Arch(_bcos_imagenet("simple_vit_ti_patch16_224"), True, None, (), None),
-    "bcos_cifar_resnet20": Arch(_bcos_cifar(20), True, "layer3", _R3, "fc"),
-    "bcos_cifar_resnet56": Arch(_bcos_cifar(56), True, "layer3", _R3, "fc"),
+    "bcos_cifar_resnet20": Arch(_bcos_cifar(20), True, "layer3", _R3, "fc", 32),
+    "bcos_cifar_resnet56": Arch(_bcos_cifar(56), True, "layer3", _R3, "fc", 32),
     "resnet18": Arch(_torchvision("resnet18"), False, "layer4", _R4, "fc"),
     "resnet34": Arch(_torchvision("resnet34"), False, "layer4", _R4, "fc"),
     "resnet50": Arch(_torchvision("resnet50"), False, "layer4", _R4, "fc"),
-    "cifar_resnet20": Arch(lambda c: SmallResNet(20, c), False, "layer3", _R3, "fc"),
-    "cifar_resnet56": Arch(lambda c: SmallResNet(56, c), False, "layer3", _R3, "fc"),
+    "cifar_resnet20": Arch(lambda c: SmallResNet(20, c), False, "layer3", _R3, "fc", 32),
+    "cifar_resnet56": Arch(lambda c: SmallResNet(56, c), False, "layer3", _R3, "fc", 32),
 }
 
 
@@ -158,7 +160,7 @@ def external_info(arch: str, num_classes: int, facts: external.Facts) -> ModelIn
     names = facts.class_names if len(facts.class_names) == num_classes else ()
     return ModelInfo(arch=arch, num_classes=num_classes, bcos=False, gradcam_layer=facts.gradcam_layer,
                      stages=facts.stages, head=facts.head, mean=facts.mean, std=facts.std,
-                     token_prefix=facts.token_prefix, class_names=names, **facts.geometry)
+                     token_prefix=facts.token_prefix, map_nhwc=facts.map_nhwc, class_names=names, **facts.geometry)
 
 
 def check_arch(name: str) -> None:
@@ -200,7 +202,7 @@ def create(name: str, num_classes: int) -> nn.Module:
             if isinstance(m, LogitLayer):
                 m.logit_bias = -math.log(num_classes - 1)
     model.gte_info = ModelInfo(arch=name, num_classes=num_classes, bcos=arch.bcos, gradcam_layer=arch.gradcam_layer,
-                               stages=arch.stages, head=arch.head, input_size=32 if "cifar_" in name else 224)
+                               stages=arch.stages, head=arch.head, input_size=arch.input_size)
     return model
 
 
