@@ -253,9 +253,10 @@ def _malloc_trim():
 _TRIM = _malloc_trim()
 
 
-def setup(recipe: Recipe, n_train: int, n_data: int = 0) -> Engine:
+def setup(recipe: Recipe, n_train: int, n_data: int = 0, labels: torch.Tensor | None = None) -> Engine:
     """Accelerator, seeded models, method (with its trainable parts), optimiser over both, warm-up + cosine
-    schedule over ``n_train`` samples an epoch. ``n_data``: the samples ``Batch.indices`` ranges over."""
+    schedule over ``n_train`` samples an epoch. ``n_data``: the samples ``Batch.indices`` ranges over; ``labels``:
+    their classes, in that order (for methods that need indices)."""
     from accelerate.utils import set_seed
 
     o = recipe.optim
@@ -268,7 +269,7 @@ def setup(recipe: Recipe, n_train: int, n_data: int = 0) -> Engine:
     teacher = apply_run_options(recipe, student, teacher)
     student.to(accelerator.device)
     context = Context(n_data=n_data or n_train, image_size=recipe.data.image_size, epochs=o.epochs,
-                      teacher_size=size)
+                      teacher_size=size, labels=labels)
     method = build_method(recipe.distill, student, teacher, context)
     parts = method.parts
     if parts is not None:

@@ -26,12 +26,14 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from gte import checkpoint, frozen
 from gte.config import Recipe
 from gte.data.index import ShardSet, count_samples, read_class_names, resolve_shards
+from gte.data.info import sample_labels
 from gte.data.loader import make_loader
 from gte.data.spec import is_local, local_path
 from gte.engine import Engine, StopFlags, setup
 from gte.errors import GteError, Interrupted
 from gte.evaluate import evaluate
 from gte.io import atomic_write_text
+from gte.methods import parse_method
 from gte.models import save_model
 from gte.validate import validate
 
@@ -224,7 +226,10 @@ def train(recipe: Recipe, console: Console | None = None) -> TrainResult:
     d, o = recipe.data, recipe.optim
     shards = resolve_shards(d.train)  # once: every epoch's loader reuses its URLs and sample counts
     n_data = count_samples(shards) if shards.sizes is not None else 0
-    engine = setup(recipe, d.train_size or count_samples(shards), n_data)
+    labels = None
+    if n_data and parse_method(recipe.distill.method)[0].needs.indices:  # e.g. CRD's negatives of other classes
+        labels = torch.from_numpy(sample_labels(shards))
+    engine = setup(recipe, d.train_size or count_samples(shards), n_data, labels)
     run = _Run(recipe, engine, console)
     if run.main:
         console.print(data_summary(recipe, shards, engine), highlight=False, markup=False, soft_wrap=True)

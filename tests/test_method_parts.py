@@ -330,3 +330,48 @@ def test_heads_follow_the_teachers_sizes_and_train_every_parameter():
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in heads.parameters())
     with pytest.raises(Exception, match="one to one"):
         ReviewKDHeads.for_features(S_SHAPES, t_shapes[:3])
+
+
+def test_sample_labels_follow_the_loaders_index(tmp_path):
+    """Every sample's cls, read from the tar headers, at the position the loader's ``index`` gives it (shards in spec
+    order, an empty shard in between); a cls that is not an integer is -1."""
+    from _fixtures import rewrite_tar, write_jpeg_shards
+    from gte.data.info import sample_labels
+    from gte.data.loader import make_loader
+
+    spec, keys = write_jpeg_shards(tmp_path, [5, 0, 7], num_classes=3, width=16, height=16)
+    labels = sample_labels(spec)
+    assert labels.tolist() == [i % 3 for i in range(12)]
+    seen = 0
+    for batch in make_loader(spec, train=False, image_size=16, batch_size=4, indices=True):
+        assert labels[batch["index"].numpy()].tolist() == batch["label"].tolist()
+        seen += len(batch["label"])
+    assert seen == 12
+    rewrite_tar(tmp_path / "data-000002.tar", lambda name, data: b"x" if name == f"{keys[6]}.cls" else None)
+    assert sample_labels(spec)[6] == -1
+
+
+def test_crd_draws_its_negatives_among_other_classes_when_the_run_knows_the_labels():
+    from gte.config import DistillConfig
+    from gte.methods import Context, build_method
+    from gte.models import build_model, freeze
+
+    torch.manual_seed(0)
+    student, teacher = build_model("cifar_resnet20", 3), freeze(build_model("cifar_resnet20", 3))
+    labels = torch.arange(60) % 3
+    labels[-1] = -1  # unknown: its own group, a negative for everyone
+
+    def crd(negatives: str, context_labels):
+        cfg = DistillConfig(method="crd", options={"nce_k": 50, "negatives": negatives})
+        return build_method(cfg, student, teacher, Context(n_data=60, image_size=16, labels=context_labels))
+
+    idx = torch.arange(0, 59, 7)
+    m = crd("other_classes", labels)
+    neg = m.memory.sample(idx, seed=1)[:, 1:]
+    assert m.negatives == "other_classes" and (labels[neg] != labels[idx][:, None]).all()
+    assert (neg == 59).any()  # the unknown-label sample is drawn too
+    for method in (crd("uniform", labels), crd("other_classes", None)):  # asked for, or no labels known
+        neg = method.memory.sample(idx, seed=1)[:, 1:]
+        assert method.negatives == "uniform" and (labels[neg] == labels[idx][:, None]).any()
+    with pytest.raises(Exception, match="'other_classes' or 'uniform'"):
+        crd("random", labels)

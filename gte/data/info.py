@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from collections import Counter
 
+import numpy as np
+
 from gte.data.index import ShardSet, resolve_shards
 from gte.data.spec import is_local, local_path
 from gte.data.tar import iter_index
@@ -44,3 +46,23 @@ def shard_info(data: str | ShardSet, *, classes: bool = True) -> dict:
                      "groups": {str(k): v for k, v in sorted(groups.items())},
                      "members": dict(sorted(exts.items())), "without_cls": no_cls})
     return info
+
+
+def sample_labels(data: str | ShardSet) -> np.ndarray:
+    """Every sample's ``cls`` in the order of the loader's ``index`` (shards in spec order, samples in tar order:
+    ``batch["index"]`` of a sample is its position here); -1 where ``cls`` is missing or not an integer. Reads only
+    tar headers and the small ``cls`` members (methods that need every label up front, e.g. CRD's negatives)."""
+    shards = resolve_shards(data)
+    if shards.sizes is None or any(not is_local(u) for u in shards.urls):
+        raise GteError(f"every sample's label needs local shards gte can count, not '{shards.spec}'")
+    out = np.full(sum(shards.sizes), -1, dtype=np.int64)
+    start = 0
+    for url, n in zip(shards.urls, shards.sizes):
+        for s in iter_index(local_path(url), read=("cls",)):
+            if s["__index__"] < n:  # a truncated tail is not counted, nor read by the loader
+                try:
+                    out[start + s["__index__"]] = int(s["cls"])
+                except (KeyError, ValueError):
+                    pass
+        start += n
+    return out

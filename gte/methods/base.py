@@ -59,6 +59,8 @@ class Context:
     image_size: int = 224
     epochs: int = 1
     teacher_size: int = 0           # the side the teacher sees batches at (0 = the batch's own)
+    labels: torch.Tensor | None = None  # every sample's class, by batch.indices (methods whose needs ask for indices;
+                                        # -1 = unknown)
 
 
 class NoOptions:

@@ -19,9 +19,10 @@ is computed twice: student anchors against the teacher bank, teacher anchors aga
 
 Defaults follow the official code (github.com/HobbitLong/RepDistiller, train_student.py: feat_dim 128,
 nce_k 16384, nce_t 0.07, nce_m 0.5) and mdistiller's ImageNet R34→R18 CRD (engine/cfg.py: CRD.LOSS.FEAT_WEIGHT
-0.8, CE_WEIGHT 1.0). The official loaders draw the K negatives among samples of other classes ("exact" mode);
-pass ``labels`` to :class:`ContrastMemory` for that, else negatives are uniform over the data set (the
-official AliasMethod over a uniform distribution, used when no indices are given).
+0.8, CE_WEIGHT 1.0). The official loaders draw the K negatives among samples of other classes ("exact" mode): so
+does gte's training, which reads every sample's label up front (``Context.labels``); ``negatives = "uniform"``
+draws over the whole data set (the official AliasMethod over a uniform distribution), as does a method built
+without labels (``gte bench``, the Python API without ``Context.labels``).
 """
 
 from __future__ import annotations
@@ -255,6 +256,9 @@ class CRDOptions:
     nce_k: int = NCE_K             # negatives per anchor
     nce_t: float = NCE_T
     nce_m: float = NCE_M           # memory momentum
+    negatives: str = "other_classes"  # "other_classes": drawn among other classes' samples (the official loaders'
+                                      # "exact" mode; needs every sample's label, which training gives);
+                                      # "uniform": over the whole data set (also where no labels are known)
 
 
 @register("crd")
@@ -279,6 +283,12 @@ class CRD(Method):
         if n < 2:
             raise GteError("crd keeps one memory row per training sample: it needs local shards gte can count")
         device = next(student.parameters()).device
+        if o.negatives not in ("other_classes", "uniform"):
+            raise GteError(f"distill.options.negatives must be 'other_classes' or 'uniform', got '{o.negatives}'")
+        labels = self.context.labels if o.negatives == "other_classes" else None
+        if labels is not None:  # unknown labels (-1) form one more group: negatives for every class
+            labels = torch.where(labels < 0, labels.max() + 1, labels)
+        self.negatives = "other_classes" if labels is not None else "uniform"
         s_shapes, t_shapes = self.feature_shapes()
         if len(s_shapes) != 1 or len(t_shapes) != 1:
             raise GteError("crd embeds one feature map per model: give distill.student_layers / teacher_layers one "
@@ -287,7 +297,7 @@ class CRD(Method):
         self.parts = CRDHeads(s_shape[0], t_shape[0], o.feat_dim)
         # the run's seeded RNG (set_seed: the same on every rank) seeds the memory and the negatives' stream
         self.seed = int(torch.randint(0, 2**62, (1,)))
-        self.memory = ContrastMemory(o.feat_dim, n, o.nce_k, o.nce_t, o.nce_m,
+        self.memory = ContrastMemory(o.feat_dim, n, o.nce_k, o.nce_t, o.nce_m, labels=labels,
                                      generator=torch.Generator().manual_seed(self.seed), device=device)
         self._pending: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
 
