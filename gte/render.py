@@ -81,19 +81,7 @@ def class_names(num_classes: int, classes_file: str | None = None, models: Seque
     """Names from ``--classes`` (a JSON list), else the first model's own (its spec's ``class_names``), else
     ImageNet's (1000 classes), else ``class k``."""
     if classes_file:
-        try:
-            text = Path(classes_file).read_text(encoding="utf-8")
-        except OSError as e:
-            raise GteError(f"{classes_file}: cannot read the class names ({e.strerror})") from None
-        try:
-            names = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise GteError(f"{classes_file}: not JSON ({e.msg} at line {e.lineno})") from None
-        if not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
-            raise GteError(f"{classes_file}: expected a JSON list of class-name strings")
-        if len(names) != num_classes:
-            raise GteError(f"{classes_file}: {len(names)} class names, the model has {num_classes} classes")
-        return names
+        return names_file(classes_file, num_classes)
     from gte.models import info
 
     for m in models:
@@ -102,6 +90,23 @@ def class_names(num_classes: int, classes_file: str | None = None, models: Seque
     if num_classes == 1000:
         return imagenet_class_names()
     return [f"class {k}" for k in range(num_classes)]
+
+
+def names_file(path: str | Path, num_classes: int) -> list[str]:
+    """A JSON list of ``num_classes`` class-name strings (one line for anything else)."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as e:
+        raise GteError(f"{path}: cannot read the class names ({e.strerror})") from None
+    try:
+        names = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise GteError(f"{path}: not JSON ({e.msg} at line {e.lineno})") from None
+    if not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
+        raise GteError(f"{path}: expected a JSON list of class-name strings")
+    if len(names) != num_classes:
+        raise GteError(f"{path}: {len(names)} class names, the model has {num_classes} classes")
+    return names
 
 
 def imagenet_class_names() -> list[str]:

