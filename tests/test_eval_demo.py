@@ -64,13 +64,11 @@ def assert_rows_equal(a: dict[str, float], b: dict[str, float]) -> None:
 
 @pytest.mark.slow
 def test_gte_eval_reproduces_demo_evaluation_and_report(tmp_path):
-    import tomli_w
-
     from gte.config import DataConfig
     from gte.data.synthetic import write_synthetic_split
     from gte.demo import _row
     from gte.evaluate import evaluate
-    from gte.models import build_model, freeze, save_model
+    from gte.models import build_model, freeze, save_model, with_spec
 
     spec = write_synthetic_split(tmp_path / "data", "test", 80, image_size=32, num_classes=4)
     torch.manual_seed(0)
@@ -80,9 +78,9 @@ def test_gte_eval_reproduces_demo_evaluation_and_report(tmp_path):
     for name in ("kd", "e2kd"):
         student = build_model("bcos_cifar_resnet20", 4).eval()
         (tmp_path / name).mkdir()
-        save_model(student, tmp_path / name / "model.safetensors")
-        # gte distill writes the resolved recipe next to the model: gte eval takes its eval geometry from it
-        (tmp_path / name / "recipe.toml").write_text(tomli_w.dumps({"data": {"image_size": 32, "eval_resize": 32}}))
+        # gte distill gives the student the run's geometry (the demo's eval_resize = image_size = 32): gte eval takes
+        # its eval geometry from the model's spec
+        save_model(with_spec(student, input_size=32, crop_pct=1.0), tmp_path / name / "model.safetensors")
         demo_row = _row(evaluate(student, spec, data=demo_data, teacher=teacher))
         assert_rows_equal(demo_row, reference_row(student, teacher, spec))
         report = ["--report", str(tmp_path / "report")] if name == "e2kd" else []

@@ -184,3 +184,16 @@ def test_eval_runs_the_teacher_at_its_own_size(tmp_path):
     with torch.no_grad():
         top1 = teacher(to_model_input(info(teacher), resized(batch["image"], 48, "bicubic"))).argmax(1)  # its own
     assert m["teacher"]["acc1"] == pytest.approx(float((top1 == batch["label"]).float().mean()))
+
+
+def test_a_file_without_a_spec_takes_the_geometry_of_the_recipe_beside_it(tmp_path):
+    """Files written before the spec existed (or by other tools): the ``[data]`` of the recipe.toml gte wrote next to
+    the model, else the architecture's own size."""
+    from safetensors.torch import save_file
+
+    model = build_model("cifar_resnet20", 2)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(tmp_path / "old.safetensors"), {"arch": "cifar_resnet20", "num_classes": "2"})
+    assert eval_geometry(load_model(str(tmp_path / "old.safetensors"))) == (32, 37)  # the architecture's
+    (tmp_path / "recipe.toml").write_text('[data]\nimage_size = 40\neval_resize = 48\n')
+    assert eval_geometry(load_model(str(tmp_path / "old.safetensors"))) == (40, 48)
