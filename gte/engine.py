@@ -23,7 +23,7 @@ from gte import dist, frozen
 from gte.config import ModelConfig, Recipe
 from gte.errors import GteError
 from gte.methods import Batch, Context, Method, build_method, uses_teacher
-from gte.models import build_model, freeze, info, with_spec
+from gte.models import build_model, freeze, info, run_size, with_spec
 from gte.optim import apply_update, build_optimizer, warmup_cosine
 
 
@@ -119,11 +119,7 @@ def layer_spec(model: ModelConfig) -> dict[str, str]:
 def teacher_size(recipe: Recipe, teacher: nn.Module | None) -> int:
     """The side the teacher sees batches at: ``teacher.image_size``, else its spec's size when it runs at that size
     only (ViT), else 0 (the batch as it is)."""
-    if teacher is None:
-        return 0
-    mi = info(teacher)
-    size = recipe.teacher.image_size or (mi.input_size if mi.fixed_input_size else 0)
-    return 0 if size == recipe.data.image_size else size
+    return 0 if teacher is None else run_size(info(teacher), recipe.teacher.image_size, recipe.data.image_size)
 
 
 def apply_run_options(recipe: Recipe, student: nn.Module, teacher: nn.Module | None) -> nn.Module | None:

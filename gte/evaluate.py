@@ -23,7 +23,7 @@ from gte.data.loader import make_loader
 from gte.errors import GteError
 from gte.explain import explain, explain_with_logits
 from gte.explainers import get
-from gte.models import info, resized, to_model_input
+from gte.models import at_size, info, run_size, to_model_input
 
 
 @dataclass
@@ -101,8 +101,8 @@ def _localisation(sums: dict[str, float], p: str, model: nn.Module, x: torch.Ten
     idx = torch.tensor([i for i, _, _ in pairs], device=x.device)
     classes = torch.tensor([c for _, c, _ in pairs], device=x.device)
     attr = _attribution(model, x[idx], classes).float().cpu()
-    if size is not None and tuple(attr.shape[-2:]) != tuple(size):  # a teacher run at its own size: boxes are ours
-        attr = F.interpolate(attr[:, None], size=tuple(size), mode="bilinear", align_corners=False)[:, 0]
+    if size is not None:  # a teacher run at its own side: the boxes are in the images' pixels
+        attr = at_size(attr[:, None], size)[:, 0]
     h, w = attr.shape[-2:]
     for a, (_, _, boxes) in zip(attr, pairs):
         mask = M.box_mask(boxes, h, w)
@@ -134,11 +134,7 @@ def run_eval(model: nn.Module, spec: str, *, data: DataConfig, teacher: nn.Modul
     if teacher is not None and info(teacher).num_classes != mi.num_classes:
         raise GteError(f"teacher has {info(teacher).num_classes} classes, the model {mi.num_classes}")
     method = _explainer(model, teacher) if teacher is not None else mi.explainer
-    teacher_size = 0
-    if teacher is not None:  # the teacher's own side: asked for, or the only one it runs at (ViT)
-        t = info(teacher)
-        teacher_size = o.teacher_size or (t.input_size if t.fixed_input_size else 0)
-        teacher_size = 0 if teacher_size == data.image_size else teacher_size
+    teacher_size = run_size(info(teacher), o.teacher_size, data.image_size) if teacher is not None else 0
     sums: dict[str, float] = defaultdict(float)
     ml: dict[str, list[np.ndarray]] = defaultdict(list)  # multi-label scores/targets for mAP
     kept: dict[int, list[Example]] = defaultdict(list)
@@ -159,11 +155,10 @@ def run_eval(model: nn.Module, spec: str, *, data: DataConfig, teacher: nn.Modul
                 logits = model(x_s)
                 explained = logits.argmax(1)
             else:
-                x_t = to_model_input(info(teacher), resized(images, teacher_size, info(teacher).interpolation))
+                x_t = to_model_input(info(teacher), images, teacher_size)
                 runs.append(("t", teacher, x_t))
                 t_maps, t_logits = explain_with_logits(teacher, x_t, None, method)
-                if t_maps.shape[-2:] != images.shape[-2:]:  # the teacher saw its own size: its map at the student's
-                    t_maps = F.interpolate(t_maps.float(), size=images.shape[-2:], mode="bilinear", align_corners=False)
+                t_maps = at_size(t_maps, images.shape[-2:])  # the teacher saw its own side: its map at the student's
                 explained = t_logits.argmax(1)
                 s_maps, logits = explain_with_logits(model, x_s, explained, method)
                 cos = F.cosine_similarity(s_maps.flatten(1).float(), t_maps.flatten(1).float(), dim=1)

@@ -30,17 +30,15 @@ from gte.explain import choose_explainer, explain_with_logits
 from gte.frozen import LOGITS, MAP, npy_bytes, read_info, write_info
 from gte.io import check_writable
 from gte.engine import layer_spec, teacher_size
-from gte.models import build_model, freeze, info, is_bcos, resized, to_model_input, with_spec
+from gte.models import at_size, build_model, freeze, info, is_bcos, to_model_input, with_spec
 
 
 def teacher_outputs(teacher: torch.nn.Module, images: torch.Tensor, explainer: str,
                     map_scale: int = 1, size: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """(logits N×C, explanation of the top-1 class N×c×h×w) of images in [0, 1], as stored (fp16); ``size``: the
     teacher sees them at size² (``teacher.image_size``), its map is resized back."""
-    x = to_model_input(info(teacher), resized(images, size, info(teacher).interpolation))
-    maps, logits = explain_with_logits(teacher, x, None, explainer)
-    if maps.shape[-2:] != images.shape[-2:]:
-        maps = F.interpolate(maps.float(), size=images.shape[-2:], mode="bilinear", align_corners=False)
+    maps, logits = explain_with_logits(teacher, to_model_input(info(teacher), images, size), None, explainer)
+    maps = at_size(maps, images.shape[-2:])
     if map_scale > 1:
         maps = F.avg_pool2d(maps, map_scale)
     return logits.half(), maps.half()

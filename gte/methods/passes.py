@@ -13,14 +13,13 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from gte.errors import GteError
 from gte.explain import explain_with_logits
 from gte.explainers import get
 from gte.explainers.base import Explain
 from gte.methods.features import tap
-from gte.models import info, resized, to_model_input
+from gte.models import at_size, info, to_model_input
 from gte.onepass import fused_layers, is_bcos_cnn
 
 
@@ -72,13 +71,12 @@ def teacher_pass(teacher: nn.Module | None, images: torch.Tensor, layers: list[s
         return TeacherPass(logits, maps)
     if teacher is None:
         raise GteError("this method needs a teacher (set teacher.arch and teacher.weights, or distill.frozen)")
-    x = to_model_input(info(teacher), resized(images, size, info(teacher).interpolation))
+    x = to_model_input(info(teacher), images, size)
     with tap(teacher, layers) as feats:
         if explainer is not None:
             # The teacher explains its own top-1 class on this augmented batch: one forward, no graph kept.
             maps, logits = explain_with_logits(teacher, x, None, explainer)
-            if maps.shape[-2:] != images.shape[-2:]:
-                maps = F.interpolate(maps, size=images.shape[-2:], mode="bilinear", align_corners=False)
+            maps = at_size(maps, images.shape[-2:])
         else:
             with torch.no_grad():
                 logits, maps = teacher(x), None

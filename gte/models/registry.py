@@ -72,8 +72,10 @@ def info(model: nn.Module) -> ModelInfo:
     raise GteError("this model was not built by gte.models.build_model (it has no gte_info)")
 
 
-def to_model_input(model_info: ModelInfo, x: torch.Tensor) -> torch.Tensor:
-    """Images in [0, 1] (N×3×H×W) → the model's input: ``[x, 1-x]`` for B-cos, mean/std-normalised otherwise."""
+def to_model_input(model_info: ModelInfo, x: torch.Tensor, size: int = 0) -> torch.Tensor:
+    """Images in [0, 1] (N×3×H×W) → the model's input: ``[x, 1-x]`` for B-cos, mean/std-normalised otherwise;
+    ``size``: first resized to size² with the model's own interpolation (a teacher at its own side, :func:`run_size`)."""
+    x = resized(x, size, model_info.interpolation)
     if model_info.bcos:
         return torch.cat([x, 1.0 - x], dim=1)
     mean = torch.tensor(model_info.mean, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
@@ -87,8 +89,23 @@ def resized(images: torch.Tensor, size: int, interpolation: str = "bilinear") ->
         return images
     mode = interpolation if interpolation in ("bilinear", "bicubic") else "nearest"
     out = torch.nn.functional.interpolate(images, size=(size, size), mode=mode, antialias=mode != "nearest",
-                        **({} if mode == "nearest" else {"align_corners": False}))
+                                          **({} if mode == "nearest" else {"align_corners": False}))
     return out.clamp(0.0, 1.0)  # bicubic overshoots
+
+
+def run_size(model_info: ModelInfo, asked: int, size: int) -> int:
+    """The side a model sees images of side ``size`` at: ``asked``, else its spec's size when it runs at that size
+    only (ViT), else 0 (as they are); 0 too when that is ``size`` itself."""
+    side = asked or (model_info.input_size if model_info.fixed_input_size else 0)
+    return 0 if side == size else side
+
+
+def at_size(maps: torch.Tensor, hw: tuple[int, ...]) -> torch.Tensor:
+    """Explanation maps (N×C×h×w) of a model run at its own side, bilinearly resized to the images' ``hw``."""
+    if tuple(maps.shape[-2:]) == tuple(hw):
+        return maps
+    return torch.nn.functional.interpolate(maps.float(), size=tuple(hw), mode="bilinear",
+                                           align_corners=False).to(maps.dtype)
 
 
 # --------------------------------------------------------------------------------------------- builders
