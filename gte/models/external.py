@@ -121,13 +121,13 @@ def _timm_facts(model: nn.Module) -> Facts:
     prefix, nhwc = None, False
     blocks = getattr(model, "blocks", None)
     if tokens and isinstance(blocks, nn.Sequential) and hasattr(model, "num_prefix_tokens") and \
-            _has(model, f"blocks.{len(blocks) - 1}.norm1"):
+            has_module(model, f"blocks.{len(blocks) - 1}.norm1"):
         # ViT / DeiT: pytorch-grad-cam's convention, the last block's first LayerNorm, tokens back on the patch grid
         cam, prefix = f"blocks.{len(blocks) - 1}.norm1", int(model.num_prefix_tokens)
     else:  # CNNs; Swin, whose forward_features returns its last stage's normed map channels-last (N×H×W×C)
         side = geometry["input_size"] if geometry["fixed_input_size"] else 64
         cam, nhwc = _features_output_module(model, side)
-    return Facts(cam, tuple(spatial), head if _has(model, head) else None, mean, std, prefix, geometry,
+    return Facts(cam, tuple(spatial), head if has_module(model, head) else None, mean, std, prefix, geometry,
                  map_nhwc=nhwc)
 
 
@@ -215,7 +215,8 @@ def facts(model: nn.Module, name: str = "") -> Facts:
     return _torchvision_facts(model, name[len(TORCHVISION):] if name.startswith(TORCHVISION) else "")
 
 
-def _has(model: nn.Module, name: str | None) -> bool:
+def has_module(model: nn.Module, name: str | None) -> bool:
+    """Whether ``model`` has a submodule called ``name`` (dotted)."""
     if not name:
         return False
     try:

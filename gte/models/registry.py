@@ -258,7 +258,7 @@ def with_spec(model: nn.Module, **changes) -> nn.Module:
         c["class_names"] = tuple(names)
     if c.get("gradcam_layer"):
         layer = c["gradcam_layer"]
-        if not isinstance(layer, str) or not _has_module(model, layer):
+        if not isinstance(layer, str) or not external.has_module(model, layer):
             close = difflib.get_close_matches(str(layer), [n for n, _ in model.named_modules() if n], n=3, cutoff=0.6)
             raise GteError(f"{mi.arch} has no layer '{layer}' to explain at"
                            + (f"; did you mean {', '.join(close)}?" if close else ""))
@@ -266,14 +266,6 @@ def with_spec(model: nn.Module, **changes) -> nn.Module:
         c["fixed_input_size"] = bool(c["fixed_input_size"])
     model.gte_info = dataclasses.replace(mi, **c)
     return model
-
-
-def _has_module(model: nn.Module, name: str) -> bool:
-    try:
-        get_submodule(model, name)
-        return True
-    except AttributeError:
-        return False
 
 
 def describe(model: nn.Module, arch: str | None = None) -> ModelInfo:
