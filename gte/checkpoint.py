@@ -93,6 +93,17 @@ class OtherRecipe(GteError):
     """The checkpoint was written by a run of a different recipe (nothing was loaded)."""
 
 
+def read_position(path: Path) -> dict[str, Any]:
+    """A checkpoint's ``position.json`` (step, epoch, batch, digest, the training recipe), checked to be an object."""
+    try:
+        position = json.loads((path / "position.json").read_text())
+    except (OSError, ValueError) as e:
+        raise GteError(f"checkpoint {path} cannot be restored ({str(e).splitlines()[0][:200]})") from None
+    if not isinstance(position, dict):
+        raise GteError(f"checkpoint {path} cannot be restored (position.json is not an object)")
+    return position
+
+
 def load(path: Path, *, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
          method: Any = None, digest: str | None = None) -> dict[str, Any]:
     """Restore model/optimizer/scheduler (and ``method``'s parts and state) from ``path``; returns its position (with

@@ -123,3 +123,7 @@ def main() -> None:
         if os.environ.get("GTE_DEBUG"):
             raise
         _exit(os_error_line(e), 2)
+    except KeyboardInterrupt:  # Ctrl-C before training installed its handler (which checkpoints): nothing to save
+        if os.environ.get("GTE_DEBUG"):
+            raise
+        _exit("interrupted", 128 + signal.SIGINT)

@@ -38,12 +38,58 @@ from gte.models import save_model
 from gte.validate import validate
 
 
-def training_digest(recipe: Recipe) -> str:
-    """Digest of everything that shapes the training trajectory (not paths, logging or checkpoint cadence)."""
+def training_dict(recipe: Recipe) -> dict[str, Any]:
+    """Everything that shapes the training trajectory (not paths, logging or checkpoint cadence), by section."""
     d = recipe.to_dict()
     d["run"] = {"seed": recipe.run.seed, "mixed_precision": recipe.run.mixed_precision}
     del d["demo"]  # which methods the demo compares does not change how one of them trains
-    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
+    return d
+
+
+def training_digest(recipe: Recipe) -> str:
+    """Digest of :func:`training_dict`: a checkpoint resumes only under the recipe that wrote it (or its extension)."""
+    return hashlib.sha256(json.dumps(training_dict(recipe), sort_keys=True).encode()).hexdigest()[:12]
+
+
+def recipe_changes(saved: dict[str, Any], now: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """``section.key`` → (saved value, value now) for every training key that differs."""
+    keys = {(s, k) for d in (saved, now) for s, section in d.items() for k in section}
+    missing = object()
+    out = {}
+    for s, k in sorted(keys):
+        a, b = saved.get(s, {}).get(k, missing), now.get(s, {}).get(k, missing)
+        if a != b:
+            out[f"{s}.{k}"] = (None if a is missing else a, None if b is missing else b)
+    return out
+
+
+def check_resumable(position: dict[str, Any], recipe: Recipe, checkpoint_dir: Path) -> str | None:
+    """Whether the checkpoint at ``position`` may resume under ``recipe``: None for the same recipe, a note for an
+    extended one (only ``optim.epochs`` raised, to no fewer epochs than it has done), else :class:`OtherRecipe`
+    naming what changed and the way forward. An extension stretches the cosine schedule over the new length: the
+    learning rate continues from the new schedule's value at the checkpoint's step."""
+    if position.get("digest") == training_digest(recipe):
+        return None
+    saved = position.get("training")
+    changes = recipe_changes(saved, training_dict(recipe)) if isinstance(saved, dict) else {}
+    done = position.get("epoch", 0) + (1 if position.get("batch", 0) else 0)
+    if set(changes) == {"optim.epochs"}:
+        old, new = changes["optim.epochs"]
+        if isinstance(old, int) and new > old and new >= done:
+            return (f"extending the run from {old} to {new} epochs: the cosine schedule is stretched over the new "
+                    f"length from step {position.get('step', 0)} on")
+    what = (", ".join(f"{k} {_short(a)} → {_short(b)}" for k, (a, b) in list(changes.items())[:4])
+            + (f" and {len(changes) - 4} more" if len(changes) > 4 else "")) if changes else "not recorded"
+    newest = checkpoint.checkpoints(checkpoint_dir)[-1:]
+    weights = f"--set student.weights={newest[0] / 'model.safetensors'} " if newest else ""
+    raise checkpoint.OtherRecipe(
+        f"{checkpoint_dir} holds checkpoints of a different recipe (changed: {what}); only raising optim.epochs "
+        f"extends a run: choose another --out, or start a new run from these weights with {weights}--out NEW_DIR")
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value) if not isinstance(value, str) else value
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 @dataclass
@@ -79,6 +125,7 @@ class _Run:
         self.out = Path(recipe.run.out)
         self.ckpt_dir = self.out / "checkpoints"
         self.digest = training_digest(recipe)
+        self.training = training_dict(recipe)
         self.main = engine.accelerator.is_main_process
         self.position: dict[str, Any] | None = None
         self.step = 0
@@ -91,8 +138,12 @@ class _Run:
             raise GteError(f"{self.ckpt_dir} holds checkpoints and run.resume is false: choose another --out")
         for i, path in enumerate(reversed(found)):  # newest first; an unreadable one falls back to the one before
             try:
+                saved = checkpoint.read_position(path)
+                note = check_resumable(saved, self.recipe, self.ckpt_dir)
                 self.position = checkpoint.load(path, model=e.model(), optimizer=e.optimizer, scheduler=e.scheduler,
-                                                method=e.method, digest=self.digest)
+                                                method=e.method)
+                if note and self.main:
+                    self.console.print(note, markup=False, highlight=False)
             except checkpoint.OtherRecipe:
                 raise
             except GteError as err:
@@ -129,7 +180,8 @@ class _Run:
         rngs = gather_object([epoch_rng])
         if self.main:
             checkpoint.save(self.ckpt_dir, model=e.model(), optimizer=e.optimizer, scheduler=e.scheduler,
-                            position={"step": self.step, "epoch": epoch, "batch": batch, "digest": self.digest},
+                            position={"step": self.step, "epoch": epoch, "batch": batch, "digest": self.digest,
+                                      "training": self.training},
                             rng=rngs, keep=self.recipe.run.keep_checkpoints, method_state=e.method.state_dict())
         e.accelerator.wait_for_everyone()
 

@@ -90,7 +90,7 @@ def test_launches_that_would_not_synchronise_are_refused(tmp_path, teacher, laun
     assert not (tmp_path / "out" / "model.safetensors").exists()
 
 
-def _recipe(tmp_path: Path, teacher: Path, shards: str, out: Path, method: str = "e2kd") -> Path:
+def _recipe(tmp_path: Path, teacher: Path, shards: str, out: Path, method: str = "e2kd", workers: int = 0) -> Path:
     text = f"""
 [data]
 train = "{shards}"
@@ -98,7 +98,7 @@ num_classes = 4
 image_size = 32
 eval_resize = 32
 crop_scale = [0.5, 1.0]
-num_workers = 0
+num_workers = {workers}
 [teacher]
 arch = "bcos_cifar_resnet20"
 weights = "{teacher}"
@@ -136,27 +136,35 @@ def _wait_for_step(out: Path, step: int, proc: subprocess.Popen, timeout: float 
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("how, method", [("sigkill", "e2kd"), ("sigterm", "e2kd"), ("sigkill", "crd"), ("sigkill", "reviewkd")])
+@pytest.mark.parametrize("how, method", [("sigkill", "e2kd"), ("sigterm", "e2kd"), ("sigint-group", "e2kd"),
+                                         ("sigterm-group", "e2kd"), ("sigkill", "crd"), ("sigkill", "reviewkd")])
 def test_killed_run_resumes_to_identical_weights(tmp_path, teacher, how, method):
     """Killed at a random step and run again: the same weights as an uninterrupted run (crd: also its trainable
-    heads and memory bank, restored from the checkpoint's method.safetensors)."""
+    heads and memory bank, restored from the checkpoint's method.safetensors). ``-group``: the signal goes to the
+    whole process group with DataLoader workers running, as Ctrl-C, ``timeout`` and SLURM preemption send it."""
     shards = write_synthetic_split(tmp_path / "data", "distill", 96, image_size=32, num_classes=4, samples_per_shard=30)
     env = _env(tmp_path)
     gte = [sys.executable, "-m", "gte", "distill", "--recipe"]
     ref_out, run_out = tmp_path / "ref", tmp_path / "run"
-    subprocess.run(gte + [str(_recipe(tmp_path, teacher, shards, ref_out, method))], env=env, check=True,
+    workers = 2 if how.endswith("-group") else 0  # the same workers in both runs: the plan is exact per worker count
+    subprocess.run(gte + [str(_recipe(tmp_path, teacher, shards, ref_out, method, workers))], env=env, check=True,
                    capture_output=True)
 
-    recipe = _recipe(tmp_path, teacher, shards, run_out, method)
-    proc = subprocess.Popen(gte + [str(recipe)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    recipe = _recipe(tmp_path, teacher, shards, run_out, method, workers)
+    proc = subprocess.Popen(gte + [str(recipe)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
     kill_at = random.Random().randint(2, 20)  # 12 steps per epoch × 2 epochs = 24 steps
     _wait_for_step(run_out, kill_at, proc)
-    proc.send_signal(signal.SIGKILL if how == "sigkill" else signal.SIGTERM)
+    sig = {"sigkill": signal.SIGKILL, "sigint-group": signal.SIGINT}.get(how, signal.SIGTERM)
+    if how.endswith("-group"):
+        os.killpg(proc.pid, sig)
+    else:
+        proc.send_signal(sig)
     _, err = proc.communicate(timeout=120)
-    if how == "sigterm":
-        assert proc.returncode == 128 + signal.SIGTERM, err
+    if sig != signal.SIGKILL:
+        assert proc.returncode == 128 + sig, err
         lines = [x for x in err.splitlines() if x.strip()]
-        assert "checkpoint saved" in lines[-1] and "Traceback" not in err
+        assert "checkpoint saved" in lines[-1] and "Traceback" not in err, err
     else:
         assert proc.returncode == -signal.SIGKILL
     # nothing left half-written looks like a checkpoint

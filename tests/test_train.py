@@ -136,3 +136,35 @@ def test_checkpoints_of_another_recipe_are_refused_before_anything_is_loaded(tmp
                     method_state={"state.memory_s": torch.zeros(2, 2)})
     with pytest.raises(GteError, match="holds checkpoints of a different recipe"):
         train(recipe)
+
+
+def test_raising_epochs_extends_a_run_and_other_changes_say_the_way_forward(tmp_path, shards, teacher_path):
+    """optim.epochs 1 → 2 in the same OUT resumes at the first run's last step with a note; a change of any other
+    training key (or fewer epochs) is refused naming the key and a new run from the checkpoint's weights."""
+    from rich.console import Console
+
+    from gte.errors import GteError
+
+    recipe = _recipe(tmp_path, shards, teacher_path, method="kd")
+    recipe.optim.epochs = 1
+    train(recipe)
+    steps = 96 // 16
+    longer = _recipe(tmp_path, shards, teacher_path, method="kd")
+    longer.optim.epochs, longer.run.log_every = 2, 3  # logging cadence may change too
+    console = Console(stderr=True, record=True, width=200)
+    train(longer, console)
+    text = console.export_text()
+    assert f"extending the run from 1 to 2 epochs" in text and f"resuming from" in text and f"(step {steps})" in text
+    logged = [json.loads(x)["step"] for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+              if '"lr"' in x]
+    assert logged == list(range(1, steps + 1)) + [9, 12]  # the first run's steps, then the second epoch's
+
+    other = _recipe(tmp_path, shards, teacher_path, method="kd")
+    other.optim.epochs, other.optim.lr = 3, 0.01
+    with pytest.raises(GteError, match=r"changed: optim\.epochs 2 → 3, optim\.lr 0\.001 → 0\.01\).*"
+                                       r"--set student\.weights=.*step-00000012/model\.safetensors --out"):
+        train(other)
+    fewer = _recipe(tmp_path, shards, teacher_path, method="kd")
+    fewer.optim.epochs = 1
+    with pytest.raises(GteError, match=r"changed: optim\.epochs 2 → 1\)"):
+        train(fewer)

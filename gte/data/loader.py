@@ -23,6 +23,7 @@ Never unpickled: only the image, ``cls``, ``json`` and requested ``.npy`` member
 
 from __future__ import annotations
 
+import signal
 import warnings
 from dataclasses import dataclass, replace
 from typing import Any, Iterator
@@ -200,10 +201,21 @@ def make_loader(data: str | ShardSet, config: LoaderConfig | None = None, *, tra
                           start_batch=start_batch if train else 0, float_images=c.float_images,
                           offsets=_offsets(shards) if c.indices else None)
     dataloader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=workers, collate_fn=_identity,
-                                             pin_memory=torch.cuda.is_available(), persistent_workers=False)
+                                             pin_memory=torch.cuda.is_available(), persistent_workers=False,
+                                             worker_init_fn=ignore_stop_signals if workers else None)
     guard = BadSampleGuard(c.max_bad_fraction, planned,
                            what or ("the training data" if train else "the evaluation data"))
     return Loader(dataset, dataloader, n_batches, guard, train)
+
+
+def ignore_stop_signals(worker_id: int = 0) -> None:
+    """A DataLoader worker ignores SIGINT and SIGTERM: a stop sent to the whole process group (Ctrl-C, ``timeout``,
+    SLURM's preemption and ``scancel``, systemd) is the main process's to act on — it finishes the step, saves a
+    checkpoint and shuts its workers down. A worker ended by the signal instead makes PyTorch's SIGCHLD handler raise
+    in the main process in the middle of the step ("DataLoader worker … is killed by signal"), before any checkpoint.
+    Workers still exit when the main process goes (the DataLoader's shutdown, and its watchdog of the parent)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def _offsets(shards: ShardSet) -> dict[str, int]:
