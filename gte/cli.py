@@ -14,7 +14,8 @@ import typer
 from gte.commands import bench, convert, distill, explain, precompute, recipes, teachers
 from gte.commands import eval as evaluate
 from gte.commands.data import data_app
-from gte.errors import GteError
+from gte.dist import is_main
+from gte.errors import GteError, Interrupted
 
 def _flags_without_type() -> None:
     """Typer's rich help prints ``<bool>`` after every flag (``--dry-run <bool>``) although a flag takes no value;
@@ -118,6 +119,8 @@ def main() -> None:
     except GteError as e:
         if os.environ.get("GTE_DEBUG"):
             raise
+        if isinstance(e, Interrupted) and not is_main():  # rank 0 says where the checkpoint is, once
+            sys.exit(e.exit_code)
         _exit(str(e), e.exit_code)
     except OSError as e:  # unreadable inputs, read-only or full output directories, …
         if os.environ.get("GTE_DEBUG"):
