@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
 import tomllib
 from dataclasses import dataclass, field
 from importlib import resources
@@ -82,6 +83,7 @@ class RunConfig:
     seed: int = 42
     mixed_precision: str = "no"   # "no" | "bf16" | "fp16"
     log_every: int = 10           # steps between metrics.jsonl lines
+    progress_every: float = 30.0  # seconds between progress lines when stderr is not a terminal (0 = none)
     checkpoint_every: int = 0     # optimiser steps between checkpoints (0 = only at epoch ends)
     keep_checkpoints: int = 2     # newest checkpoints kept in OUT/checkpoints
     resume: bool = True           # continue from OUT/checkpoints when it holds a checkpoint of this recipe
@@ -192,6 +194,7 @@ RANGES: dict[str, tuple[Any, str]] = {
     "optim.clip_value": (_not_negative, ">= 0 (0 = the clip's default)"),
     "run.mixed_precision": (lambda v: v in ("no", "bf16", "fp16"), "no, bf16 or fp16"),
     "run.log_every": (_positive, ">= 1"),
+    "run.progress_every": (lambda v: 0 <= v < math.inf, ">= 0 seconds (0 = no progress lines)"),
     "run.checkpoint_every": (_not_negative, ">= 0 (0 = at epoch ends only)"),
     "run.keep_checkpoints": (_positive, ">= 1"),
     "demo.n_teacher": (_positive, ">= 1"),

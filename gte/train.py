@@ -87,6 +87,11 @@ def check_resumable(position: dict[str, Any], recipe: Recipe, checkpoint_dir: Pa
         f"extends a run: choose another --out, or start a new run from these weights with {weights}--out NEW_DIR")
 
 
+def _hms(seconds: float) -> str:
+    s = int(seconds)
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
+
+
 def _short(value: Any) -> str:
     text = json.dumps(value) if not isinstance(value, str) else value
     return text if len(text) <= 40 else text[:37] + "..."
@@ -129,6 +134,9 @@ class _Run:
         self.main = engine.accelerator.is_main_process
         self.position: dict[str, Any] | None = None
         self.step = 0
+        # batch jobs and logs get a plain line now and then instead of the live bar (drawn on terminals only)
+        self.lines = self.main and not console.is_terminal and recipe.run.progress_every > 0
+        self.last_line = time.time()
 
     def resume(self) -> None:
         """Load the last checkpoint (if any; a different recipe's is refused) and prepare ``run.out``."""
@@ -234,7 +242,14 @@ class _Run:
             self.engine.accelerator.log(record, step=self.step)
         stats = " ".join(f"{k} {v:.4f}" for k, v in record.items() if k in logs)
         bad = f" {skipped} skipped" if skipped else ""
-        progress.update(task, stats=f"ep {epoch + 1}/{self.recipe.optim.epochs} {stats} {ips:.0f} img/s{bad}")
+        where = f"ep {epoch + 1}/{self.recipe.optim.epochs} {stats} {ips:.0f} img/s{bad}"
+        progress.update(task, stats=where)
+        if self.lines and time.time() - self.last_line >= self.recipe.run.progress_every:
+            self.last_line = time.time()
+            e = self.engine
+            eta = (e.total_steps - self.step) * e.per_step / max(ips, 1e-9)
+            self.console.print(f"step {self.step}/{e.total_steps} {where} ETA {_hms(eta)}", markup=False,
+                               highlight=False)
 
 
 def artifact_metadata(recipe: Recipe, shards: ShardSet) -> dict[str, str]:

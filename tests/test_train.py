@@ -168,3 +168,25 @@ def test_raising_epochs_extends_a_run_and_other_changes_say_the_way_forward(tmp_
     fewer.optim.epochs = 1
     with pytest.raises(GteError, match=r"changed: optim\.epochs 2 → 1\)"):
         train(fewer)
+
+
+@pytest.mark.parametrize("every", [1e-9, 0])
+def test_progress_lines_without_a_terminal(tmp_path, shards, teacher_path, every):
+    """Batch jobs (stderr not a terminal): a plain progress line per run.progress_every seconds, on log steps, with
+    step, epoch, loss terms, img/s and an ETA; 0 turns them off."""
+    import io
+    import re
+
+    from rich.console import Console
+
+    recipe = _recipe(tmp_path, shards, teacher_path, method="kd")
+    recipe.optim.epochs, recipe.run.log_every, recipe.run.progress_every = 1, 2, every
+    buffer = io.StringIO()
+    train(recipe, Console(file=buffer, width=300))
+    lines = [x for x in buffer.getvalue().splitlines() if x.startswith("step ")]
+    if every == 0:
+        assert lines == []
+        return
+    assert [int(x.split()[1].split("/")[0]) for x in lines] == [2, 4, 6]
+    for line in lines:
+        assert re.fullmatch(r"step \d/6 ep 1/1 loss [\d.]+ kd [\d.]+ \d+ img/s ETA \d:\d\d:\d\d", line), line
