@@ -128,8 +128,9 @@ def run_eval(model: nn.Module, spec: str, *, data: DataConfig, teacher: nn.Modul
     """Evaluate ``model`` (and ``teacher``) on the shards ``spec`` with the eval transform; see :func:`evaluate`."""
     o = options or EvalOptions()
     rank, world = dist.group_rank_world()
-    was_training = model.training
-    model.eval()
+    modes = [(m, m.training) for m in (model, teacher) if m is not None]
+    for m, _ in modes:  # a teacher in train mode would normalise with each batch's statistics
+        m.eval()
     mi = info(model)
     if teacher is not None and info(teacher).num_classes != mi.num_classes:
         raise GteError(f"teacher has {info(teacher).num_classes} classes, the model {mi.num_classes}")
@@ -207,7 +208,8 @@ def run_eval(model: nn.Module, spec: str, *, data: DataConfig, teacher: nn.Modul
                     if len(kept[g]) < o.examples:
                         kept[g].append(Example(batch["key"][j], batch["image"][j].clone(), int(labels[j]), g))
     finally:
-        model.train(was_training)
+        for m, mode in modes:
+            m.train(mode)
 
     total = dist.reduce_sums(sums)
     if total.get("n", 0) == 0:

@@ -101,7 +101,8 @@ def _short(value: Any) -> str:
 class TrainResult:
     out: Path
     model: nn.Module
-    metrics: dict
+    metrics: dict                   # the last epoch's metrics.jsonl record
+    test: dict | None = None        # data.test metrics (OUT/test.json), when the recipe has a test split
 
 
 def _logged_step(line: str) -> float:
@@ -335,4 +336,20 @@ def train(recipe: Recipe, console: Console | None = None) -> TrainResult:
     if run.main:
         save_model(model, run.out / "model.safetensors", **meta)
     engine.accelerator.wait_for_everyone()
-    return TrainResult(out=run.out, model=model, metrics=record)
+    test = evaluate_test(recipe, engine, console) if d.test else None
+    return TrainResult(out=run.out, model=model, metrics=record, test=test)
+
+
+def evaluate_test(recipe: Recipe, engine: Engine, console: Console) -> dict:
+    """The final student on ``data.test`` (once, at the end; against the run's teacher when it has one), written to
+    ``OUT/test.json`` and summarised in one line."""
+    metrics = evaluate(engine.model(), recipe.data.test, data=recipe.data, teacher=engine.teacher,
+                       batch_size=recipe.optim.batch_size, device=engine.accelerator.device)
+    if engine.accelerator.is_main_process:
+        atomic_write_text(Path(recipe.run.out) / "test.json", json.dumps(metrics, indent=2))
+        shown = {k: metrics[k] for k in ("acc1", "agreement", "explanation_similarity", "worst_group_acc")
+                 if isinstance(metrics.get(k), float)}
+        console.print(f"data.test ({metrics['n']} samples): " + " ".join(f"{k} {100 * v:.1f} %"
+                                                                         for k, v in shown.items())
+                      + f"; {Path(recipe.run.out) / 'test.json'}", markup=False, highlight=False)
+    return metrics

@@ -55,6 +55,15 @@ def test_e2kd_run_writes_artifacts_and_logs_both_terms(tmp_path, shards, teacher
     reloaded = load_model(str(out / "model.safetensors"))
     for (k, a), b in zip(result.model.state_dict().items(), reloaded.state_dict().values()):
         assert torch.equal(a, b), k
+    # data.test is evaluated once at the end, against the run's teacher, into OUT/test.json
+    test = json.loads((out / "test.json").read_text())
+    assert test == result.test and test["n"] == 64 and {"acc1", "agreement", "explanation_similarity"} <= set(test)
+    from gte.evaluate import evaluate
+
+    teacher = load_model(str(teacher_path))  # in train mode: evaluate puts it in eval mode itself
+    again = evaluate(reloaded, recipe.data.test, data=recipe.data, teacher=teacher)
+    assert again["acc1"] == test["acc1"] and again["agreement"] == test["agreement"]
+    assert abs(again["explanation_similarity"] - test["explanation_similarity"]) < 1e-6
 
 
 def test_lr_schedule_in_metrics(tmp_path, shards, teacher_path):
