@@ -18,7 +18,7 @@ from gte.errors import GteError
 class DataConfig:
     train: str = ""               # brace-expanded shard spec
     val: str = ""                 # evaluated after every epoch when set
-    test: str = ""                # evaluated once at the end when set (OUT/test.json; against the teacher when the run has one)
+    test: str = ""                # evaluated once at the end when set (OUT/test.json, against the run's teacher)
     num_classes: int = 1000
     image_size: int = 224         # train crop and eval size
     eval_resize: int = 0          # eval Resize before CenterCrop; 0 = image_size / 0.875
