@@ -27,8 +27,8 @@ from gte.models import describe, freeze, info
 
 try:
     from timm.task import DistillationTeacher, TrainingTask
-except ImportError:  # timm is the optional extra gte[timm]
-    raise GteError("gte.timm_task needs timm >= 1.0.23: pip install 'gte[timm]'") from None
+except ImportError:  # timm is a dependency; an environment may still lack it
+    raise GteError("gte.timm_task needs timm >= 1.0.23 (a dependency of gte-distill): pip install 'timm>=1.0.23'") from None
 
 _logger = logging.getLogger(__name__)
 

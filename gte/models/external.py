@@ -1,5 +1,5 @@
-"""Classifiers from other libraries by name: ``timm/<name>`` (any model ``timm.list_models()`` knows; timm is the
-optional extra ``gte[timm]``) and ``torchvision/<name>`` (any torchvision classification model).
+"""Classifiers from other libraries by name: ``timm/<name>`` (any model ``timm.list_models()`` knows; timm is a
+dependency of gte) and ``torchvision/<name>`` (any torchvision classification model).
 
 What gte needs to know about them is read from the model, not listed by hand:
 
@@ -55,7 +55,7 @@ def _timm():
     try:
         import timm
     except ImportError:
-        raise GteError("timm/… models need timm: pip install 'gte[timm]' (or uv pip install timm)") from None
+        raise GteError("timm/… models need timm: pip install 'timm>=1.0.23' (a dependency of gte-distill)") from None
     return timm
 
 
