@@ -56,7 +56,8 @@ COMMANDS = (
      "bcos_densenet169 --mirror /shared/release-files"),
 )
 for name, command, example in COMMANDS:
-    app.command(name, epilog=f"Example: {example}")(command)
+    extra = distill.EXTRA_ARGS if command in (distill.distill_command, distill.train_command) else None
+    app.command(name, epilog=f"Example: {example}", context_settings=extra)(command)
 app.add_typer(data_app, name="data")  # shard converters, few-shot subsets, shard info, loader benchmark
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import hashlib
 import math
 import tomllib
@@ -227,13 +228,15 @@ def from_dict(raw: dict[str, Any], check_ranges: bool = True) -> Recipe:
     recipe = Recipe()
     for section, values in raw.items():
         if not hasattr(recipe, section):
-            raise GteError(f"unknown recipe section '{section}' (known: {', '.join(recipe.to_dict())})")
+            raise GteError(f"unknown recipe section '{section}'{_did_you_mean(section, recipe.to_dict())} "
+                           f"(known: {', '.join(recipe.to_dict())})")
         if not isinstance(values, dict):
             raise GteError(f"recipe section '{section}' must be a table")
         target = getattr(recipe, section)
         for key, value in values.items():
             if not hasattr(target, key):
-                raise GteError(f"unknown recipe key '{section}.{key}'")
+                known = [f"{section}.{f.name}" for f in dataclasses.fields(target)]
+                raise GteError(f"unknown recipe key '{section}.{key}'{_did_you_mean(f'{section}.{key}', known)}")
             setattr(target, key, coerce(f"{section}.{key}", value, getattr(target, key)))
     problems = range_problems(recipe) if check_ranges else []
     if problems:
@@ -241,9 +244,15 @@ def from_dict(raw: dict[str, Any], check_ranges: bool = True) -> Recipe:
     return recipe
 
 
+def _did_you_mean(name: str, known: Any) -> str:
+    """``"; did you mean a, b?"`` with the close matches of ``name`` among ``known`` ("" when there are none)."""
+    close = difflib.get_close_matches(name, list(known), n=3, cutoff=0.6)
+    return f"; did you mean {', '.join(close)}?" if close else ""
+
+
 def _parse_override(item: str) -> tuple[list[str], Any]:
     if "=" not in item:
-        raise GteError(f"--set expects key=value, got '{item}'")
+        raise GteError(f"--set expects key=value, got '{item}' (write --set {item.strip()}=VALUE, no space)")
     key, text = item.split("=", 1)
     try:
         value = tomllib.loads(f"v = {text}")["v"]
@@ -261,13 +270,14 @@ def recipe_path(name_or_path: str) -> Path:
     if shipped.is_file():
         return Path(str(shipped))
     known = sorted(f.name[:-5] for f in resources.files("gte.recipes").iterdir() if f.name.endswith(".toml"))
-    raise GteError(f"recipe '{name_or_path}' not found (a file path or one of: {', '.join(known)})")
+    raise GteError(f"recipe '{name_or_path}' is neither a file nor a shipped recipe{_did_you_mean(name_or_path, known)}"
+                   " (`gte recipes` lists them)")
 
 
 def shipped_recipes() -> dict[str, str]:
     """Shipped recipe names and the first line of each file's header comment."""
     out = {}
-    for f in sorted(resources.files("gte.recipes").iterdir(), key=lambda f: f.name):
+    for f in sorted(resources.files("gte.recipes").iterdir(), key=lambda f: f.name.removesuffix(".toml")):
         if f.name.endswith(".toml"):
             first = next((x for x in f.read_text().splitlines() if x.startswith("#")), "#")
             out[f.name[:-5]] = first.lstrip("# ").strip()

@@ -55,6 +55,7 @@ def test_dry_run_lists_every_problem_and_prints_the_recipe(tmp_path, monkeypatch
     code, out, err = run_main(["distill", "--recipe", str(recipe), "--dry-run"], monkeypatch, capsys)
     assert code == 2
     assert "[student]" in out and 'arch = "bcos_cifar_resnet20"' in out  # the resolved recipe, on stdout
+    assert "[demo]" not in out  # only the demo recipe runs the demo
     problems = [x for x in err.splitlines() if x.startswith("gte: problem: ")]
     assert len(problems) == 3, err
     assert any("teacher.weights" in p for p in problems)
@@ -78,8 +79,8 @@ def test_the_demo_recipe_as_a_template_runs_as_an_ordinary_recipe(tmp_path, monk
 def test_the_demo_dry_run_checks_the_demo(monkeypatch, capsys):
     code, _, err = run_main(["distill", "--set", "data.num_classes=9", "--dry-run"], monkeypatch, capsys)
     assert code == 2 and "demo draws" in err
-    code, _, err = run_main(["distill", "--dry-run"], monkeypatch, capsys)
-    assert code == 0 and "valid" in err
+    code, out, err = run_main(["distill", "--dry-run"], monkeypatch, capsys)
+    assert code == 0 and "valid" in err and "[demo]" in out
 
 
 @pytest.fixture()

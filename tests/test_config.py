@@ -108,9 +108,31 @@ def test_non_toml_file(tmp_path):
         load_recipe(str(b))
 
 
-def test_missing_recipe_lists_shipped_ones(tmp_path):
-    with pytest.raises(GteError, match="demo"):
+def test_missing_recipe_points_to_the_list(tmp_path):
+    with pytest.raises(GteError, match="neither a file nor a shipped recipe \\(`gte recipes` lists them\\)"):
         load_recipe(str(tmp_path / "nope.toml"))
+
+
+@pytest.mark.parametrize("name, overrides, message", [
+    ("imagenet-fewshots", [], "did you mean imagenet-fewshot, "),
+    ("demo", ["optim.epoch=3"], "unknown recipe key 'optim.epoch'; did you mean optim.epochs"),
+    ("demo", ["optm.lr=3"], "unknown recipe section 'optm'; did you mean optim\\?"),
+    ("demo", ["optim.epochs"], "write --set optim.epochs=VALUE"),
+])
+def test_misspelt_names_and_keys_get_close_matches(name, overrides, message):
+    with pytest.raises(GteError, match=message):
+        load_recipe(name, overrides)
+
+
+def test_set_with_a_space_instead_of_equals_is_one_line(monkeypatch, capsys):
+    from gte.cli import main
+
+    monkeypatch.setattr("sys.argv", ["gte", "distill", "--dry-run", "--set", "optim.epochs", "3"])
+    with pytest.raises(SystemExit) as e:
+        main()
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err == "gte: error: --set expects key=value, got 'optim.epochs' '3': write --set " \
+        "optim.epochs=3\n"
 
 
 def test_round_trip_to_toml_from_dict():

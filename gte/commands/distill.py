@@ -15,12 +15,18 @@ DryRunOpt = typer.Option(False, "--dry-run", help="Print the resolved recipe and
                          "(code 2 when there is one).")
 
 
-def distill_command(recipe_name: str = RecipeOpt, set_: Optional[List[str]] = SetOpt, out: Optional[Path] = OutOpt,
-            dry_run: bool = DryRunOpt) -> None:
+# The commands take no arguments; they are registered with click's allow_extra_args so that a stray one (most often
+# `--set key value`, a space where `=` belongs) gets gte's one line instead of click's usage box.
+EXTRA_ARGS = {"allow_extra_args": True}
+
+
+def distill_command(ctx: typer.Context, recipe_name: str = RecipeOpt, set_: Optional[List[str]] = SetOpt,
+                    out: Optional[Path] = OutOpt, dry_run: bool = DryRunOpt) -> None:
     """Distil a student from a teacher (no arguments: the embedded CPU demo, KD vs e2KD).
 
     Multi-process: `torchrun --nproc_per_node N -m gte distill …` or `accelerate launch --multi_gpu -m gte distill …`.
     """
+    _no_arguments(ctx.args, set_)
     r = recipe(recipe_name, set_, out, dry_run)
     if r.demo.enabled and r.data.train:  # the demo recipe as a template for one's own data: an ordinary run
         r.demo.enabled = False
@@ -41,9 +47,10 @@ def distill_command(recipe_name: str = RecipeOpt, set_: Optional[List[str]] = Se
     _written(result.out, "student")
 
 
-def train_command(recipe_name: str = RequiredRecipeOpt, set_: Optional[List[str]] = SetOpt, out: Optional[Path] = OutOpt,
-          dry_run: bool = DryRunOpt) -> None:
+def train_command(ctx: typer.Context, recipe_name: str = RequiredRecipeOpt, set_: Optional[List[str]] = SetOpt,
+                  out: Optional[Path] = OutOpt, dry_run: bool = DryRunOpt) -> None:
     """Label-only training (baseline students, teachers)."""
+    _no_arguments(ctx.args, set_)
     r = recipe(recipe_name, set_, out, dry_run)
     r.distill.method = "ce"
     if dry_run:
@@ -52,6 +59,15 @@ def train_command(recipe_name: str = RequiredRecipeOpt, set_: Optional[List[str]
 
     result = run_train(r, err)
     _written(result.out, "model")
+
+
+def _no_arguments(extra: List[str], set_: Optional[List[str]]) -> None:
+    if not extra:
+        return
+    key = next((x for x in set_ or [] if "=" not in x), None)
+    if key is not None:
+        raise GteError(f"--set expects key=value, got '{key}' '{extra[0]}': write --set {key}={extra[0]}")
+    raise GteError(f"unexpected argument '{extra[0]}' (options only: --recipe, --set key=value, --out, --dry-run)")
 
 
 def _written(out: Path, what: str) -> None:
@@ -68,7 +84,10 @@ def _dry_run(r) -> None:
     else:
         from gte.validate import problems
     found = problems(r)
-    Console().print(r.to_toml(), markup=False, highlight=False)
+    import tomli_w
+
+    shown = {k: v for k, v in r.to_dict().items() if k != "demo" or r.demo.enabled}  # [demo] only where it runs
+    Console().print(tomli_w.dumps(shown), markup=False, highlight=False)
     for p in found:
         err.print(f"gte: problem: {p}", markup=False, highlight=False, soft_wrap=True)
     if found:
