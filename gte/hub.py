@@ -47,6 +47,7 @@ class Teacher:
     url: str
     acc1: float  # published ImageNet top-1 (%), shown by --list
     source: str
+    mb: float = 0.0  # download size in MB (10^6 bytes): the weights' bytes, what a .pth file adds is < 0.1 %
     num_classes: int = 1000
 
     def __post_init__(self) -> None:
@@ -65,27 +66,28 @@ class Teacher:
         return m.group(1)
 
 
-def _bcos(name: str, arch: str, file: str, acc1: float) -> Teacher:
-    return Teacher(name, arch, f"{BCOS_BASE}/{file}", acc1, "B-cos v2")
+def _bcos(name: str, arch: str, file: str, acc1: float, mb: float) -> Teacher:
+    return Teacher(name, arch, f"{BCOS_BASE}/{file}", acc1, "B-cos v2", mb)
 
 
-def _tv(name: str, file: str, acc1: float) -> Teacher:
-    return Teacher(name, name, f"{TORCHVISION_BASE}/{file}", acc1, "torchvision")
+def _tv(name: str, file: str, acc1: float, mb: float) -> Teacher:
+    return Teacher(name, name, f"{TORCHVISION_BASE}/{file}", acc1, "torchvision", mb)
 
 
-# URLs from bcos.models.pretrained.URLS and torchvision's weight enums; accuracies from their model cards.
+# URLs from bcos.models.pretrained.URLS and torchvision's weight enums; accuracies from their model cards; sizes are
+# the state dicts' bytes (tests/test_hub.py checks them against the built architectures).
 # The B-cos simple ViT-S release is left out: gte.models cannot build that architecture yet.
 CATALOG: dict[str, Teacher] = {t.name: t for t in (
-    _bcos("bcos_resnet18", "bcos_resnet18", "resnet_18-68b4160fff.pth", 68.736),
-    _bcos("bcos_resnet34", "bcos_resnet34", "resnet_34-a63425a03e.pth", 72.284),
-    _bcos("bcos_resnet50", "bcos_resnet50", "resnet_50-ead259efe4.pth", 75.882),
-    _bcos("bcos_densenet121", "bcos_densenet121", "densenet_121-b8daf96afb.pth", 73.612),
-    _bcos("bcos_densenet169", "bcos_densenet169", "densenet_169-7037ee0604.pth", 75.186),
+    _bcos("bcos_resnet18", "bcos_resnet18", "resnet_18-68b4160fff.pth", 68.736, 46.8),
+    _bcos("bcos_resnet34", "bcos_resnet34", "resnet_34-a63425a03e.pth", 72.284, 87.3),
+    _bcos("bcos_resnet50", "bcos_resnet50", "resnet_50-ead259efe4.pth", 75.882, 102.4),
+    _bcos("bcos_densenet121", "bcos_densenet121", "densenet_121-b8daf96afb.pth", 73.612, 32.1),
+    _bcos("bcos_densenet169", "bcos_densenet169", "densenet_169-7037ee0604.pth", 75.186, 56.9),
     _bcos("bcos_vit_ti_patch16_224", "bcos_vit_ti_patch16_224", "bcos_simple_vit_ti_patch16_224-4b0824b1c1.pth",
-          59.960),
-    _tv("resnet18", "resnet18-f37072fd.pth", 69.758),  # IMAGENET1K_V1
-    _tv("resnet34", "resnet34-b627a593.pth", 73.314),  # IMAGENET1K_V1
-    _tv("resnet50", "resnet50-11ad3fa6.pth", 80.858),  # IMAGENET1K_V2
+          59.960, 23.2),
+    _tv("resnet18", "resnet18-f37072fd.pth", 69.758, 46.8),  # IMAGENET1K_V1
+    _tv("resnet34", "resnet34-b627a593.pth", 73.314, 87.3),  # IMAGENET1K_V1
+    _tv("resnet50", "resnet50-11ad3fa6.pth", 80.858, 102.4),  # IMAGENET1K_V2
 )}
 
 

@@ -224,3 +224,14 @@ def test_cli_list_and_unknown_name(tmp_path):
     assert procs[1].returncode == 2 and len(lines) == 1, err
     assert lines[0].startswith("gte: error: unknown teacher 'bcos_resnet43'") and "bcos_resnet34" in lines[0]
     assert not (tmp_path / "teachers").exists()  # nothing was created
+
+
+@pytest.mark.parametrize("name", list(hub.CATALOG))
+def test_catalog_sizes_are_the_architectures_weights(name):
+    """``gte fetch-teachers --list`` shows each download's size: the built architecture's state-dict bytes (meta
+    tensors: nothing allocated), to the shown 0.1 MB."""
+    t = hub.CATALOG[name]
+    with torch.device("meta"):
+        model = build_model(t.arch, t.num_classes)
+    size = sum(v.numel() * v.element_size() for v in model.state_dict().values())
+    assert abs(size / 1e6 - t.mb) <= 0.05, size

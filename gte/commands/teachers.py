@@ -39,7 +39,10 @@ def catalog_table(dest: str | Path | None = None) -> Table:
 
     where = Path(dest) if dest is not None else hub.cache_dir()
     table = compact_table(f"teachers (cache: {where})")
-    add_columns(table, ("name", "arch", "top-1 %", "cached"), numeric=("top-1 %",))
-    for t in hub.CATALOG.values():
-        table.add_row(t.name, t.arch, f"{t.acc1:.2f}", "yes" if hub.cached_path(t.name, dest).is_file() else "no")
+    add_columns(table, ("name", "source", "top-1 %", "MB", "cached"), numeric=("top-1 %", "MB"))
+    for t in hub.CATALOG.values():  # a teacher's name is its architecture's
+        table.add_row(t.name, t.source, f"{t.acc1:.2f}", f"{t.mb:.0f}",
+                      "yes" if hub.cached_path(t.name, dest).is_file() else "no")
+    table.caption = ("downloads from GitHub (B-cos v2 releases) and download.pytorch.org; --mirror URL|DIR reads the "
+                     "same file names from elsewhere")
     return table
