@@ -192,3 +192,24 @@ def test_accelerate_launch_of_two_cpu_processes_is_one_line(workspace):
     report = f"rc={res.returncode}\n{res.stderr[-3000:]}"
     assert res.returncode != 0 and "Traceback" not in res.stderr, report
     assert len(lines) == 1 and lines[0].startswith("gte: error: ") and "--multi_gpu" in lines[0], report
+
+
+def _leaf_commands(group, path=()):
+    import typer.main
+
+    click_group = typer.main.get_command(group) if not hasattr(group, "commands") else group
+    for name, cmd in click_group.commands.items():
+        if hasattr(cmd, "commands"):
+            yield from _leaf_commands(cmd, (*path, name))
+        else:
+            yield (*path, name), cmd
+
+
+def test_every_command_help_ends_with_an_example():
+    """Every leaf command's --help shows a runnable example (the `gte data` family included)."""
+    from gte.cli import app
+
+    leaves = list(_leaf_commands(app))
+    assert len(leaves) >= 15
+    missing = [" ".join(p) for p, cmd in leaves if not (cmd.epilog or "").startswith("Example: gte ")]
+    assert not missing, missing

@@ -279,3 +279,23 @@ def test_hugging_face_datasets_loads_a_one_format_shard_set(tmp_path, monkeypatc
     assert len(ds) == 6 and sorted(ds["cls"]) == [0, 0, 0, 1, 1, 1] and ds[0]["jpg"].size == (24, 20)
     with pytest.raises(ValueError, match="same prefix or the same types"):
         load("auto")  # why --image-format exists: mixed jpg/png members are refused
+
+
+def test_imagefolder_with_imagenet_classes(tmp_path, monkeypatch, capsys):
+    """``--classes imagenet``: ImageNet-named folders get ImageNet's indices (torchvision's names: 'crane bird' and
+    'crane' are told apart); a name a given list has twice is refused in one line rather than counted for both."""
+    from _fixtures import run_main
+
+    write_imagefolder(tmp_path / "photos", {"tiger cat": 2, "espresso": 1, "crane bird": 1})
+    code, _, err = run_main(["data", "shard", "imagefolder", str(tmp_path / "photos"), "--out", str(tmp_path / "s"),
+                             "--classes", "imagenet", "--no-shuffle"], monkeypatch, capsys)
+    assert code == 0, err
+    labels = sorted(int(s["cls"]) for s in wds.WebDataset(expand_spec(str(tmp_path / "s" / "train-*.tar")),
+                                                        shardshuffle=False))
+    assert labels == [134, 282, 282, 967]
+    assert len(json.loads((tmp_path / "s" / "classes.json").read_text())) == 1000
+    write_imagefolder(tmp_path / "birds", {"crane": 1})
+    (tmp_path / "twice.json").write_text(json.dumps(["heron", "crane", "crane"]))
+    code, _, err = run_main(["data", "shard", "imagefolder", str(tmp_path / "birds"), "--out", str(tmp_path / "b"),
+                             "--classes", str(tmp_path / "twice.json")], monkeypatch, capsys)
+    assert code == 2 and err.count("\n") == 1 and "folder 'crane' names classes [1, 2]" in err, err

@@ -62,13 +62,16 @@ def _report(out: Path, summaries, classes: list[str]) -> None:
                   "Face datasets refuses mixed members in one shard set: --image-format jpg or png writes one")
 
 
-@shard_app.command("imagefolder")
+@shard_app.command("imagefolder", epilog="Example: gte data shard imagefolder ~/imagenet/train --out data/imagenet "
+                   "--split train  ·  gte data shard imagefolder photos --out data/own --classes imagenet")
 def shard_imagefolder(
     root: Path = typer.Argument(..., help="root/<class>/<image>; class index = sorted folder order."),
     out: Path = RequiredOutOpt,
     split: str = typer.Option("train", "--split", help="Name of the written split (file prefix)."),
-    classes: Optional[Path] = typer.Option(None, "--classes", help="classes.json to impose (e.g. the train "
-                                           "split's, so that a val tree missing a class keeps the indices)."),
+    classes: Optional[str] = typer.Option(None, "--classes", help="Class list to impose: a classes.json (e.g. the "
+                                          "train split's, so that a val tree missing a class keeps the indices), "
+                                          "or 'imagenet' (folders named by ImageNet class, e.g. 'tiger cat', get "
+                                          "ImageNet's indices)."),
     max_samples: int = MaxSamplesOpt, max_bytes: str = MaxBytesOpt, seed: int = SeedOpt, shuffle: bool = ShuffleOpt,
     check: str = CheckOpt, workers: int = WorkersOpt, overwrite: bool = OverwriteOpt,
     image_format: str = ImageFormatOpt,
@@ -77,9 +80,13 @@ def shard_imagefolder(
     from gte.data.writers.imagefolder import convert_imagefolder
 
     names = None
-    if classes is not None:
+    if classes == "imagenet":
+        from gte.render import imagenet_class_names
+
+        names = imagenet_class_names()
+    elif classes is not None:
         try:
-            names = json.loads(classes.read_text())
+            names = json.loads(Path(classes).read_text())
         except (OSError, ValueError) as e:
             raise GteError(f"--classes {classes}: not a readable JSON list ({e})") from None
         if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
@@ -90,7 +97,8 @@ def shard_imagefolder(
     _report(out, summaries, names)
 
 
-@shard_app.command("waterbirds")
+@shard_app.command("waterbirds", epilog="Example: gte data shard waterbirds ~/waterbird_complete95_forest2water2 "
+                   "--out data/waterbirds")
 def shard_waterbirds(
     root: Path = typer.Argument(..., help="Waterbirds directory with metadata.csv (img_filename, y, place, split)."),
     out: Path = RequiredOutOpt,
@@ -106,7 +114,8 @@ def shard_waterbirds(
     _report(out, summaries, names)
 
 
-@shard_app.command("voc")
+@shard_app.command("voc", epilog="Example: gte data shard voc ~/VOCdevkit/VOC2007 --out data/voc --split trainval "
+                   "--split test")
 def shard_voc(
     root: Path = typer.Argument(..., help="VOCdevkit/VOC2007 or VOC2012 (Annotations, ImageSets/Main, JPEGImages)."),
     out: Path = RequiredOutOpt,
@@ -124,7 +133,8 @@ def shard_voc(
     _report(out, summaries, names)
 
 
-@data_app.command("fewshot")
+@data_app.command("fewshot", epilog="Example: gte data fewshot 'data/imagenet/*train-*.tar' --shots 50 --holdout 50 "
+                  "--seed 42 --out data/imagenet-50shot")
 def fewshot_cmd(
     src: str = typer.Argument(..., help="Source shard spec (local), e.g. 'train-{000000..001023}.tar' or a directory."),
     shots: int = typer.Option(..., "--shots", help="Training images per class."),
@@ -161,7 +171,7 @@ def _class_names(directory: Path, n: int) -> list[str]:
     return names if names is not None and len(names) >= n else [str(i) for i in range(n)]
 
 
-@data_app.command("info")
+@data_app.command("info", epilog="Example: gte data info 'data/imagenet/train-*.tar'")
 def info_cmd(
     spec: str = typer.Argument(..., help="Shard spec (braces, globs, a directory, several joined with '::')."),
     classes: bool = typer.Option(True, "--classes/--no-classes", help="Also count samples per class and group "
@@ -181,7 +191,7 @@ def info_cmd(
         atomic_write_json(json_out, info)
 
 
-@data_app.command("bench")
+@data_app.command("bench", epilog="Example: gte data bench 'data/imagenet/train-*.tar' --workers 4")
 def bench_cmd(
     workers: str = typer.Option("1,2", "--workers", help="Comma-separated DataLoader worker counts."),
     images: int = typer.Option(256, "--images", help="Synthetic JPEGs to write (500×375, quality 90)."),

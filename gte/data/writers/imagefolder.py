@@ -24,6 +24,10 @@ def imagefolder_items(root: Path, classes: list[str] | None = None) -> tuple[lis
         unknown = sorted(set(folders) - set(classes))
         if unknown:
             raise GteError(f"{root}: folder '{unknown[0]}' is not in the given class list")
+        twice = next((f for f in folders if classes.count(f) > 1), None)
+        if twice is not None:  # ImageNet has two 'crane's and two 'maillot's: an image must not count for both
+            where = [i for i, c in enumerate(classes) if c == twice]
+            raise GteError(f"{root}: folder '{twice}' names classes {where} of the given list: it is ambiguous")
     if not classes:
         raise GteError(f"{root} has no class folders (expected root/<class>/<image>)")
     items: list[Item] = []
