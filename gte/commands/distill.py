@@ -10,6 +10,7 @@ from rich.console import Console
 
 from gte.commands._common import OutOpt, RecipeOpt, RequiredRecipeOpt, SetOpt, err, recipe
 from gte.errors import GteError
+from gte.text import error_line
 
 DryRunOpt = typer.Option(False, "--dry-run", help="Print the resolved recipe and every problem found, then exit "
                          "(code 2 when there is one).")
@@ -70,7 +71,7 @@ def _dry_run(r) -> None:
     found = problems(r)
     Console().print(r.to_toml(), markup=False, highlight=False)
     for p in found:
-        err.print(f"gte: problem: {p}", markup=False, highlight=False, soft_wrap=True)
+        err.print(f"gte: problem: {error_line(p)}", markup=False, highlight=False, soft_wrap=True)
     if found:
         err.print(f"dry run: {len(found)} problem(s)", markup=False)
         raise typer.Exit(2)
