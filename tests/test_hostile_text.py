@@ -203,10 +203,10 @@ def test_report_md_carries_no_html(case, root, tmp_path, monkeypatch, capsys):
     if case == "group name":
         spec = _data(tmp_path, groups=[html, "<script>alert(2)</script>"])
     else:
-        spec = _data(tmp_path, name="d<b>x</b>")
+        spec = _data(tmp_path, name="d`<b>x</b>`")  # the backtick ended the code span the path was written in
     code, _, err = run_main(["eval", str(root / "plain.safetensors"), "--data", spec, "--report",
                              str(tmp_path / "report"), "--examples", "0", "--batch-size", "8"], monkeypatch, capsys)
     assert code == 0, err
     md = (tmp_path / "report" / "report.md").read_text()
     assert not re.search(r"(?<!\\)<[a-z/]", md), md  # every < escaped: no tag a Markdown renderer would pass on
-    assert ("\\<img src=x onerror=alert(1)\\>" if case == "group name" else "d\\<b\\>x\\</b\\>") in md
+    assert ("\\<img src=x onerror=alert(1)\\>" if case == "group name" else "d\\`\\<b\\>x\\</b\\>\\`") in md
