@@ -28,7 +28,7 @@ MARKUP = ["[/]", "[link=http://x.test/]l[/link]", "[bold]b", "e[/bold]"]
 MATH = ["$\\frac{1}{0$", "$x^$", "$\\notacommand$", "a$b$c"]  # mathtext that does not parse
 
 
-def _model(path: Path, names: list[str] | None = None, **spec) -> str:
+def _model(path: Path, names: list[str] | None = None) -> str:
     torch.manual_seed(0)
     model = build_model("cifar_resnet20", 4)
     if names:
