@@ -21,9 +21,14 @@ _SHORT = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
 _MARKDOWN = re.compile(r"([\\`*_\[\]<>|#!~&$])")  # punctuation Markdown (GFM, its HTML and its math) acts on
 
 
-def visible(text: str) -> str:
-    """``text`` with every control character (C0, DEL, C1) written as a Python escape (``\\x1b``, ``\\n``)."""
-    return _CONTROL.sub(lambda m: _SHORT.get(m.group(), f"\\x{ord(m.group()):02x}"), text)
+def visible(text: str, keep: str = "") -> str:
+    """``text`` with every control character (C0, DEL, C1) but those in ``keep`` (``"\\n"`` for a text of several
+    lines) written as a Python escape (``\\x1b``, ``\\n``)."""
+    def escape(match: re.Match) -> str:
+        c = match.group()
+        return c if c in keep else _SHORT.get(c, f"\\x{ord(c):02x}")
+
+    return _CONTROL.sub(escape, text)
 
 
 def shorten(value: object, limit: int = 80) -> str:

@@ -60,7 +60,7 @@ def _data(root: Path, classes: list[str] | None = None, groups: list[str] | None
 
 
 # ------------------------------------------------------------------------------------------ B1 control characters
-@pytest.mark.parametrize("source", ["metadata", "--classes", "groups.json", "classes.json", "file name"])
+@pytest.mark.parametrize("source", ["metadata", "--classes", "groups.json", "classes.json", "file name", "recipe"])
 def test_control_characters_from_files_never_reach_the_terminal(source, root, tmp_path, monkeypatch, capsys):
     names = [CONTROLS[0] + C1, *CONTROLS[1:]]
     explain = ["explain", str(root / "img.png"), "--out", str(tmp_path / "e.png")]
@@ -74,12 +74,15 @@ def test_control_characters_from_files_never_reach_the_terminal(source, root, tm
     elif source == "classes.json":  # the few-shot summary names the classes of the source's classes.json
         argv = ["data", "fewshot", _data(tmp_path, classes=names), "--shots", "1", "--holdout", "1", "--workers", "1",
                 "--out", str(tmp_path / "few")]
-    else:  # a file name in an error line: not an image
+    elif source == "file name":  # in an error line: not an image
         bad = tmp_path / f"{names[1]}{C1}.png"
         bad.write_bytes(b"not an image")
         argv = ["explain", str(bad), "--model", str(root / "plain.safetensors")]
+    else:  # a value of a recipe (TOML escapes) in the problems of a dry run
+        (tmp_path / "r.toml").write_text('[data]\ntrain = "/x/\\u001b]0;title\\u0007/\\u009b2J-*.tar"\n')
+        argv = ["distill", "--recipe", str(tmp_path / "r.toml"), "--dry-run"]
     code, out, err = run_main(argv, monkeypatch, capsys)
-    assert code == (2 if source == "file name" else 0), err
+    assert code == (0 if source in ("metadata", "--classes", "groups.json", "classes.json") else 2), err
     _clean(out, err)
     assert "\\x1b" in out + err  # shown, as an escape
 

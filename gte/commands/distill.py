@@ -10,7 +10,7 @@ from rich.console import Console
 
 from gte.commands._common import OutOpt, RecipeOpt, RequiredRecipeOpt, SetOpt, err, recipe
 from gte.errors import GteError
-from gte.text import error_line
+from gte.text import error_line, visible
 
 DryRunOpt = typer.Option(False, "--dry-run", help="Print the resolved recipe and every problem found, then exit "
                          "(code 2 when there is one).")
@@ -69,7 +69,7 @@ def _dry_run(r) -> None:
     else:
         from gte.validate import problems
     found = problems(r)
-    Console().print(r.to_toml(), markup=False, highlight=False)
+    Console().print(visible(r.to_toml(), keep="\n"), markup=False, highlight=False)  # TOML leaves C1 as it is
     for p in found:
         err.print(f"gte: problem: {error_line(p)}", markup=False, highlight=False, soft_wrap=True)
     if found:
