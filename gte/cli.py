@@ -7,6 +7,7 @@ import errno
 import os
 import signal
 import sys
+import warnings
 from typing import NoReturn
 
 import typer
@@ -16,6 +17,7 @@ from gte.commands import eval as evaluate
 from gte.commands.data import data_app
 from gte.dist import is_main
 from gte.errors import GteError, Interrupted
+from gte.text import error_line
 
 def _flags_without_type() -> None:
     """Typer's rich help prints ``<bool>`` after every flag (``--dry-run <bool>``) although a flag takes no value;
@@ -102,19 +104,30 @@ def accelerate_launcher() -> int | None:
 
 
 def _exit(line: str, code: int) -> NoReturn:
-    """Print ``gte: error: line`` and exit with ``code``. Under ``accelerate launch``'s single-process launcher, end
+    """Print ``gte: error: line`` and exit with ``code`` (the line bounded and its control characters made visible:
+    messages echo file names and file content). Under ``accelerate launch``'s single-process launcher, end
     the launcher first: for any non-zero exit of its child it raises CalledProcessError and prints a traceback of its
     own around gte's one line. SIGTERM ends it quietly (Python's default action; shells do not report it); the
     launch's exit status is then 143 (128 + SIGTERM) instead of 1."""
-    print(f"gte: error: {line}", file=sys.stderr, flush=True)
+    print(f"gte: error: {error_line(line)}", file=sys.stderr, flush=True)
     launcher = accelerate_launcher()
     if launcher is not None:
         os.kill(launcher, signal.SIGTERM)
     sys.exit(code)
 
 
+_python_formatwarning = warnings.formatwarning
+
+
+def _formatwarning(message, category, filename, lineno, line=None) -> str:
+    """Python's warning text, its message as an :func:`~gte.text.error_line` (data warnings name shard files, sample
+    keys and what a tar said)."""
+    return _python_formatwarning(error_line(str(message)), category, filename, lineno, line)
+
+
 def main() -> None:
     """Entry point: user errors become one line on stderr and their exit code."""
+    warnings.formatwarning = _formatwarning
     try:
         app()
     except GteError as e:

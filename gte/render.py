@@ -20,6 +20,7 @@ from PIL import Image, ImageFile, UnidentifiedImageError
 
 from gte.data.images import max_pixels, to_rgb
 from gte.errors import GteError
+from gte.text import clean_name
 
 if TYPE_CHECKING:
     import torch
@@ -28,6 +29,8 @@ if TYPE_CHECKING:
     from rich.console import Console
 
 TOP_K = 5
+# Text artists showing names and file names: as written, never mathtext ($…$) or LaTeX (a user's text.usetex)
+LITERAL = {"parse_math": False, "usetex": False}
 
 # OpenCV's COLORMAP_JET as RGB: channel c is clip(1.5 − |4x − (3, 2, 1)_c|) at x = i/255, rounded half to even.
 _i = np.arange(256.0)[:, None]
@@ -93,11 +96,14 @@ def class_names(num_classes: int, classes_file: str | None = None, models: Seque
 
 
 def names_file(path: str | Path, num_classes: int) -> list[str]:
-    """A JSON list of ``num_classes`` class-name strings (one line for anything else)."""
+    """A JSON list of ``num_classes`` class-name strings (one line for anything else), as gte shows them
+    (:func:`gte.text.clean_name`)."""
     try:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as e:
         raise GteError(f"{path}: cannot read the class names ({e.strerror})") from None
+    except UnicodeDecodeError as e:
+        raise GteError(f"{path}: not UTF-8 text (byte {e.start}); class names must be a JSON list in UTF-8") from None
     try:
         names = json.loads(text)
     except json.JSONDecodeError as e:
@@ -106,7 +112,7 @@ def names_file(path: str | Path, num_classes: int) -> list[str]:
         raise GteError(f"{path}: expected a JSON list of class-name strings")
     if len(names) != num_classes:
         raise GteError(f"{path}: {len(names)} class names, the model has {num_classes} classes")
-    return names
+    return [clean_name(n) for n in names]
 
 
 def imagenet_class_names() -> list[str]:
@@ -216,7 +222,7 @@ def figure(rows: Sequence[Row], names: Sequence[str], dpi: int = 100) -> Figure:
     for r, row in enumerate(rows):
         ax = axes[r, 0]
         ax.imshow(row.image.permute(1, 2, 0).numpy())
-        ax.set_title(Path(row.path).name[-28:], fontsize=8)
+        ax.set_title(Path(row.path).name[-28:], fontsize=8, **LITERAL)
         for j, p in enumerate(row.panels):
             ax_e, ax_h = axes[r, 1 + 2 * j], axes[r, 2 + 2 * j]
             if p.bcos:
@@ -231,8 +237,9 @@ def figure(rows: Sequence[Row], names: Sequence[str], dpi: int = 100) -> Figure:
             fig.colorbar(heat, ax=ax_h, fraction=0.05, pad=0.02).ax.tick_params(labelsize=6)
             name = names[p.explained]
             what = EXPLAINERS[p.bcos] + (f": {name[:24]}" if name != f"class {p.explained}" else "")
-            ax_e.set_title(f"{p.role} {p.arch}\n{what}\nclass {p.explained}, p={p.prob:.2f}", fontsize=8)
-            ax_e.set_xlabel("\n".join(f"{names[k][:20]} {q:.2f}" for k, q in p.top), fontsize=6, loc="left")
+            ax_e.set_title(f"{p.role} {p.arch}\n{what}\nclass {p.explained}, p={p.prob:.2f}", fontsize=8, **LITERAL)
+            ax_e.set_xlabel("\n".join(f"{names[k][:20]} {q:.2f}" for k, q in p.top), fontsize=6, loc="left",
+                            **LITERAL)
         for ax in axes[r]:
             ax.set_xticks([])
             ax.set_yticks([])
@@ -259,7 +266,7 @@ def render(rows: Sequence[Row], names: Sequence[str], out: str | os.PathLike, dp
 
 def print_top(rows: Sequence[Row], names: Sequence[str], console: Console) -> None:
     """The top-5 of every model for every image as one rich table."""
-    from gte.tables import add_columns, compact_table
+    from gte.tables import add_columns, compact_table, literal
 
     table = compact_table("top-5 (sigmoid for B-cos models, softmax for standard ones)")
     add_columns(table, ("image", "model", "rank", "class", "name", "p"), numeric=("rank", "class", "p"))
@@ -268,6 +275,6 @@ def print_top(rows: Sequence[Row], names: Sequence[str], console: Console) -> No
             for rank, (k, q) in enumerate(p.top, 1):
                 mark = " *" if k == row.explained else ""
                 image, model = (Path(row.path).name, f"{p.role} {p.arch}") if rank == 1 else ("", "")  # once each
-                table.add_row(image, model, str(rank), str(k), names[k] + mark, f"{q:.3f}")
+                table.add_row(literal(image), model, str(rank), str(k), literal(names[k] + mark), f"{q:.3f}")
     console.print(table)
     console.print("* = the class explained in the picture")

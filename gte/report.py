@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
 from gte.errors import GteError
+from gte.text import markdown
 
 if TYPE_CHECKING:
     import torch.nn as nn
@@ -87,14 +88,14 @@ def shift_rows(metrics: dict) -> list[list[str]]:
 
 def print_summary(metrics: dict, console: Console, title: str = "gte eval") -> None:
     """The metric tables in the terminal (rich)."""
-    from gte.tables import add_columns, compact_table
+    from gte.tables import add_columns, compact_table, literal
 
     def table(name: str, header: Sequence[str], rows: list[list[str]], notes: Sequence[str] = ()) -> None:
         if rows:
             tab = compact_table(name, caption=" ".join(notes) or None)
             add_columns(tab, header, numeric=header[1:])  # numbers never wrap; a long group name folds
             for row in rows:
-                tab.add_row(*row)
+                tab.add_row(*map(literal, row))  # group names come from files: shown as written
             console.print(tab)
             console.print()  # without vertical rules, a blank line keeps the next title apart
 
@@ -115,6 +116,8 @@ def group_figure(metrics: dict) -> bytes:
     """Bars per group: student accuracy, teacher accuracy, agreement."""
     from matplotlib.figure import Figure
 
+    from gte.render import LITERAL
+
     groups = list(metrics["groups"])
     series = [("student acc", metrics["groups"])]
     if "teacher" in metrics:
@@ -125,7 +128,7 @@ def group_figure(metrics: dict) -> bytes:
     for i, (name, vals) in enumerate(series):
         ax.bar([j + i * width for j in range(len(groups))], [100 * vals[g] for g in groups], width, label=name)
     ax.set_xticks([j + width * (len(series) - 1) / 2 for j in range(len(groups))],
-                  [group_label(metrics, g).replace(" ", "\n", 1) for g in groups], fontsize=8)
+                  [group_label(metrics, g).replace(" ", "\n", 1) for g in groups], fontsize=8, **LITERAL)
     ax.set_ylim(0, 118)  # head room for the legend above the bars
     ax.set_yticks(range(0, 101, 20))
     ax.set_ylabel("%")
@@ -163,7 +166,8 @@ def grid_figure(examples: Sequence[Example], student: nn.Module, teacher: nn.Mod
 
 # --------------------------------------------------------------------------------------------- documents
 def _md_table(header: Sequence[str], rows: list[list[str]]) -> list[str]:
-    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header), *("| " + " | ".join(r) + " |" for r in rows)]
+    cells = [[markdown(c) for c in r] for r in rows]  # group names from files: no HTML, links or cell breaks
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header), *("| " + " | ".join(r) + " |" for r in cells)]
 
 
 def _html_table(header: Sequence[str], rows: list[list[str]]) -> str:
@@ -212,7 +216,7 @@ def write_report(out_dir: str | os.PathLike, metrics: dict, *, examples: Sequenc
          "Cosine of the explanation of the diagonally shifted image with the unshifted one, over the overlap."),
     ]
     about = {"samples": str(metrics["n"]), **(about or {})}
-    md = ["# gte eval report", "", *(f"- **{k}**: `{v}`" for k, v in about.items()), ""]
+    md = ["# gte eval report", "", *(f"- **{k}**: {markdown(v)}" for k, v in about.items()), ""]
     body = ["<h1>gte eval report</h1><ul>" + "".join(f"<li><b>{html.escape(k)}</b>: <code>{html.escape(v)}</code>"
                                                       "</li>" for k, v in about.items()) + "</ul>"]
     for title, header, rows, image, note in sections:

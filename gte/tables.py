@@ -1,5 +1,6 @@
 """Rich tables that fit an 80-column terminal: no vertical rules, two spaces between columns, text that folds
-instead of being cut to "…" (the library's tables, and the commands' own, use this one style)."""
+instead of being cut to "…" (the library's tables, and the commands' own, use this one style); :func:`literal` for
+text from files."""
 
 from __future__ import annotations
 
@@ -7,6 +8,9 @@ from typing import Any
 
 from rich import box
 from rich.table import Table
+from rich.text import Text
+
+from gte.text import visible
 
 
 def compact_table(title: str | None = None, **options: Any) -> Table:
@@ -22,3 +26,9 @@ def add_columns(table: Table, names: list[str] | tuple[str, ...], numeric: set[s
             table.add_column(name, justify="right", no_wrap=True)
         else:
             table.add_column(name, overflow="fold")
+
+
+def literal(text: object) -> Text:
+    """``text`` (a name or a file name from files) as a cell or part of a line that rich shows as written: markup
+    such as ``[/]`` or ``[link=…]`` is not interpreted, control characters are made visible."""
+    return Text(visible(str(text)))

@@ -206,3 +206,14 @@ def test_the_cli_refuses_a_hub_model_it_cannot_build_in_one_line(hub, tmp_path, 
     lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
     assert res.returncode == 2 and len(lines) == 1 and "Traceback" not in res.stderr, res.stderr[-3000:]
     assert lines[0].startswith("gte: error: ") and needle in lines[0], lines[0]
+
+
+def test_a_repos_label_names_are_kept_with_their_control_characters_made_visible(hub, tmp_path):
+    """A repo's ``label_names`` reach tables and pictures: ESC, BEL and C1 characters are shown as escapes."""
+    from timm.models import save_for_hf
+
+    hostile = ["\x1b]0;title\x07", "\x1b[2J", "\x9b31m", "d", "e"]
+    save_for_hf(hub[1], tmp_path / "export", safe_serialization=True, model_config={"label_names": hostile})
+    put_in_cache(hub[0], "gte-test/hostile-labels", tmp_path / "export")
+    names = info(build_model("timm/hf-hub:gte-test/hostile-labels", 5)).class_names
+    assert names == ("\\x1b]0;title\\x07", "\\x1b[2J", "\\x9b31m", "d", "e")

@@ -10,6 +10,8 @@ import typer
 
 from gte.commands._common import err
 from gte.errors import GteError
+from gte.tables import literal
+from gte.text import shorten
 
 
 def convert_command(
@@ -45,9 +47,9 @@ def convert_command(
                             crop_pct=crop_pct, interpolation=interpolation, mean=_triple(mean, "--mean"),
                             std=_triple(std, "--std"), gradcam_layer=explain_layer)
     mi = info(model)
-    err.print(f"{out}: {mi.arch}, {mi.num_classes} classes, {mi.input_size}px (resize {mi.eval_resize}, "
-              f"{mi.interpolation}), mean {mi.mean}, std {mi.std}, explained at {mi.gradcam_layer}"
-              + (", with class names" if mi.class_names else ""), highlight=False)
+    err.print(literal(f"{out}: {mi.arch}, {mi.num_classes} classes, {mi.input_size}px (resize {mi.eval_resize}, "
+                      f"{mi.interpolation}), mean {mi.mean}, std {mi.std}, explained at {mi.gradcam_layer}"
+                      + (", with class names" if mi.class_names else "")), highlight=False)
 
 
 def _triple(text: str | None, flag: str) -> tuple[float, float, float] | None:
@@ -56,7 +58,7 @@ def _triple(text: str | None, flag: str) -> tuple[float, float, float] | None:
     try:
         values = tuple(float(v) for v in text.split(","))
     except ValueError:
-        raise GteError(f"{flag} {text!r}: expected three comma-separated numbers") from None
+        raise GteError(f"{flag} {shorten(repr(text))}: expected three comma-separated numbers") from None
     if len(values) != 3:
-        raise GteError(f"{flag} {text!r}: expected three comma-separated numbers")
+        raise GteError(f"{flag} {shorten(repr(text))}: expected three comma-separated numbers")
     return values  # type: ignore[return-value]

@@ -16,6 +16,7 @@ from rich.console import Console
 
 from gte.commands._common import err
 from gte.errors import GteError
+from gte.tables import literal
 
 if TYPE_CHECKING:
     from gte.data.writers.core import SplitSummary
@@ -51,9 +52,9 @@ def _report(out: Path, summaries, classes: list[str]) -> None:
 
     err.print(summary_table(summaries, classes, read_group_names(out)))
     for s in summaries:
-        err.print(f"{s.split}: {shard_spec(out, s.split, s.shards)}")
+        err.print(literal(f"{s.split}: {shard_spec(out, s.split, s.shards)}"))
         for p in s.problems[:5]:
-            err.print(f"  skipped: {p}")
+            err.print(literal(f"  skipped: {p}"))  # problems name the source's files
         if len(s.problems) > 5 or s.skipped > len(s.problems[:5]):
             err.print(f"  ({s.skipped} skipped in all; the first are listed in the summary above)")
     formats = sorted({f for s in summaries for f in s.formats})
@@ -159,9 +160,9 @@ def fewshot_cmd(
     if r.short_classes:
         few = ", ".join(f"{k} ({v})" for k, v in list(r.short_classes.items())[:10])
         err.print(f"[yellow]{len(r.short_classes)} classes have fewer than {holdout + shots} samples:[/] {few}")
-    err.print(f"train: {shard_spec(out, 'train', r.train.shards)}")
+    err.print(literal(f"train: {shard_spec(out, 'train', r.train.shards)}"))
     if r.val.shards:
-        err.print(f"val: {shard_spec(out, 'val', r.val.shards)}")
+        err.print(literal(f"val: {shard_spec(out, 'val', r.val.shards)}"))
 
 
 def _class_names(directory: Path, n: int) -> list[str]:
@@ -231,7 +232,7 @@ def summary_table(summaries: list[SplitSummary], class_names: list[str], group_n
         t.add_column(s.split, justify="right")
     if len(class_names) <= max_rows:
         for i, name in enumerate(class_names):
-            t.add_row(f"{i} {name}", *(str(s.classes.get(i, 0)) for s in summaries))
+            t.add_row(literal(f"{i} {name}"), *(str(s.classes.get(i, 0)) for s in summaries))
     else:
         def stats(s: SplitSummary) -> str:
             v = sorted(s.classes.get(i, 0) for i in range(len(class_names)))
@@ -242,7 +243,7 @@ def summary_table(summaries: list[SplitSummary], class_names: list[str], group_n
         groups = sorted({g for s in summaries for g in s.groups})
         for g in groups:
             name = group_names[g] if group_names and 0 <= g < len(group_names) else str(g)
-            t.add_row(f"group {g} {name}", *(str(s.groups.get(g, 0)) for s in summaries))
+            t.add_row(literal(f"group {g} {name}"), *(str(s.groups.get(g, 0)) for s in summaries))
     t.add_row("[bold]total", *(f"[bold]{s.samples}" for s in summaries))
     t.add_row("skipped", *(str(s.skipped) for s in summaries))
     t.add_row("shards (written now)", *(f"{s.shards} ({s.written})" for s in summaries))
@@ -253,7 +254,7 @@ def info_table(info: dict, directory: str):
     """The rich table of ``gte data info`` (``info`` from gte.data.info.shard_info)."""
     from rich.table import Table
 
-    t = Table(title=f"{info['samples']} samples in {info['shards']} shards ({directory})")
+    t = Table(title=literal(f"{info['samples']} samples in {info['shards']} shards ({directory})"))
     t.add_column("what")
     t.add_column("value", overflow="fold")
     if "classes" in info:
@@ -266,15 +267,15 @@ def info_table(info: dict, directory: str):
             from gte.data.index import read_group_names
 
             names = read_group_names(directory) or []
-            t.add_row("groups", ", ".join(f"{k} {names[int(k)]}: {n}" if 0 <= int(k) < len(names) else f"{k}: {n}"
-                                          for k, n in info["groups"].items()))
-        t.add_row("members", ", ".join(f"{k}: {n}" for k, n in info["members"].items()))
+            t.add_row("groups", literal(", ".join(f"{k} {names[int(k)]}: {n}" if 0 <= int(k) < len(names)
+                                                  else f"{k}: {n}" for k, n in info["groups"].items())))
+        t.add_row("members", literal(", ".join(f"{k}: {n}" for k, n in info["members"].items())))  # from the tars
         if info["without_cls"]:
             t.add_row("[red]without cls", str(info["without_cls"]))
     if info["empty"]:
-        t.add_row("empty shards", f"{len(info['empty'])}: {', '.join(info['empty'][:3])}")
+        t.add_row("empty shards", literal(f"{len(info['empty'])}: {', '.join(info['empty'][:3])}"))
     for u, why in list(info["truncated"].items())[:10]:
-        t.add_row("[red]truncated", f"{u}: {why}")
+        t.add_row("[red]truncated", literal(f"{u}: {why}"))
     return t
 
 

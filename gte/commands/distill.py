@@ -10,6 +10,7 @@ from rich.console import Console
 
 from gte.commands._common import OutOpt, RecipeOpt, RequiredRecipeOpt, SetOpt, err, recipe
 from gte.errors import GteError
+from gte.text import error_line, visible
 
 DryRunOpt = typer.Option(False, "--dry-run", help="Print the resolved recipe and every problem found, then exit "
                          "(code 2 when there is one).")
@@ -87,9 +88,10 @@ def _dry_run(r) -> None:
     import tomli_w
 
     shown = {k: v for k, v in r.to_dict().items() if k != "demo" or r.demo.enabled}  # [demo] only where it runs
-    Console().print(tomli_w.dumps(shown), markup=False, highlight=False)
+    # TOML leaves C1 controls as they are: made visible like every other line from files
+    Console().print(visible(tomli_w.dumps(shown), keep="\n"), markup=False, highlight=False)
     for p in found:
-        err.print(f"gte: problem: {p}", markup=False, highlight=False, soft_wrap=True)
+        err.print(f"gte: problem: {error_line(p)}", markup=False, highlight=False, soft_wrap=True)
     if found:
         err.print(f"dry run: {len(found)} problem(s)", markup=False)
         raise typer.Exit(2)

@@ -72,6 +72,7 @@ def _evaluate(model_path: str, spec: str, teacher_path: str | None, arch: str | 
     from gte.evaluate import run_eval
     from gte.models import eval_geometry, freeze, info, load_model
     from gte.report import print_summary
+    from gte.tables import literal
 
     device = dist.device()
     student = load_model(model_path, arch=arch).to(device)
@@ -90,11 +91,11 @@ def _evaluate(model_path: str, spec: str, teacher_path: str | None, arch: str | 
 
         print(json.dumps(m, indent=2))
     else:
-        print_summary(m, Console())
-        if json_out:
+        if json_out:  # first: the metrics are kept whatever happens to the table or the report
             from gte.io import atomic_write_json
 
             atomic_write_json(json_out, m)
+        print_summary(m, Console())
     if report:
         from gte.report import write_report
 
@@ -103,7 +104,7 @@ def _evaluate(model_path: str, spec: str, teacher_path: str | None, arch: str | 
                  "explainer": m["explainer"], "processes": str(m["world_size"])}
         page = write_report(report, m, examples=out.examples, student=student, teacher=teacher, names=names,
                             about=about)
-        err.print(f"report written to {page}")
+        err.print("report written to", literal(page))
 
 
 def _class_names(spec: str, model) -> list[str]:

@@ -48,6 +48,7 @@ def explain_images(paths: Sequence[str], model: str, *, teacher: str | None = No
     from gte import dist
     from gte.models import eval_geometry, freeze, info, load_model
     from gte.render import class_names, explain_rows, preprocess, print_top, render
+    from gte.tables import literal
 
     student = freeze(load_model(model, arch=arch))
     t = freeze(load_model(teacher, arch=teacher_arch)) if teacher else None
@@ -66,5 +67,5 @@ def explain_images(paths: Sequence[str], model: str, *, teacher: str | None = No
     images = [(str(p), preprocess(im, size, resize, first.interpolation)) for p, im in zip(paths, pictures)]
     rows = explain_rows(images, student, t, cls)
     print_top(rows, names, console or Console())
-    err.print(f"explanations written to {render(rows, names, out)}")
+    err.print("explanations written to", literal(render(rows, names, out)))
     return rows

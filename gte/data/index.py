@@ -34,6 +34,7 @@ from gte.data.spec import expand_spec, is_local, local_path
 from gte.data.tar import TAR_ERRORS, is_compressed, split_name
 from gte.errors import GteError
 from gte.io import atomic_write_bytes, atomic_write_json, atomic_write_text, read_json
+from gte.text import clean_name
 
 SIDE_INDEX = "shards.json"
 TIMM_INFO = "_info.json"
@@ -284,7 +285,7 @@ def write_group_names(directory: str | os.PathLike, names: list[str]) -> None:
 def _read_names(path: Path) -> list[str] | None:
     names = read_json(path)
     if isinstance(names, list) and all(isinstance(n, str) for n in names):
-        return names
+        return [clean_name(n) for n in names]  # shown in tables and reports: bounded, control characters visible
     return None
 
 
@@ -296,6 +297,7 @@ def write_class_names(directory: str | os.PathLike, names: list[str]) -> None:
 def keep_class_names(directory: str | os.PathLike, names: list[str]) -> None:
     """Write ``classes.json``, or check that an existing one (from another split) agrees."""
     path = Path(directory, CLASSES)
+    names = [clean_name(n) for n in names]  # as read back (folder names are file names: they may hold controls)
     if path.is_file():
         old = read_class_names(directory)
         if old != names:

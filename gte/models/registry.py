@@ -19,6 +19,7 @@ import torch.nn as nn
 from gte.errors import GteError
 from gte.models import external
 from gte.models.small import SmallResNet
+from gte.text import clean_name, shorten
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -48,6 +49,11 @@ class ModelInfo:
     interpolation: str = "bilinear"  # of that resize (and of a teacher's own resize in training)
     fixed_input_size: bool = False  # runs at input_size only (ViT position embeddings)
     class_names: tuple[str, ...] = ()  # when known: the training data's, or the release's
+
+    def __post_init__(self) -> None:
+        # names come from files (metadata, --classes, a Hub repo): kept as shown, bounded and without controls
+        names = tuple(clean_name(n) if isinstance(n, str) else n for n in self.class_names)
+        object.__setattr__(self, "class_names", names)
 
     @property
     def eval_resize(self) -> int:
@@ -237,17 +243,19 @@ def with_spec(model: nn.Module, **changes) -> nn.Module:
         raise GteError(f"not a model spec field: {', '.join(unknown)} (known: {', '.join(SPEC_KEYS)})")
     c = dict(changes)
     if "input_size" in c and not (isinstance(c["input_size"], int) and 1 <= c["input_size"] <= 16384):
-        raise GteError(f"{mi.arch}: input size {c['input_size']!r} is not a side in pixels")
+        raise GteError(f"{mi.arch}: input size {shorten(c['input_size'])} is not a side in pixels")
     if "crop_pct" in c and not (isinstance(c["crop_pct"], (int, float)) and 0.05 <= c["crop_pct"] <= 1.0):
-        raise GteError(f"{mi.arch}: crop_pct {c['crop_pct']!r} is not a fraction in [0.05, 1]")
+        raise GteError(f"{mi.arch}: crop_pct {shorten(c['crop_pct'])} is not a fraction in [0.05, 1]")
     if "interpolation" in c and c["interpolation"] not in INTERPOLATIONS:
-        raise GteError(f"{mi.arch}: interpolation {c['interpolation']!r} is not one of {', '.join(INTERPOLATIONS)}")
+        raise GteError(f"{mi.arch}: interpolation {shorten(repr(c['interpolation']))} is not one of "
+                       f"{', '.join(INTERPOLATIONS)}")
     for key in ("mean", "std"):
         if key in c:
             v = c[key]
             if not (isinstance(v, (list, tuple)) and len(v) == 3 and all(isinstance(a, (int, float)) for a in v)
                     and (key == "mean" or min(v) > 0)):
-                raise GteError(f"{mi.arch}: {key} {v!r} is not three numbers" + (" above 0" if key == "std" else ""))
+                raise GteError(f"{mi.arch}: {key} {shorten(v)} is not three numbers"
+                               + (" above 0" if key == "std" else ""))
             c[key] = tuple(float(a) for a in v)
     if "class_names" in c:
         names = c["class_names"]
@@ -260,7 +268,7 @@ def with_spec(model: nn.Module, **changes) -> nn.Module:
         layer = c["gradcam_layer"]
         if not isinstance(layer, str) or not external.has_module(model, layer):
             close = difflib.get_close_matches(str(layer), [n for n, _ in model.named_modules() if n], n=3, cutoff=0.6)
-            raise GteError(f"{mi.arch} has no layer '{layer}' to explain at"
+            raise GteError(f"{mi.arch} has no layer '{shorten(layer)}' to explain at"
                            + (f"; did you mean {', '.join(close)}?" if close else ""))
     if "fixed_input_size" in c:
         c["fixed_input_size"] = bool(c["fixed_input_size"])
