@@ -145,4 +145,8 @@ def run_demo(recipe: Recipe, console: Console) -> dict[str, dict[str, float]]:
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(rows, indent=2))
     (out / "results.md").write_text("\n".join(md) + "\n")
+    last = recipe.demo.methods[-1]
+    console.print(f"an HTML report with pictures: gte eval {out / last / 'model.safetensors'} --data "
+                  f"'{ready.data.test}' --teacher {ready.teacher.weights} --report {out / 'report'}",
+                  markup=False, highlight=False, soft_wrap=True)
     return rows

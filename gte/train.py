@@ -87,6 +87,14 @@ def check_resumable(position: dict[str, Any], recipe: Recipe, checkpoint_dir: Pa
         f"extends a run: choose another --out, or start a new run from these weights with {weights}--out NEW_DIR")
 
 
+# validation metrics that are shares of samples, shown as percentages in the epoch line (metrics.jsonl keeps fractions)
+PERCENT = ("acc1", "acc5", "agreement", "acc")
+
+
+def _shown(key: str, value: float) -> str:
+    return f"{100 * value:.1f} %" if key.startswith("val_") and key.endswith(PERCENT) else f"{value:.4g}"
+
+
 def _hms(seconds: float) -> str:
     s = int(seconds)
     return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
@@ -326,7 +334,7 @@ def train(recipe: Recipe, console: Console | None = None) -> TrainResult:
                 log.flush()
                 if run.main:  # the bar is transient (an error leaves one clean line): keep a summary
                     console.print(f"{recipe.distill.method} epoch {epoch + 1}/{o.epochs}: " + " ".join(
-                        f"{k} {v:.4g}" for k, v in record.items() if isinstance(v, float)))
+                        f"{k} {_shown(k, v)}" for k, v in record.items() if isinstance(v, float)))
                 run.save_checkpoint(epoch + 1, 0, checkpoint.rng_state())
     finally:
         flags.restore()

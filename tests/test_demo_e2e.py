@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 
@@ -32,3 +33,12 @@ def test_gte_distill_demo_e2kd_beats_kd(tmp_path):
         assert (out / m / "model.safetensors").is_file() and (out / m / "eval.json").is_file()
     # the teacher and shards are cached: a second run reuses them
     assert len(list((tmp_path / "home" / "demo").glob("*/teacher.safetensors"))) == 1
+    # the report line the demo prints runs as printed (its paths need no GTE_HOME in the environment)
+    line = next(x for x in res.stderr.splitlines() if x.startswith("an HTML report with pictures: gte eval "))
+    argv = shlex.split(line.split(": ", 1)[1])
+    assert argv[argv.index("--report") + 1] == str(out / "report")
+    env.pop("GTE_HOME")
+    rep = subprocess.run([sys.executable, "-m", "gte", *argv[1:]], env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert rep.returncode == 0, rep.stderr[-3000:]
+    assert (out / "report" / "report.html").is_file()
