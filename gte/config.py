@@ -8,7 +8,7 @@ import tomllib
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from gte.errors import GteError
 
@@ -60,6 +60,10 @@ class DistillConfig:
     exp_norm_weight: float = 0.0  # + μ · (log‖W_S‖ − log‖W_T‖)² per explained class: a term that is not scale-free
     multilabel: bool = False      # multi-label data (VOC): binary KD per class, labels from json.labels
     frozen: bool = False          # teacher-free: logits + map stored by `gte precompute` in data.train's shards
+    # The distill keys the recipe gave (its file, its `extends` chain or --set), recorded by from_dict; a method's
+    # paper setting fills the others (gte.methods.resolve). None (built in Python): a key counts as given when its
+    # value differs from the default. A class attribute, so neither a recipe key nor written to recipe.toml.
+    given: ClassVar[frozenset[str] | None] = None
 
 
 @dataclass
@@ -228,10 +232,13 @@ def from_dict(raw: dict[str, Any], check_ranges: bool = True) -> Recipe:
         if not isinstance(values, dict):
             raise GteError(f"recipe section '{section}' must be a table")
         target = getattr(recipe, section)
+        fields = {f.name for f in dataclasses.fields(target)}
         for key, value in values.items():
-            if not hasattr(target, key):
+            if key not in fields:
                 raise GteError(f"unknown recipe key '{section}.{key}'")
             setattr(target, key, coerce(f"{section}.{key}", value, getattr(target, key)))
+        if section == "distill":
+            target.given = frozenset(values)
     problems = range_problems(recipe) if check_ranges else []
     if problems:
         raise GteError(problems[0])

@@ -75,6 +75,7 @@ class Method(ABC):
     Options: ClassVar[type] = NoOptions
     ce_default: ClassVar[float] = 1.0  # label-loss weight when distill.ce_weight < 0 (the method paper's setting)
     multilabel: ClassVar[bool] = True  # works with multi-hot labels (distill.multilabel); False: one class per sample
+    logit_std_setting: ClassVar[dict[str, Any]] = {}  # distill / option keys distill.logit_std sets unless given
 
     def __init__(self, cfg: DistillConfig, student: nn.Module, teacher: nn.Module | None = None, *,
                  explanation: bool = False, context: Context = Context()):

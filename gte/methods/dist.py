@@ -64,6 +64,7 @@ class DIST(KD):
     Options = DISTOptions
     ce_default = DEFAULTS["ce_weight"]
     multilabel = False  # per-sample class distributions (softmax) and, for DKD, the target class
+    logit_std_setting = {}  # the logit-standardisation code has no DIST setting: its own defaults stay
 
     def objective(self, batch, s, t):
         o = self.options

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from gte.losses import _f32
 from gte.methods.base import register
 from gte.methods.kd import KD
+from gte.methods.logit_std import SETTINGS
 
 DEFAULTS = {"ce_weight": 1.0, "alpha": 1.0, "beta": 0.5, "temperature": 1.0, "warmup_epochs": 1.0}
 
@@ -91,6 +92,7 @@ class DKD(KD):
     Options = DKDOptions
     ce_default = DEFAULTS["ce_weight"]
     multilabel = False  # per-sample class distributions (softmax) and, for DKD, the target class
+    logit_std_setting = SETTINGS["dkd"]  # α 9, β 4.5, T 2, CE 1 (gte.methods.logit_std)
 
     def objective(self, batch, s, t):
         o = self.options

@@ -9,7 +9,7 @@ import torch
 from gte.errors import GteError
 from gte.losses import kd_loss, multilabel_kd_loss
 from gte.methods.base import Method, Needs, register
-from gte.methods.logit_std import standardize
+from gte.methods.logit_std import SETTINGS, standardize
 
 
 @dataclass
@@ -27,6 +27,7 @@ class KD(Method):
     needs = Needs(teacher=True)
     Options = KDOptions
     ce_default = 0.0  # the e2KD paper's KD and e2KD runs use no label loss (official coefficient 0)
+    logit_std_setting = SETTINGS["kd"]  # T 2, weight 9, CE 1 (gte.methods.logit_std)
 
     def objective(self, batch, s, t):
         return self.logit_terms(s.logits, t.logits, batch.labels)
