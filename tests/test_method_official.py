@@ -113,3 +113,39 @@ def test_dry_run_shows_the_resolved_logit_std_setting(tmp_path, monkeypatch, cap
                           "--dry-run"], monkeypatch, capsys)
     assert "temperature = 2.0" in out and "ce_weight = 1.0" in out, out
     assert "weight = 9.0" in out.split("[distill.options]")[1], out
+
+
+# ------------------------------------------------------------------------------------------------ A2 cat_kd
+def _official_cams(model, images):
+    """github:GzyAftermath/CAT-KD mdistiller/models/imagenet/resnet.py l. 207 and 269: the CAMs are a bias-free 1×1
+    convolution (the classifier's weight) of ReLU(the last stage's map); l. 271-272: the logits are their average."""
+    feats = {}
+    handle = model.get_submodule(info(model).gradcam_layer).register_forward_hook(
+        lambda m, i, o: feats.__setitem__("last", o))
+    try:
+        model(to_model_input(info(model), images))
+    finally:
+        handle.remove()
+    w = model.get_submodule(info(model).head).weight
+    return F.conv2d(F.relu(feats["last"]), w[:, :, None, None])
+
+
+def test_cat_kd_student_logits_are_the_mean_of_its_cams_and_the_loss_is_the_officials():
+    """Logits = spatial mean of the CAMs (no bias), and L = CE + β·CAT_loss with CAT_loss the MSE of the 4×4-pooled
+    maps (CAT_KD.py l. 54-60 and l. 77-81; configs/imagenet/CAT-KD/r34_r18.yaml: β 0.5, P 4, no normalisation)."""
+    student, teacher = _models()
+    method = build_method(from_dict({"distill": {"method": "cat_kd"}}).distill, student, teacher)
+    batch = _batch(size=32)
+    loss, _ = method.loss(batch)
+    with torch.no_grad():
+        cams_s, cams_t = _official_cams(student, batch.images), _official_cams(teacher, batch.images)
+        logits = student(to_model_input(info(student), batch.images))
+    torch.testing.assert_close(logits, cams_s.mean(dim=(2, 3)), rtol=1e-5, atol=1e-6)
+    pool = lambda c: F.adaptive_avg_pool2d(c, (4, 4))  # noqa: E731
+    expected = F.cross_entropy(cams_s.mean(dim=(2, 3)), batch.labels) + 0.5 * F.mse_loss(pool(cams_s), pool(cams_t))
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+    loss.backward()
+    assert student.fc.bias.grad is None and not student.fc.bias.any()  # stays bias-free while training
+    kept = build_method(from_dict({"distill": {"method": "cat_kd", "options": {"head_bias": True}}}).distill,
+                        *_models(seed=1))
+    assert kept.student.fc.bias.requires_grad and kept.student.fc.bias.abs().sum() > 0

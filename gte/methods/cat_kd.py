@@ -20,6 +20,13 @@ ImageNet defaults (ResNet-34 → ResNet-18, ``configs/imagenet/CAT-KD/r34_r18.ya
 (``CAT_loss_weight``) 0.5, P (``CAM_RESOLUTION``) 4, ``CE_WEIGHT`` 1, ``onlyCAT: False`` (CAT-KD, with CE),
 ``IF_NORMALIZE: False``. (ResNet-50 → MobileNet-V2 uses β 10, P 2, normalised; the function defaults P = 2,
 normalise = True are those of ``mdistiller/engine/cfg.py`` l. 26-38.)
+
+The student's classifier, as the official one: its ImageNet student ``ResNet_test`` (``mdistiller/models/imagenet/
+resnet.py`` l. 207 ``conv_test = Conv2d(512·expansion, num_classes, 1, bias=False)``, l. 269-272 logits =
+avgpool(conv_test(ReLU(feat4)))) has no classifier bias, so its logits are exactly the spatial mean of its CAMs and
+the CE term trains the maps themselves. A linear student head's bias is therefore zeroed and frozen when the method is
+built (``[distill.options] head_bias = false``, the default); ``head_bias = true`` keeps and trains it (logits = mean
+CAM + bias, as gte did before). The teacher's CAMs never include a bias (l. 269), whatever its head has.
 """
 
 from __future__ import annotations
@@ -77,6 +84,8 @@ class CATKDOptions:
     weight: float = DEFAULTS["beta"]
     pool_size: int = DEFAULTS["pool_size"]
     normalize: bool = DEFAULTS["normalize"]
+    head_bias: bool = False  # False: the student's linear classifier bias is zeroed and frozen (the official
+                             # bias-free 1×1 conv head); True: kept and trained
 
 
 @register("cat_kd")
@@ -94,6 +103,12 @@ class CATKD(Method):
     def __init__(self, cfg, student, teacher, **kw):
         super().__init__(cfg, student, teacher, **kw)
         self.s_weight, self.t_weight = self._maps_from(student, "student"), self._maps_from(teacher, "teacher")
+        if self.s_weight is not None and not self.options.head_bias:
+            bias = get_submodule(student, self.student_info.head).bias
+            if bias is not None:  # the official student's 1×1 conv head has none: logits = mean of its CAMs
+                with torch.no_grad():
+                    bias.zero_()
+                bias.requires_grad_(False)
 
     def _maps_from(self, model: nn.Module, role: str) -> torch.Tensor | None:
         """The classifier weight (maps = weight · deepest stage), or None after re-pointing the tap to the head
