@@ -149,3 +149,38 @@ def test_cat_kd_student_logits_are_the_mean_of_its_cams_and_the_loss_is_the_offi
     kept = build_method(from_dict({"distill": {"method": "cat_kd", "options": {"head_bias": True}}}).distill,
                         *_models(seed=1))
     assert kept.student.fc.bias.requires_grad and kept.student.fc.bias.abs().sum() > 0
+
+
+# ------------------------------------------------------------------------------------------------ A3 reviewkd
+def test_reviewkd_taps_post_relu_stage_outputs_by_default_as_the_authors_imagenet_code():
+    """github:dvlab-research/ReviewKD ImageNet/models/resnet.py l. 217-227: ``x2 = self.relu(x1)`` with an in-place ReLU
+    (l. 155) overwrites each kept stage feature, so the distilled features are the stages' outputs after a ReLU; the
+    last one is the average pool of the ReLU'd last map (l. 229). ``taps = "pre_relu"`` gives the features before the
+    last block's ReLU (mdistiller's ``preact_feats``)."""
+    from gte.methods.passes import StudentPass
+
+    student, teacher = _models()
+    batch = _batch()
+    stages = list(info(student).stages)
+
+    def run(options: dict) -> tuple[list[torch.Tensor], dict]:
+        method = build_method(from_dict({"distill": {"method": "reviewkd", "options": options}}).distill, student,
+                              teacher)
+        outs = {}
+        handles = [student.get_submodule(n).register_forward_hook(
+            lambda m, i, o, n=n: outs.__setitem__(n, o.clone())) for n in stages]
+        try:
+            return StudentPass(student, batch.images, method.student_layers, None).features, outs
+        finally:
+            for h in handles:
+                h.remove()
+
+    post, outs = run({})
+    assert len(post) == len(stages) + 1
+    for got, name in zip(post, stages):
+        torch.testing.assert_close(got, F.relu(outs[name]), rtol=0, atol=0)  # the official x1…x4
+    torch.testing.assert_close(post[-1].mean(dim=(2, 3)), F.relu(outs[stages[-1]]).mean(dim=(2, 3)))
+    pre, _ = run({"taps": "pre_relu"})
+    for before, got in zip(pre, post[:-1]):
+        torch.testing.assert_close(F.relu(before), got, rtol=0, atol=0)
+        assert (before < 0).any()  # pre_relu really is before the ReLU
