@@ -184,3 +184,25 @@ def test_reviewkd_taps_post_relu_stage_outputs_by_default_as_the_authors_imagene
     for before, got in zip(pre, post[:-1]):
         torch.testing.assert_close(F.relu(before), got, rtol=0, atol=0)
         assert (before < 0).any()  # pre_relu really is before the ReLU
+
+
+# ------------------------------------------------------------------------------------------------ A4 float64
+FEATURE_METHODS = [name for name, cls in __import__("gte.methods", fromlist=["METHODS"]).METHODS.items()
+                   if cls.needs.student_features or cls.needs.teacher_features]
+
+
+@pytest.mark.parametrize("name", FEATURE_METHODS)
+def test_feature_methods_build_and_train_on_float64_models(name):
+    """The shape probe and the trainable parts follow the models' dtype (a float32 probe met float64 weights)."""
+    assert {"at", "cat_kd", "reviewkd", "crd"} <= set(FEATURE_METHODS)
+    student, teacher = _models(dtype=torch.float64)
+    options = {"nce_k": 8} if name == "crd" else {}
+    method = build_method(from_dict({"distill": {"method": name, "options": options}}).distill, student, teacher,
+                          Context(n_data=8, image_size=16))
+    loss, _ = method.loss(_batch(dtype=torch.float64))
+    assert torch.isfinite(loss)
+    loss.backward()
+    assert all(p.grad is None or (p.grad.dtype == torch.float64 and torch.isfinite(p.grad).all())
+               for p in student.parameters())
+    if method.parts is not None:
+        assert all(p.dtype == torch.float64 for p in method.parts.parameters())

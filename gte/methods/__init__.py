@@ -87,7 +87,10 @@ def build_method(cfg: DistillConfig, student: nn.Module, teacher: nn.Module | No
                        "teacher outputs (distill.frozen)")
     if needs_teacher and teacher is None and not cfg.frozen:
         raise GteError(f"distill.method '{cfg.method}' needs a teacher (set teacher.arch and teacher.weights)")
-    return cls(cfg, student, teacher, explanation=explanation, context=context)
+    method = cls(cfg, student, teacher, explanation=explanation, context=context)
+    if method.parts is not None:  # trainable parts in the student's precision (float64 students: float64 parts)
+        method.parts.to(dtype=next(student.parameters()).dtype)
+    return method
 
 
 __all__ = ["METHODS", "Batch", "Context", "Method", "Needs", "build_method", "parse_method", "resolve",

@@ -158,12 +158,14 @@ class Method(ABC):
         """Per-sample shapes of the tapped student and teacher layers at ``context.image_size`` (one probe forward
         each; for sizing trainable parts)."""
         size = self.context.image_size
-        device = next(self.student.parameters()).device
-        probe = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(0)).to(device)  # run RNG untouched
-        s = feature_shapes(self.student, self.student_layers, to_model_input(self.student_info, probe))
-        t = (feature_shapes(self.teacher, self.teacher_layers, to_model_input(info(self.teacher), probe))
-             if self.teacher is not None else [])
-        return s, t
+        probe = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(0))  # the run's RNG untouched
+
+        def shapes(model: nn.Module, layers: list[str]) -> list[torch.Size]:
+            p = next(model.parameters())  # each model's own device and dtype (a float64 model takes float64 input)
+            return feature_shapes(model, layers, to_model_input(info(model), probe.to(p.device, p.dtype)))
+
+        return shapes(self.student, self.student_layers), (shapes(self.teacher, self.teacher_layers)
+                                                           if self.teacher is not None else [])
 
     def with_labels(self, loss: torch.Tensor, logs: dict, logits: torch.Tensor, labels: torch.Tensor,
                     weight: float | None = None) -> torch.Tensor:
