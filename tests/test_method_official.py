@@ -206,3 +206,65 @@ def test_feature_methods_build_and_train_on_float64_models(name):
                for p in student.parameters())
     if method.parts is not None:
         assert all(p.dtype == torch.float64 for p in method.parts.parameters())
+
+
+# ------------------------------------------------------------------------------------------------ B11-B13
+@pytest.mark.parametrize("method, option, value, what", [
+    ("crd", "feat_dim", 0, ">= 1"), ("crd", "nce_k", 0, ">= 1"), ("crd", "nce_t", 0.0, "> 0"),
+    ("crd", "nce_m", 1.0, "in [0, 1)"), ("crd", "nce_m", -0.1, "in [0, 1)"), ("crd", "negatives", "all", "'uniform'"),
+    ("crd", "weight", -1.0, ">= 0"), ("cat_kd", "pool_size", 0, ">= 1"), ("cat_kd", "weight", -0.5, ">= 0"),
+    ("reviewkd", "mid_channel", -1, ">= 0"), ("reviewkd", "warmup_epochs", -5.0, ">= 0"),
+    ("reviewkd", "taps", "both", "'pre_relu'"), ("kd", "weight", -1.0, ">= 0"), ("e2kd", "weight", -1.0, ">= 0"),
+    ("dist", "weight", -2.0, ">= 0"), ("dist", "beta", -1.0, ">= 0"), ("dist", "gamma", -1.0, ">= 0"),
+    ("dkd", "alpha", -1.0, ">= 0"), ("dkd", "beta", -1.0, ">= 0"), ("dkd", "warmup_epochs", -1.0, ">= 0"),
+    ("at", "p", 0.0, "> 0"), ("at", "weight", -1.0, ">= 0"),
+    ("at", "p", float("nan"), "finite"), ("kd", "weight", float("inf"), "finite"), ("crd", "nce_t", float("nan"), "finite"),
+])
+def test_method_options_out_of_range_are_one_line(method, option, value, what):
+    """Each Options field declares its range beside it (gte.methods.base.option); parse_options checks them all."""
+    from gte.errors import GteError
+    from gte.validate import problems
+
+    recipe = from_dict({"distill": {"method": method, "options": {option: value}}})
+    found = [p for p in problems(recipe) if "distill.options" in p]
+    assert len(found) == 1 and f"distill.options.{option}" in found[0] and what in found[0], found
+    with pytest.raises(GteError, match=f"distill.options.{option}"):
+        build_method(recipe.distill, *_models(), Context(n_data=8, image_size=16))
+
+
+def test_a_negative_reviewkd_warmup_is_refused_by_the_cli(tmp_path, monkeypatch, capsys):
+    from _fixtures import one_line_exit_2
+
+    (tmp_path / "r.toml").write_text('[distill]\nmethod = "reviewkd"\n[distill.options]\nwarmup_epochs = -5.0\n'
+                                     '[student]\narch = "cifar_resnet20"\n')
+    one_line_exit_2(["distill", "--recipe", str(tmp_path / "r.toml")], monkeypatch, capsys,
+                    "distill.options.warmup_epochs", ">= 0", "-5.0")
+    code, _, err = run_main(["distill", "--recipe", str(tmp_path / "r.toml"), "--dry-run"], monkeypatch, capsys)
+    assert code == 2 and "distill.options.warmup_epochs" in err and "Traceback" not in err
+
+
+def test_a_tapped_layer_without_a_spatial_map_is_one_line():
+    from gte.errors import GteError
+
+    student, teacher = _models()
+    cfg = from_dict({"distill": {"method": "at", "student_layers": ["layer1", "fc"],
+                                 "teacher_layers": ["layer1", "layer3"]}}).distill
+    with pytest.raises(GteError, match=r"at needs a spatial map .* student layer 'fc' gives N×5") as e:
+        build_method(cfg, student, teacher, Context(image_size=16))
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("method", ["at", "crd", "reviewkd"])
+@pytest.mark.parametrize("layer", [":in", "stem:in"])
+def test_taps_of_the_input_image_are_refused(method, layer):
+    """``"<module>:in"`` taps a module's input: of the model itself, or of its first convolution, that is the image."""
+    from gte.errors import GteError
+
+    student, teacher = _models()
+    n = 1 if method == "crd" else 3
+    layers = [layer] + ["layer2", "layer3"][: n - 1]
+    cfg = from_dict({"distill": {"method": method, "student_layers": layers, "teacher_layers": ["layer1", "layer2",
+                                                                                              "layer3"][:n],
+                                 "options": {"nce_k": 8} if method == "crd" else {}}}).distill
+    with pytest.raises(GteError, match=f"'{layer}' taps the student's input image"):
+        build_method(cfg, student, teacher, Context(n_data=8, image_size=16))

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 
 from gte.errors import GteError
 from gte.losses import _f32
-from gte.methods.base import Method, Needs, register
+from gte.methods.base import Method, Needs, at_least, option, register
 from gte.models import get_submodule, info
 
 DEFAULTS = {"beta": 0.5, "pool_size": 4, "normalize": False, "ce_weight": 1.0, "only_cat": False}
@@ -81,8 +81,8 @@ def cat_loss(student_cams: torch.Tensor, teacher_cams: torch.Tensor, pool_size: 
 class CATKDOptions:
     """``[distill.options]`` of ``cat_kd`` (the official ImageNet R34 → R18 setting)."""
 
-    weight: float = DEFAULTS["beta"]
-    pool_size: int = DEFAULTS["pool_size"]
+    weight: float = option(DEFAULTS["beta"], at_least(0), ">= 0")
+    pool_size: int = option(DEFAULTS["pool_size"], at_least(1), ">= 1")
     normalize: bool = DEFAULTS["normalize"]
     head_bias: bool = False  # False: the student's linear classifier bias is zeroed and frozen (the official
                              # bias-free 1×1 conv head); True: kept and trained
@@ -96,7 +96,8 @@ class CATKD(Method):
     B-cos ResNet's 1×1 B-cos head already gives one map per class before pooling, and those are taken as they are.
     """
 
-    needs = Needs(teacher=True, student_features="last", teacher_features="last", frozen=False)
+    needs = Needs(teacher=True, student_features="last", teacher_features="last", frozen=False,
+                  spatial=True)
     Options = CATKDOptions
     ce_default = DEFAULTS["ce_weight"]
 

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from gte.losses import _f32
-from gte.methods.base import register
+from gte.methods.base import at_least, option, register
 from gte.methods.kd import KD
 from gte.methods.logit_std import SETTINGS
 
@@ -79,9 +79,10 @@ def dkd_warmup(epoch_float: float, warmup_epochs: float) -> float:
 class DKDOptions:
     """``[distill.options]`` of ``dkd`` (mdistiller's ImageNet R34 → R18 setting; T is ``distill.temperature``)."""
 
-    alpha: float = DEFAULTS["alpha"]
-    beta: float = DEFAULTS["beta"]
-    warmup_epochs: float = DEFAULTS["warmup_epochs"]  # the official min(epoch / warmup, 1), epochs counted from 1
+    alpha: float = option(DEFAULTS["alpha"], at_least(0), ">= 0")
+    beta: float = option(DEFAULTS["beta"], at_least(0), ">= 0")
+    # the official min(epoch / warmup, 1), epochs counted from 1
+    warmup_epochs: float = option(DEFAULTS["warmup_epochs"], at_least(0), ">= 0")
 
 
 @register("dkd")

@@ -8,7 +8,7 @@ import torch
 
 from gte.errors import GteError
 from gte.losses import kd_loss, multilabel_kd_loss
-from gte.methods.base import Method, Needs, register
+from gte.methods.base import Method, Needs, at_least, option, register
 from gte.methods.logit_std import SETTINGS, standardize
 
 
@@ -16,7 +16,8 @@ from gte.methods.logit_std import SETTINGS, standardize
 class KDOptions:
     """``[distill.options]`` of ``kd`` / ``e2kd`` (T is ``distill.temperature``, λ ``distill.lambda_exp``)."""
 
-    weight: float = 1.0  # of the KD term (the logit-standardisation paper's ImageNet KD uses 9 with T = 2, CE 1)
+    # of the KD term (with distill.logit_std: 9, the logit-standardisation paper's ImageNet setting, with T 2, CE 1)
+    weight: float = option(1.0, at_least(0), ">= 0")
 
 
 @register("kd")

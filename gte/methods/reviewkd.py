@@ -53,7 +53,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gte.errors import GteError
-from gte.methods.base import Method, Needs, register
+from gte.methods.base import Method, Needs, at_least, option, register
 from gte.methods.features import last_map, pooled, preactivation
 from gte.models import info
 
@@ -170,11 +170,13 @@ def hcl_loss(student_feats: Sequence[torch.Tensor], teacher_feats: Sequence[torc
 class ReviewKDOptions:
     """``[distill.options]`` of ``reviewkd`` (the official ImageNet R34 → R18 setting)."""
 
-    weight: float = REVIEWKD_WEIGHT
-    mid_channel: int = 0           # 0 = min(512, the deepest student stage's channels)
-    warmup_epochs: float = WARMUP_EPOCHS  # the review loss ramps linearly over these epochs (0 = full weight)
-    taps: str = "post_relu"        # "post_relu": stage outputs (the authors' ImageNet code) | "pre_relu": before the
-                                   # final ReLU (mdistiller); module docstring
+    weight: float = option(REVIEWKD_WEIGHT, at_least(0), ">= 0")
+    mid_channel: int = option(0, at_least(0), ">= 0 (0 = min(512, C_last))")  # 0: min(512, deepest student C)
+    # the review loss ramps linearly over these epochs (0 = full weight)
+    warmup_epochs: float = option(WARMUP_EPOCHS, at_least(0), ">= 0 (0 = no warm-up)")
+    # "post_relu": stage outputs (the authors' ImageNet code) | "pre_relu": before the final ReLU (mdistiller);
+    # module docstring
+    taps: str = option("post_relu", choices=("post_relu", "pre_relu"))
 
 
 @register("reviewkd")
