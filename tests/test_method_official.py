@@ -268,3 +268,42 @@ def test_taps_of_the_input_image_are_refused(method, layer):
                                  "options": {"nce_k": 8} if method == "crd" else {}}}).distill
     with pytest.raises(GteError, match=f"'{layer}' taps the student's input image"):
         build_method(cfg, student, teacher, Context(n_data=8, image_size=16))
+
+
+# ------------------------------------------------------------------------------------------------ A5 GradCAM layer
+MOBILENET = "torchvision/mobilenet_v3_small"
+SE_LAYER = "features.8"  # a block whose successors gate with hard-sigmoid squeeze-excitation
+
+
+def test_a_gradcam_layer_without_a_second_derivative_is_one_line_at_setup():
+    """PyTorch has no derivative of hardsigmoid_backward: GradCAM at a MobileNetV3 block before an SE gate cannot be
+    trained through; the architecture's own layer ('features', after the last SE) can."""
+    from gte.errors import GteError
+    from gte.models import with_spec
+
+    torch.manual_seed(0)
+    student, teacher = build_model(MOBILENET, C), build_model(MOBILENET, C).eval().requires_grad_(False)
+    with_spec(student, gradcam_layer=SE_LAYER)
+    cfg = from_dict({"distill": {"method": "e2kd", "explainer": "gradcam"}}).distill
+    with pytest.raises(GteError) as e:
+        build_method(cfg, student, teacher, Context(image_size=32))
+    line = str(e.value)
+    assert "\n" not in line and f"'{SE_LAYER}'" in line and "hardsigmoid" in line
+    assert 'student.explain_layer = "features"' in line
+    with_spec(student, gradcam_layer="features")
+    method = build_method(cfg, student, teacher, Context(image_size=32))
+    loss, _ = method.loss(_batch(size=32))
+    loss.backward()  # the suggested layer does train
+
+
+def test_dry_run_names_a_gradcam_layer_without_a_second_derivative(tmp_path, monkeypatch, capsys):
+    from gte.validate import problems
+
+    text = (f'[student]\narch = "{MOBILENET}"\nexplain_layer = "{SE_LAYER}"\n[teacher]\narch = "{MOBILENET}"\n'
+            f'[data]\nnum_classes = {C}\n[distill]\nmethod = "e2kd"\n')
+    (tmp_path / "r.toml").write_text(text)
+    assert any(f"'{SE_LAYER}'" in p and "hardsigmoid" in p for p in problems(load_recipe(str(tmp_path / "r.toml"))))
+    code, _, err = run_main(["distill", "--recipe", str(tmp_path / "r.toml"), "--dry-run"], monkeypatch, capsys)
+    assert code == 2 and "Traceback" not in err
+    hits = [x for x in err.splitlines() if "hardsigmoid" in x]
+    assert len(hits) == 1 and f"'{SE_LAYER}'" in hits[0] and 'explain_layer = "features"' in hits[0], err
