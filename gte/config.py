@@ -48,7 +48,8 @@ class DistillConfig:
     lambda_exp: float = 1.0
     ce_weight: float = -1.0       # label-loss weight; -1 = the method's own (0 for kd/e2kd as in the official e2KD
                                   # code, 1 for the baselines, as their papers train them)
-    logit_std: bool = False       # z-score both models' logits before the logit loss (kd, dkd, dist; CVPR 2024)
+    logit_std: bool = False       # z-score both models' logits before the logit loss (kd, dkd, dist; CVPR 2024);
+                                  # alone: the paper's ImageNet T / weights / CE for keys left unset (methods/logit_std)
     student_layers: list[str] = field(default_factory=list)  # feature methods: layers to tap ([] = the model's stages)
     teacher_layers: list[str] = field(default_factory=list)
     guided_every: int = 1         # explanation term on every K-th step only
