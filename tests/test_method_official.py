@@ -218,7 +218,8 @@ def test_feature_methods_build_and_train_on_float64_models(name):
     ("dist", "weight", -2.0, ">= 0"), ("dist", "beta", -1.0, ">= 0"), ("dist", "gamma", -1.0, ">= 0"),
     ("dkd", "alpha", -1.0, ">= 0"), ("dkd", "beta", -1.0, ">= 0"), ("dkd", "warmup_epochs", -1.0, ">= 0"),
     ("at", "p", 0.0, "> 0"), ("at", "weight", -1.0, ">= 0"),
-    ("at", "p", float("nan"), "finite"), ("kd", "weight", float("inf"), "finite"), ("crd", "nce_t", float("nan"), "finite"),
+    ("at", "p", float("nan"), "finite"), ("kd", "weight", float("inf"), "finite"),
+    ("crd", "nce_t", float("nan"), "finite"),
 ])
 def test_method_options_out_of_range_are_one_line(method, option, value, what):
     """Each Options field declares its range beside it (gte.methods.base.option); parse_options checks them all."""

@@ -44,7 +44,8 @@ def uses_teacher(name: str) -> bool:
 
 
 def _given(cfg: DistillConfig, key: str) -> bool:
-    """Whether the recipe set ``distill.<key>`` itself (``DistillConfig.given``; built in Python: not at its default)."""
+    """Whether the recipe set ``distill.<key>`` itself (``DistillConfig.given``; built in Python: not at its
+    default)."""
     if key == "ce_weight" and cfg.ce_weight != -1:  # -1 is the method's own weight
         return True
     if cfg.given is not None:

@@ -38,7 +38,8 @@ Which stage features are distilled (``[distill.options] taps``):
 - ``"pre_relu"``: the stage outputs before their final ReLU (``<stage>.<last block>.relu:in``), as that ResNet
   intends and as mdistiller's re-implementation truly computes (``mdistiller/distillers/ReviewKD.py`` l. 72-77 for
   the student with ``configs/imagenet/r34_r18/reviewkd.yaml`` ``STU_PREACT: True``, l. 89 for the teacher:
-  ``preact_feats``; read in the copy of mdistiller at github:sunshangquan/logit-standardization-KD). Stages that do not end in such a block are tapped as they are.
+  ``preact_feats``; read in the copy of mdistiller at github:sunshangquan/logit-standardization-KD). Stages that
+  do not end in such a block are tapped as they are.
 
 ``distill.student_layers`` / ``teacher_layers`` replace the stages in both cases (taken as given).
 """
