@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from gte.config import from_dict, load_recipe
-from gte.methods import Batch, Context, build_method
+from gte.methods import METHODS, Batch, Context, build_method
 from gte.models import build_model, info, to_model_input
 
 from _fixtures import run_main
@@ -187,8 +187,7 @@ def test_reviewkd_taps_post_relu_stage_outputs_by_default_as_the_authors_imagene
 
 
 # ------------------------------------------------------------------------------------------------ A4 float64
-FEATURE_METHODS = [name for name, cls in __import__("gte.methods", fromlist=["METHODS"]).METHODS.items()
-                   if cls.needs.student_features or cls.needs.teacher_features]
+FEATURE_METHODS = [name for name, cls in METHODS.items() if cls.needs.student_features or cls.needs.teacher_features]
 
 
 @pytest.mark.parametrize("name", FEATURE_METHODS)
