@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import ctypes
+import dataclasses
 import json
 import os
 import platform
@@ -161,7 +162,7 @@ def build_rows(recipe: Recipe, batch: int, precision: str, device: torch.device)
         return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
     def cfg(**kw) -> DistillConfig:
-        c = DistillConfig(**{**recipe.distill.__dict__, "multilabel": False, "frozen": False})
+        c = dataclasses.replace(recipe.distill, multilabel=False, frozen=False)
         for k, v in kw.items():
             setattr(c, k, v)
         return c

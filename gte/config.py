@@ -10,7 +10,7 @@ import tomllib
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from gte.errors import GteError
 
@@ -50,7 +50,8 @@ class DistillConfig:
     lambda_exp: float = 1.0
     ce_weight: float = -1.0       # label-loss weight; -1 = the method's own (0 for kd/e2kd as in the official e2KD
                                   # code, 1 for the baselines, as their papers train them)
-    logit_std: bool = False       # z-score both models' logits before the logit loss (kd, dkd, dist; CVPR 2024)
+    logit_std: bool = False       # z-score both models' logits before the logit loss (kd, dkd, dist; CVPR 2024);
+                                  # alone: the paper's ImageNet T / weights / CE for keys left unset (methods/logit_std)
     student_layers: list[str] = field(default_factory=list)  # feature methods: layers to tap ([] = the model's stages)
     teacher_layers: list[str] = field(default_factory=list)
     guided_every: int = 1         # explanation term on every K-th step only
@@ -62,6 +63,10 @@ class DistillConfig:
     exp_norm_weight: float = 0.0  # + μ · (log‖W_S‖ − log‖W_T‖)² per explained class: a term that is not scale-free
     multilabel: bool = False      # multi-label data (VOC): binary KD per class, labels from json.labels
     frozen: bool = False          # teacher-free: logits + map stored by `gte precompute` in data.train's shards
+    # The distill keys the recipe gave (its file, its `extends` chain or --set), recorded by from_dict; a method's
+    # paper setting fills the others (gte.methods.resolve). None (built in Python): a key counts as given when its
+    # value differs from the default. A class attribute, so neither a recipe key nor written to recipe.toml.
+    given: ClassVar[frozenset[str] | None] = None
 
 
 @dataclass
@@ -233,11 +238,14 @@ def from_dict(raw: dict[str, Any], check_ranges: bool = True) -> Recipe:
         if not isinstance(values, dict):
             raise GteError(f"recipe section '{section}' must be a table")
         target = getattr(recipe, section)
+        fields = {f.name for f in dataclasses.fields(target)}
         for key, value in values.items():
-            if not hasattr(target, key):
-                known = [f"{section}.{f.name}" for f in dataclasses.fields(target)]
+            if key not in fields:
+                known = [f"{section}.{f}" for f in fields]
                 raise GteError(f"unknown recipe key '{section}.{key}'{_did_you_mean(f'{section}.{key}', known)}")
             setattr(target, key, coerce(f"{section}.{key}", value, getattr(target, key)))
+        if section == "distill":
+            target.given = frozenset(values)
     problems = range_problems(recipe) if check_ranges else []
     if problems:
         raise GteError(problems[0])

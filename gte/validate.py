@@ -151,6 +151,10 @@ def _layers(recipe: Recipe) -> None:
                 with_spec(model, gradcam_layer=model_cfg.explain_layer)
             except GteError as e:
                 raise GteError(f"{role}.explain_layer: {e}") from None
+            if role == "student" and gradcam:  # trained through its CAM: a random-weight copy takes the 2nd derivative
+                real = with_spec(create(model_cfg.arch, max(2, recipe.data.num_classes)),
+                                 gradcam_layer=model_cfg.explain_layer)
+                get("gradcam").check_student(real)
         elif used and gradcam and info(model).gradcam_layer is None:
             raise GteError(f"{role} {model_cfg.arch} has no GradCAM layer gte can find: name one with "
                            f"{role}.explain_layer (a module whose output is a feature map or patch tokens)")

@@ -183,10 +183,12 @@ def test_logit_std_option_is_the_papers_loss_for_kd_and_standardises_dkd_and_dis
     s, t = torch.randn(6, 5) * 3, torch.randn(6, 5) * 7
     labels = torch.randint(0, 5, (6,))
     kd = build_method(DistillConfig(method="kd", logit_std=True, temperature=2.0, ce_weight=0.0), student, teacher)
-    torch.testing.assert_close(kd.logit_terms(s, t, labels)[0], standardized_kd_loss(s, t, 2.0))
+    # weight 9: the paper's setting, which logit_std brings unless distill.options.weight is given
+    torch.testing.assert_close(kd.logit_terms(s, t, labels)[0], 9.0 * standardized_kd_loss(s, t, 2.0))
     plain = build_method(DistillConfig(method="kd", temperature=2.0, ce_weight=0.0), student, teacher)
     assert not torch.allclose(plain.logit_terms(s, t, labels)[0], standardized_kd_loss(s, t, 2.0))
-    for name, fn in (("dkd", lambda a, b: dkd_loss(a, b, labels, 1.0, 0.5, 2.0)),
+    # dkd: α 9, β 4.5 — the paper's logit-standardised DKD setting (tests/test_method_official.py)
+    for name, fn in (("dkd", lambda a, b: dkd_loss(a, b, labels, 9.0, 4.5, 2.0)),
                      ("dist", lambda a, b: 2.0 * dist_loss(a, b, 1.0, 1.0, 2.0))):
         m = build_method(DistillConfig(method=name, logit_std=True, temperature=2.0, ce_weight=0.0), student, teacher)
 

@@ -29,6 +29,10 @@ class Explainer(ABC):
     def check(self, model: nn.Module) -> None:
         """Raise a one-line :class:`GteError` when ``model`` cannot be explained this way."""
 
+    def check_student(self, model: nn.Module) -> None:
+        """Raise a one-line :class:`GteError` when a student cannot be *trained* through its explanations (after
+        :meth:`check`); the default: any model that can be explained can."""
+
     @abstractmethod
     def explain_with_logits(self, model: nn.Module, x: torch.Tensor, classes: torch.Tensor | None,
                             create_graph: bool = False) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,6 +1,11 @@
 """Positive GradCAM (Selvaraju et al., ICCV 2017) at a model's GradCAM layer (``ModelInfo.gradcam_layer``):
 
     CAM_c = ReLU( Σ_k mean_ij(∂y_c / ∂A_k) · A_k ),   bilinearly upsampled to the input size (N×1×H×W).
+
+A student trained through its CAM (e2KD) needs the derivative of ∂y_c/∂A_k in its parameters: a second derivative of
+every layer after A. PyTorch lacks some (``hardsigmoid_backward``: the squeeze-excitation gates of MobileNetV3 blocks),
+so :meth:`GradCAM.check_student` takes it once on one small random image when the method is built, and names the
+layer and the architecture's own GradCAM layer when it cannot.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ import torch.nn.functional as F
 
 from gte.errors import GteError
 from gte.explainers.base import Explainer, register, selected
-from gte.models import get_submodule, info
+from gte.models import create, get_submodule, info, to_model_input
 
 
 def on_grid(tokens: torch.Tensor, prefix: int) -> torch.Tensor:
@@ -53,6 +58,18 @@ class GradCAM(Explainer):
         if info(model).gradcam_layer is None:
             raise GteError(f"{info(model).arch} has no GradCAM layer")
 
+    def check_student(self, model: nn.Module) -> None:
+        mi = info(model)
+        problem = double_backward_problem(model, mi.gradcam_layer)
+        if problem is None:
+            return
+        own = _own_layer(mi.arch)
+        hint = (f"; the architecture's own GradCAM layer takes it: student.explain_layer = \"{own}\""
+                if own and own != mi.gradcam_layer and double_backward_problem(model, own) is None
+                else "; name a later layer with student.explain_layer")
+        raise GteError(f"student {mi.arch}: GradCAM at layer '{mi.gradcam_layer}' cannot be trained through — e2KD "
+                       f"needs its gradient's derivative and PyTorch has none for a layer after it ({problem}){hint}")
+
     def _forward(self, model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(logits, the GradCAM layer's activations) of one forward with graph."""
         self.check(model)
@@ -81,6 +98,43 @@ class GradCAM(Explainer):
                 return gradcam(acts, logits, classes, x.shape[-2:], True, info(model).token_prefix,
                                info(model).map_nhwc)
         return logits, explain
+
+
+def double_backward_problem(model: nn.Module, layer: str) -> str | None:
+    """PyTorch's error taking ∂(Σ CAM)/∂θ for GradCAM at ``layer`` (the explanation term's gradient), or None when it
+    can: one forward on one small random image in eval mode (running statistics untouched), nothing accumulated."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        return None
+    mi = info(model)
+    size = mi.input_size if mi.fixed_input_size else min(mi.input_size, 64)
+    x = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(0)).to(params[0].device, params[0].dtype)
+    store: list[torch.Tensor] = []
+    handle = get_submodule(model, layer).register_forward_hook(lambda m, i, o: store.append(o))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.enable_grad(), _unfused_attention(model):
+            logits = model(to_model_input(mi, x))
+            cam = gradcam(store[-1], logits, None, x.shape[-2:], True, mi.token_prefix, mi.map_nhwc)
+            torch.autograd.grad(cam.sum(), params, allow_unused=True)
+    except (RuntimeError, NotImplementedError) as e:
+        if "not implemented" not in str(e):
+            raise
+        return str(e).strip().splitlines()[0]
+    finally:
+        handle.remove()
+        model.train(was_training)
+    return None
+
+
+def _own_layer(arch: str) -> str | None:
+    """The GradCAM layer of ``arch`` as gte builds it (a parameter-free copy), whatever a spec override says."""
+    try:
+        with torch.device("meta"):
+            return info(create(arch, 2)).gradcam_layer
+    except GteError:
+        return None
 
 
 @contextlib.contextmanager

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from gte.errors import GteError
 from gte.losses import _f32
-from gte.methods.base import Method, Needs, register
+from gte.methods.base import Method, Needs, at_least, option, positive, register
 
 DEFAULTS = {"beta": 1000.0, "p": 2.0, "ce_weight": 1.0}
 
@@ -70,15 +70,16 @@ def at_loss(student_feats: list[torch.Tensor], teacher_feats: list[torch.Tensor]
 class ATOptions:
     """``[distill.options]`` of ``at`` (mdistiller's ImageNet setting)."""
 
-    weight: float = DEFAULTS["beta"]  # β of L = w_ce · CE + β · L_AT
-    p: float = DEFAULTS["p"]
+    weight: float = option(DEFAULTS["beta"], at_least(0), ">= 0")  # β of L = w_ce · CE + β · L_AT
+    p: float = option(DEFAULTS["p"], positive, "> 0")
 
 
 @register("at")
 class AT(Method):
     """Attention transfer: the student's spatial attention maps match the teacher's at every stage."""
 
-    needs = Needs(teacher=True, student_features="stages", teacher_features="stages", frozen=False)
+    needs = Needs(teacher=True, student_features="stages", teacher_features="stages", frozen=False,
+                  spatial=True)
     Options = ATOptions
     ce_default = DEFAULTS["ce_weight"]
 

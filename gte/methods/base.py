@@ -11,6 +11,7 @@ adds the e2KD explanation term when the method runs "+ e2KD". The loop never nam
 from __future__ import annotations
 
 import dataclasses
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -22,7 +23,7 @@ from gte.config import DistillConfig, coerce
 from gte.errors import GteError
 from gte.losses import classification_loss
 from gte.methods.explanation import ExplanationTerm
-from gte.methods.features import feature_shapes, layer_names
+from gte.methods.features import INPUT, check_taps, layer_names, probe
 from gte.methods.passes import StudentPass, TeacherPass, teacher_pass
 from gte.models import info, to_model_input
 
@@ -37,6 +38,7 @@ class Needs:
     teacher_features: str = ""
     indices: bool = False           # batch.indices: each sample's index in the training set (0..n_data-1)
     frozen: bool = True             # can run on stored teacher logits/maps (distill.frozen) instead of a teacher
+    spatial: bool = False           # the tapped layers must give N×C×H×W maps (checked on a probe when built)
 
 
 @dataclass
@@ -75,6 +77,7 @@ class Method(ABC):
     Options: ClassVar[type] = NoOptions
     ce_default: ClassVar[float] = 1.0  # label-loss weight when distill.ce_weight < 0 (the method paper's setting)
     multilabel: ClassVar[bool] = True  # works with multi-hot labels (distill.multilabel); False: one class per sample
+    logit_std_setting: ClassVar[dict[str, Any]] = {}  # distill / option keys distill.logit_std sets unless given
 
     def __init__(self, cfg: DistillConfig, student: nn.Module, teacher: nn.Module | None = None, *,
                  explanation: bool = False, context: Context = Context()):
@@ -92,6 +95,7 @@ class Method(ABC):
         self.teacher_layers = (layer_names(teacher, self.needs.teacher_features, cfg.teacher_layers, "teacher")
                                if teacher is not None else [])
         self.parts: nn.Module | None = None  # set by methods with trainable modules (in __init__)
+        self._check_taps()
 
     # ------------------------------------------------------------------------------------------ the contract
     @abstractmethod
@@ -153,16 +157,34 @@ class Method(ABC):
         on all ranks (CRD's memory) happen here, from what the step's micro-batches left."""
 
     # ------------------------------------------------------------------------------------------ helpers
+    def _probes(self) -> list[tuple[str, nn.Module, list[str], torch.Tensor, dict[str, torch.Tensor]]]:
+        """(role, model, layers, model input, tapped outputs) of one probe forward per model at
+        ``context.image_size``, in each model's device and dtype (the run's RNG untouched)."""
+        size = self.context.image_size
+        images = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+        out = []
+        for role, model, layers in (("student", self.student, self.student_layers),
+                                    ("teacher", self.teacher, self.teacher_layers)):
+            if model is None:
+                continue
+            p = next(model.parameters())  # a float64 model takes float64 input
+            x = to_model_input(info(model), images.to(p.device, p.dtype))
+            out.append((role, model, layers, x, probe(model, layers, x)))
+        return out
+
+    def _check_taps(self) -> None:
+        """Tapped layers never give the input image, and give maps where the method needs them (``needs.spatial``)."""
+        layers = [*self.student_layers, *self.teacher_layers]
+        if not layers or not (self.needs.spatial or any(x.endswith(INPUT) for x in layers)):
+            return
+        for role, _, _, x, feats in self._probes():
+            check_taps(feats, x, role, self.name, self.needs.spatial)
+
     def feature_shapes(self) -> tuple[list[torch.Size], list[torch.Size]]:
         """Per-sample shapes of the tapped student and teacher layers at ``context.image_size`` (one probe forward
         each; for sizing trainable parts)."""
-        size = self.context.image_size
-        device = next(self.student.parameters()).device
-        probe = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(0)).to(device)  # run RNG untouched
-        s = feature_shapes(self.student, self.student_layers, to_model_input(self.student_info, probe))
-        t = (feature_shapes(self.teacher, self.teacher_layers, to_model_input(info(self.teacher), probe))
-             if self.teacher is not None else [])
-        return s, t
+        shapes = {role: [feats[name].shape[1:] for name in layers] for role, _, layers, _, feats in self._probes()}
+        return shapes["student"], shapes.get("teacher", [])
 
     def with_labels(self, loss: torch.Tensor, logs: dict, logits: torch.Tensor, labels: torch.Tensor,
                     weight: float | None = None) -> torch.Tensor:
@@ -175,8 +197,26 @@ class Method(ABC):
         return loss
 
 
+def option(default: Any, ok: Any = None, what: str = "", *, choices: tuple[str, ...] = ()) -> Any:
+    """An ``Options`` field with its range next to it: ``ok(value)`` must hold (``what`` says what it must be), or
+    the value must be one of ``choices``. Checked by :func:`parse_options` for every given value."""
+    if choices:
+        ok, what = (lambda v: v in choices), " or ".join(repr(c) for c in choices)
+    return dataclasses.field(default=default, metadata={"ok": ok, "what": what})
+
+
+def at_least(low: float) -> Any:
+    """A range test ``value >= low`` (for :func:`option`)."""
+    return lambda v: v >= low
+
+
+def positive(v: float) -> bool:
+    return v > 0
+
+
 def parse_options(cls: type[Method], given: dict[str, Any]) -> Any:
-    """``distill.options`` as the method's ``Options`` dataclass: unknown keys named, types checked."""
+    """``distill.options`` as the method's ``Options`` dataclass: unknown keys named, types checked, every number
+    finite and every value in its field's range (:func:`option`)."""
     if cls.Options is NoOptions:
         if given:
             raise GteError(f"distill.options: method '{cls.name}' takes no options, got {', '.join(given)}")
@@ -186,7 +226,14 @@ def parse_options(cls: type[Method], given: dict[str, Any]) -> Any:
     for key, value in given.items():
         if key not in known:
             raise GteError(f"distill.options: method '{cls.name}' has no option '{key}' (known: {', '.join(known)})")
-        values[key] = coerce(f"distill.options.{key}", value, getattr(cls.Options(), key))
+        name = f"distill.options.{key}"
+        value = coerce(name, value, getattr(cls.Options(), key))
+        if isinstance(value, float) and not math.isfinite(value):
+            raise GteError(f"recipe key '{name}' must be a finite number, got {value!r}")
+        ok, what = known[key].metadata.get("ok"), known[key].metadata.get("what", "")
+        if ok is not None and not ok(value):
+            raise GteError(f"recipe key '{name}' must be {what} for method '{cls.name}', got {value!r}")
+        values[key] = value
     return cls.Options(**values)
 
 

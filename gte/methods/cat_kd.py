@@ -20,6 +20,13 @@ ImageNet defaults (ResNet-34 → ResNet-18, ``configs/imagenet/CAT-KD/r34_r18.ya
 (``CAT_loss_weight``) 0.5, P (``CAM_RESOLUTION``) 4, ``CE_WEIGHT`` 1, ``onlyCAT: False`` (CAT-KD, with CE),
 ``IF_NORMALIZE: False``. (ResNet-50 → MobileNet-V2 uses β 10, P 2, normalised; the function defaults P = 2,
 normalise = True are those of ``mdistiller/engine/cfg.py`` l. 26-38.)
+
+The student's classifier, as the official one: its ImageNet student ``ResNet_test`` (``mdistiller/models/imagenet/
+resnet.py`` l. 207 ``conv_test = Conv2d(512·expansion, num_classes, 1, bias=False)``, l. 269-272 logits =
+avgpool(conv_test(ReLU(feat4)))) has no classifier bias, so its logits are exactly the spatial mean of its CAMs and
+the CE term trains the maps themselves. A linear student head's bias is therefore zeroed and frozen when the method is
+built (``[distill.options] head_bias = false``, the default); ``head_bias = true`` keeps and trains it (logits = mean
+CAM + bias, as gte did before). The teacher's CAMs never include a bias (l. 269), whatever its head has.
 """
 
 from __future__ import annotations
@@ -32,7 +39,7 @@ import torch.nn.functional as F
 
 from gte.errors import GteError
 from gte.losses import _f32
-from gte.methods.base import Method, Needs, register
+from gte.methods.base import Method, Needs, at_least, option, register
 from gte.models import get_submodule, info
 
 DEFAULTS = {"beta": 0.5, "pool_size": 4, "normalize": False, "ce_weight": 1.0, "only_cat": False}
@@ -74,9 +81,11 @@ def cat_loss(student_cams: torch.Tensor, teacher_cams: torch.Tensor, pool_size: 
 class CATKDOptions:
     """``[distill.options]`` of ``cat_kd`` (the official ImageNet R34 → R18 setting)."""
 
-    weight: float = DEFAULTS["beta"]
-    pool_size: int = DEFAULTS["pool_size"]
+    weight: float = option(DEFAULTS["beta"], at_least(0), ">= 0")
+    pool_size: int = option(DEFAULTS["pool_size"], at_least(1), ">= 1")
     normalize: bool = DEFAULTS["normalize"]
+    head_bias: bool = False  # False: the student's linear classifier bias is zeroed and frozen (the official
+                             # bias-free 1×1 conv head); True: kept and trained
 
 
 @register("cat_kd")
@@ -87,13 +96,20 @@ class CATKD(Method):
     B-cos ResNet's 1×1 B-cos head already gives one map per class before pooling, and those are taken as they are.
     """
 
-    needs = Needs(teacher=True, student_features="last", teacher_features="last", frozen=False)
+    needs = Needs(teacher=True, student_features="last", teacher_features="last", frozen=False,
+                  spatial=True)
     Options = CATKDOptions
     ce_default = DEFAULTS["ce_weight"]
 
     def __init__(self, cfg, student, teacher, **kw):
         super().__init__(cfg, student, teacher, **kw)
         self.s_weight, self.t_weight = self._maps_from(student, "student"), self._maps_from(teacher, "teacher")
+        if self.s_weight is not None and not self.options.head_bias:
+            bias = get_submodule(student, self.student_info.head).bias
+            if bias is not None:  # the official student's 1×1 conv head has none: logits = mean of its CAMs
+                with torch.no_grad():
+                    bias.zero_()
+                bias.requires_grad_(False)
 
     def _maps_from(self, model: nn.Module, role: str) -> torch.Tensor | None:
         """The classifier weight (maps = weight · deepest stage), or None after re-pointing the tap to the head

@@ -38,7 +38,7 @@ from torch import nn
 
 from gte import dist as gte_dist  # not gte.methods.dist (the DIST method)
 from gte.errors import GteError
-from gte.methods.base import Method, Needs, register
+from gte.methods.base import Method, Needs, at_least, option, positive, register
 from gte.methods.features import pooled
 
 FEAT_DIM = 128
@@ -251,14 +251,14 @@ def gather_for_update(e_s: torch.Tensor, e_t: torch.Tensor,
 class CRDOptions:
     """``[distill.options]`` of ``crd`` (the paper's and mdistiller's ImageNet setting)."""
 
-    weight: float = CRD_WEIGHT     # β of L = w_ce · CE + β · L_CRD
-    feat_dim: int = FEAT_DIM
-    nce_k: int = NCE_K             # negatives per anchor
-    nce_t: float = NCE_T
-    nce_m: float = NCE_M           # memory momentum
-    negatives: str = "other_classes"  # "other_classes": drawn among other classes' samples (the official loaders'
-                                      # "exact" mode; needs every sample's label, which training gives);
-                                      # "uniform": over the whole data set (also where no labels are known)
+    weight: float = option(CRD_WEIGHT, at_least(0), ">= 0")  # β of L = w_ce · CE + β · L_CRD
+    feat_dim: int = option(FEAT_DIM, at_least(1), ">= 1")
+    nce_k: int = option(NCE_K, at_least(1), ">= 1")  # negatives per anchor
+    nce_t: float = option(NCE_T, positive, "> 0")
+    nce_m: float = option(NCE_M, lambda v: 0 <= v < 1, "in [0, 1)")  # memory momentum
+    # "other_classes": drawn among other classes' samples (the official loaders' "exact" mode; needs every sample's
+    # label, which training gives); "uniform": over the whole data set (also where no labels are known)
+    negatives: str = option("other_classes", choices=("other_classes", "uniform"))
 
 
 @register("crd")
@@ -283,8 +283,6 @@ class CRD(Method):
         if n < 2:
             raise GteError("crd keeps one memory row per training sample: it needs local shards gte can count")
         device = next(student.parameters()).device
-        if o.negatives not in ("other_classes", "uniform"):
-            raise GteError(f"distill.options.negatives must be 'other_classes' or 'uniform', got '{o.negatives}'")
         labels = self.context.labels if o.negatives == "other_classes" else None
         if labels is not None:  # unknown labels (-1) form one more group: negatives for every class
             labels = torch.where(labels < 0, labels.max() + 1, labels)

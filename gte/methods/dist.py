@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from gte.losses import _f32
-from gte.methods.base import register
+from gte.methods.base import at_least, option, register
 from gte.methods.kd import KD
 
 DEFAULTS = {"beta": 1.0, "gamma": 1.0, "temperature": 1.0, "kd_weight": 2.0, "ce_weight": 1.0}
@@ -52,9 +52,9 @@ def dist_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, beta: 
 class DISTOptions:
     """``[distill.options]`` of ``dist`` (the official ImageNet setting; τ is ``distill.temperature``)."""
 
-    weight: float = DEFAULTS["kd_weight"]
-    beta: float = DEFAULTS["beta"]    # inter-class relation
-    gamma: float = DEFAULTS["gamma"]  # intra-class relation
+    weight: float = option(DEFAULTS["kd_weight"], at_least(0), ">= 0")
+    beta: float = option(DEFAULTS["beta"], at_least(0), ">= 0")  # inter-class relation
+    gamma: float = option(DEFAULTS["gamma"], at_least(0), ">= 0")  # intra-class relation
 
 
 @register("dist")
@@ -64,6 +64,7 @@ class DIST(KD):
     Options = DISTOptions
     ce_default = DEFAULTS["ce_weight"]
     multilabel = False  # per-sample class distributions (softmax) and, for DKD, the target class
+    logit_std_setting = {}  # the logit-standardisation code has no DIST setting: its own defaults stay
 
     def objective(self, batch, s, t):
         o = self.options

@@ -31,8 +31,9 @@ import torch
 import torch.nn.functional as F
 
 from gte.losses import _f32
-from gte.methods.base import register
+from gte.methods.base import at_least, option, register
 from gte.methods.kd import KD
+from gte.methods.logit_std import SETTINGS
 
 DEFAULTS = {"ce_weight": 1.0, "alpha": 1.0, "beta": 0.5, "temperature": 1.0, "warmup_epochs": 1.0}
 
@@ -78,9 +79,10 @@ def dkd_warmup(epoch_float: float, warmup_epochs: float) -> float:
 class DKDOptions:
     """``[distill.options]`` of ``dkd`` (mdistiller's ImageNet R34 → R18 setting; T is ``distill.temperature``)."""
 
-    alpha: float = DEFAULTS["alpha"]
-    beta: float = DEFAULTS["beta"]
-    warmup_epochs: float = DEFAULTS["warmup_epochs"]  # the official min(epoch / warmup, 1), epochs counted from 1
+    alpha: float = option(DEFAULTS["alpha"], at_least(0), ">= 0")
+    beta: float = option(DEFAULTS["beta"], at_least(0), ">= 0")
+    # the official min(epoch / warmup, 1), epochs counted from 1
+    warmup_epochs: float = option(DEFAULTS["warmup_epochs"], at_least(0), ">= 0")
 
 
 @register("dkd")
@@ -91,6 +93,7 @@ class DKD(KD):
     Options = DKDOptions
     ce_default = DEFAULTS["ce_weight"]
     multilabel = False  # per-sample class distributions (softmax) and, for DKD, the target class
+    logit_std_setting = SETTINGS["dkd"]  # α 9, β 4.5, T 2, CE 1 (gte.methods.logit_std)
 
     def objective(self, batch, s, t):
         o = self.options

@@ -29,6 +29,7 @@ class ExplanationTerm:
         s = info(student)
         self.explainer = choose_explainer(cfg.explainer, s.bcos)
         get(self.explainer).check(student)
+        get(self.explainer).check_student(student)
         if self.explainer == "bcos" and not supports_one_pass(student):
             raise GteError(f"e2KD with B-cos explanations needs a B-cos student gte can differentiate exactly; "
                            f"{s.arch} is not one")

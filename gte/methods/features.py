@@ -29,6 +29,9 @@ def layer_names(model: nn.Module, which: str, override: list[str], role: str) ->
         raise GteError(f"{mi.arch} has no feature stages gte knows: set distill.{role}_layers to module names "
                        f"(the {role} has e.g. {', '.join(_some_modules(model))})")
     for name in names:
+        if not _module(name):  # get_submodule("") is the model itself: its input is the image
+            raise GteError(f"distill.{role}_layers: '{name}' taps the {role}'s input image, not a feature (name a "
+                           f"module, e.g. {', '.join(_some_modules(model)[1:3])})")
         try:
             get_submodule(model, _module(name))
         except AttributeError:
@@ -91,11 +94,11 @@ def tap(model: nn.Module, layers: list[str]) -> Iterator[dict[str, torch.Tensor]
             h.remove()
 
 
-def feature_shapes(model: nn.Module, layers: list[str], model_input: torch.Tensor) -> list[torch.Size]:
-    """Per-sample shapes (C×H×W) of ``layers``' outputs for an input like ``model_input`` (one forward, no graph;
-    the model's train/eval mode is kept)."""
+def probe(model: nn.Module, layers: list[str], model_input: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``{layer: output}`` for an input like ``model_input`` (one forward, no graph; the model's train/eval mode is
+    kept)."""
     if not layers:
-        return []
+        return {}
     was_training = model.training
     model.eval()
     try:
@@ -103,7 +106,27 @@ def feature_shapes(model: nn.Module, layers: list[str], model_input: torch.Tenso
             model(model_input)
     finally:
         model.train(was_training)
+    return feats
+
+
+def feature_shapes(model: nn.Module, layers: list[str], model_input: torch.Tensor) -> list[torch.Size]:
+    """Per-sample shapes (C×H×W) of ``layers``' outputs for an input like ``model_input`` (:func:`probe`)."""
+    feats = probe(model, layers, model_input)
     return [feats[name].shape[1:] for name in layers]
+
+
+def check_taps(feats: dict[str, torch.Tensor], model_input: torch.Tensor, role: str, method: str,
+               spatial: bool) -> None:
+    """One line for a tapped layer that gives the model's input image (``":in"`` of the model, or of a module the
+    image goes into unchanged) and, with ``spatial``, for one whose output is not an N×C×H×W map."""
+    for name, f in feats.items():
+        if name.endswith(INPUT) and f.shape == model_input.shape and torch.equal(f, model_input):
+            raise GteError(f"distill.{role}_layers: '{name}' taps the {role}'s input image, not a feature: "
+                           f"{method} distils features (name the module whose output or input is a feature map)")
+        if spatial and f.ndim != 4:
+            raise GteError(f"distill.{role}_layers: {method} needs a spatial map (N×C×H×W) at each tapped layer; "
+                           f"{role} layer '{name}' gives {'×'.join(['N', *map(str, f.shape[1:])])} (name a layer "
+                           "whose output is a feature map, e.g. a stage)")
 
 
 def pooled(feature: torch.Tensor) -> torch.Tensor:

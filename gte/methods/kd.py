@@ -8,15 +8,16 @@ import torch
 
 from gte.errors import GteError
 from gte.losses import kd_loss, multilabel_kd_loss
-from gte.methods.base import Method, Needs, register
-from gte.methods.logit_std import standardize
+from gte.methods.base import Method, Needs, at_least, option, register
+from gte.methods.logit_std import SETTINGS, standardize
 
 
 @dataclass
 class KDOptions:
     """``[distill.options]`` of ``kd`` / ``e2kd`` (T is ``distill.temperature``, λ ``distill.lambda_exp``)."""
 
-    weight: float = 1.0  # of the KD term (the logit-standardisation paper's ImageNet KD uses 9 with T = 2, CE 1)
+    # of the KD term (with distill.logit_std: 9, the logit-standardisation paper's ImageNet setting, with T 2, CE 1)
+    weight: float = option(1.0, at_least(0), ">= 0")
 
 
 @register("kd")
@@ -27,6 +28,7 @@ class KD(Method):
     needs = Needs(teacher=True)
     Options = KDOptions
     ce_default = 0.0  # the e2KD paper's KD and e2KD runs use no label loss (official coefficient 0)
+    logit_std_setting = SETTINGS["kd"]  # T 2, weight 9, CE 1 (gte.methods.logit_std)
 
     def objective(self, batch, s, t):
         return self.logit_terms(s.logits, t.logits, batch.labels)

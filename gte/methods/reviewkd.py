@@ -17,12 +17,31 @@ with ``pool_l`` adaptive average pooling to l×l over the levels l ∈ (4, 2, 1)
 (``l < H``), and weights halving from the full-resolution term: w = 1/2, 1/4, 1/8 for the levels kept, in order.
 The total loss is ``ce_weight · CE + weight · min(1, epoch / warmup) · L_review``.
 
-Defaults follow the official ImageNet R34→R18 recipe (github.com/dvlab-research/ReviewKD ImageNet/README.md and
-models/reviewkd.py): mid_channel 512 (``build_review_kd('resnet18')``; mdistiller's ``min(512, C_last)`` gives the
-same), loss weight 1.0, CE weight 1.0, no warm-up (the warm-up in imagenet_amp.py is commented out; mdistiller's
-ImageNet yaml sets WARMUP_EPOCHS 1 with epochs counted from 1, i.e. full weight from the start). The CIFAR-100
-recipes use a 20-epoch linear warm-up. Stage features are the pre-activation outputs of the stages (the official
-ResNet skips the last block's final ReLU), for student and teacher alike.
+Defaults follow the official ImageNet R34→R18 recipe (github:dvlab-research/ReviewKD ImageNet/README.md and
+ImageNet/models/reviewkd.py): mid_channel 512 (``build_review_kd('resnet18')``; mdistiller's ``min(512, C_last)``
+gives the same), loss weight 1.0, CE weight 1.0, and no warm-up of the review loss: ``ImageNet/imagenet_amp.py``
+l. 381-384 adds ``hcl(...) * review_kd_loss_weight`` at full weight from the first step (the commented-out lines
+l. 542-547 of its ``adjust_learning_rate`` are a 5-epoch *learning-rate* warm-up, not a loss ramp). mdistiller's
+ImageNet yaml sets WARMUP_EPOCHS 1 with epochs counted from 1, i.e. full weight from the start too; the CIFAR-100
+recipes use a 20-epoch linear warm-up of the loss (``warmup_epochs``).
+
+Which stage features are distilled (``[distill.options] taps``):
+
+- ``"post_relu"`` (the default): each stage's output after its final ReLU, for student and teacher alike — what the
+  authors' ImageNet code actually feeds. Its ResNet (``ImageNet/models/resnet.py``) means to return pre-ReLU
+  features: the last block of a stage skips its ReLU (l. 74-75, ``is_last``) and ``_forward_impl`` keeps ``x1…x4``
+  (l. 217-227, returned at l. 234). But it then applies ``self.relu`` — ``nn.ReLU(inplace=True)``, l. 155 — to each
+  of them (``x2 = self.relu(x1)``, l. 218, and likewise l. 221, 224, 227), which overwrites the kept tensors in
+  place: the features the ImageNet results were trained on are post-ReLU (the fifth, ``x5``, is the average pool of
+  the ReLU'd last map either way). The teacher is the same file's ResNet-34 (``imagenet_amp.py`` l. 16, 271-273,
+  380), so it is post-ReLU too.
+- ``"pre_relu"``: the stage outputs before their final ReLU (``<stage>.<last block>.relu:in``), as that ResNet
+  intends and as mdistiller's re-implementation truly computes (``mdistiller/distillers/ReviewKD.py`` l. 72-77 for
+  the student with ``configs/imagenet/r34_r18/reviewkd.yaml`` ``STU_PREACT: True``, l. 89 for the teacher:
+  ``preact_feats``; read in the copy of mdistiller at github:sunshangquan/logit-standardization-KD). Stages that
+  do not end in such a block are tapped as they are.
+
+``distill.student_layers`` / ``teacher_layers`` replace the stages in both cases (taken as given).
 """
 
 from __future__ import annotations
@@ -35,8 +54,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from gte.errors import GteError
-from gte.methods.base import Method, Needs, register
-from gte.methods.features import last_map, pooled
+from gte.methods.base import Method, Needs, at_least, option, register
+from gte.methods.features import last_map, pooled, preactivation
 from gte.models import info
 
 MID_CHANNEL = 512
@@ -152,22 +171,32 @@ def hcl_loss(student_feats: Sequence[torch.Tensor], teacher_feats: Sequence[torc
 class ReviewKDOptions:
     """``[distill.options]`` of ``reviewkd`` (the official ImageNet R34 → R18 setting)."""
 
-    weight: float = REVIEWKD_WEIGHT
-    mid_channel: int = 0           # 0 = min(512, the deepest student stage's channels)
-    warmup_epochs: float = WARMUP_EPOCHS  # the review loss ramps linearly over these epochs (0 = full weight)
+    weight: float = option(REVIEWKD_WEIGHT, at_least(0), ">= 0")
+    mid_channel: int = option(0, at_least(0), ">= 0 (0 = min(512, C_last))")  # 0: min(512, deepest student C)
+    # the review loss ramps linearly over these epochs (0 = full weight)
+    warmup_epochs: float = option(WARMUP_EPOCHS, at_least(0), ">= 0 (0 = no warm-up)")
+    # "post_relu": stage outputs (the authors' ImageNet code) | "pre_relu": before the final ReLU (mdistiller);
+    # module docstring
+    taps: str = option("post_relu", choices=("post_relu", "pre_relu"))
 
 
 @register("reviewkd")
 class ReviewKD(Method):
-    """Knowledge review: the student's stage features (before their final ReLU) and its pooled feature, fused deep →
-    shallow by trainable ABF modules, matched to the teacher's at every stage with the hierarchical context loss."""
+    """Knowledge review: the student's stage features (``taps``: after their final ReLU, or before it) and its pooled
+    feature, fused deep → shallow by trainable ABF modules, matched to the teacher's at every stage with the
+    hierarchical context loss."""
 
-    needs = Needs(teacher=True, student_features="preact", teacher_features="preact", frozen=False)
+    needs = Needs(teacher=True, student_features="stages", teacher_features="stages", frozen=False)
     Options = ReviewKDOptions
     ce_default = CE_WEIGHT
 
     def __init__(self, cfg, student, teacher, **kw):
         super().__init__(cfg, student, teacher, **kw)
+        if self.options.taps == "pre_relu":
+            if not cfg.student_layers:
+                self.student_layers = preactivation(student, self.student_layers)
+            if not cfg.teacher_layers:
+                self.teacher_layers = preactivation(teacher, self.teacher_layers)
         # the pooled feature is the global average of the deepest stage's output (after its ReLU), as the
         # classifier sees it
         for layers, mi in ((self.student_layers, self.student_info), (self.teacher_layers, info(teacher))):
