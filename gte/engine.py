@@ -22,7 +22,8 @@ import torch.nn as nn
 from gte import dist, frozen
 from gte.config import ModelConfig, Recipe
 from gte.errors import GteError
-from gte.methods import Batch, Context, Method, build_method, uses_teacher
+from gte.explainers import choose_explainer
+from gte.methods import Batch, Context, Method, build_method, parse_method, uses_teacher
 from gte.models import build_model, freeze, info, run_size, with_spec
 from gte.optim import apply_update, build_optimizer, warmup_cosine
 
@@ -102,13 +103,19 @@ def build_models(recipe: Recipe, *, pretrained: bool = True, teacher: bool | Non
     student = build_model(recipe.student.arch, d.num_classes, (recipe.student.weights or None) if pretrained else None)
     # the student's spec is this run's geometry: what eval, explain and precompute use for model.safetensors
     with_spec(student, input_size=d.image_size, crop_pct=d.image_size / (d.eval_resize or d.image_size / 0.875),
-              interpolation=d.interpolation, **layer_spec(recipe.student))
+              interpolation=d.interpolation, trained_explainer=trained_explainer(recipe, info(student).bcos),
+              **layer_spec(recipe.student))
     if teacher is None:
         teacher = uses_teacher(recipe.distill.method) and not recipe.distill.frozen
     if teacher:
         t = build_model(recipe.teacher.arch, d.num_classes, (recipe.teacher.weights or None) if pretrained else None)
         return student, freeze(with_spec(t, **layer_spec(recipe.teacher)))
     return student, None
+
+
+def trained_explainer(recipe: Recipe, student_bcos: bool) -> str:
+    """The explainer the run's explanation term uses ("" for a method without one): recorded in the student's spec."""
+    return choose_explainer(recipe.distill.explainer, student_bcos) if parse_method(recipe.distill.method)[1] else ""
 
 
 def layer_spec(model: ModelConfig) -> dict[str, str]:

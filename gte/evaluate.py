@@ -38,6 +38,7 @@ class EvalOptions:
     shift_samples: int = 256  # samples per run used by the shift test (split evenly over ranks)
     examples: int = 0  # images kept (rank 0) for the report grid
     teacher_size: int = 0  # the side the teacher sees each image at (0: the eval size, or its fixed size)
+    explainer: str = "auto"  # how both models' explanations are compared (auto: see pair_explainer)
 
 
 @dataclass
@@ -58,12 +59,25 @@ class EvalOutput:
     examples: list[Example] = field(default_factory=list)
 
 
-def _explainer(student: nn.Module, teacher: nn.Module) -> str:
+def pair_explainer(student: nn.Module, teacher: nn.Module, name: str = "auto") -> str:
+    """The explainer both models are compared with: ``name``; for ``"auto"`` the one the student was trained with (its
+    spec's ``trained_explainer``), else the one a ``gte distill`` run of this pair uses by default
+    (:func:`gte.explainers.choose_explainer`: the student's own) where the teacher has it too, else GradCAM, which
+    every model with a spatial map has — so any pair training accepts, evaluation accepts."""
+    from gte.explainers import EXPLAINERS, choose_explainer
+
     s, t = info(student), info(teacher)
-    if s.bcos != t.bcos:
-        raise GteError(f"cannot compare explanations of {t.arch} (teacher) and {s.arch} (student): "
-                       "one is a B-cos network and the other is not")
-    return s.explainer
+    if name != "auto" and name not in EXPLAINERS:
+        raise GteError(f"unknown explainer '{name}' (known: auto, {', '.join(EXPLAINERS)})")
+    chosen = s.trained_explainer if name == "auto" and s.trained_explainer else choose_explainer(name, s.bcos)
+    if chosen != name and get(chosen).needs_bcos and not t.bcos:  # auto: W(x) needs a B-cos teacher as well
+        chosen = "gradcam"
+    for role, mi, model in (("student", s, student), ("teacher", t, teacher)):
+        if get(chosen).needs_bcos and not mi.bcos:
+            raise GteError(f"explainer '{chosen}' explains B-cos networks, the {role} {mi.arch} is not one "
+                           "(use gradcam)")
+        get(chosen).check(model)
+    return chosen
 
 
 # --------------------------------------------------------------------------------------------- per batch
@@ -134,7 +148,7 @@ def run_eval(model: nn.Module, spec: str, *, data: DataConfig, teacher: nn.Modul
     mi = info(model)
     if teacher is not None and info(teacher).num_classes != mi.num_classes:
         raise GteError(f"teacher has {info(teacher).num_classes} classes, the model {mi.num_classes}")
-    method = _explainer(model, teacher) if teacher is not None else mi.explainer
+    method = pair_explainer(model, teacher, o.explainer) if teacher is not None else mi.explainer
     teacher_size = run_size(info(teacher), o.teacher_size, data.image_size) if teacher is not None else 0
     sums: dict[str, float] = defaultdict(float)
     ml: dict[str, list[np.ndarray]] = defaultdict(list)  # multi-label scores/targets for mAP

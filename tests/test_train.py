@@ -199,3 +199,31 @@ def test_progress_lines_without_a_terminal(tmp_path, shards, teacher_path, every
     assert [int(x.split()[1].split("/")[0]) for x in lines] == [2, 4, 6]
     for line in lines:
         assert re.fullmatch(r"step \d/6 ep 1/1 loss [\d.]+ kd [\d.]+ \d+ img/s ETA \d:\d\d:\d\d", line), line
+
+
+def test_a_pair_distill_accepts_is_one_eval_accepts_with_the_same_explainer(tmp_path, shards, monkeypatch, capsys):
+    """A B-cos student trained by GradCAM against a standard teacher (what the dry-run suggests for that pair): the
+    student's spec records 'gradcam', `gte eval --teacher` compares by it (was: refused as a mixed pair), and
+    `--explainer bcos` on that pair is one line."""
+    from _fixtures import run_main
+
+    from gte.models import build_model, info, save_model
+
+    torch.manual_seed(0)
+    teacher = tmp_path / "std-teacher.safetensors"
+    save_model(build_model("cifar_resnet20", 4), teacher)
+    recipe = _recipe(tmp_path, shards, teacher, explainer="gradcam")
+    recipe.teacher.arch, recipe.optim.epochs = "cifar_resnet20", 1
+    result = train(recipe)
+    assert info(result.model).trained_explainer == "gradcam" and result.test["explainer"] == "gradcam"
+    student = result.out / "model.safetensors"
+    assert info(load_model(str(student))).trained_explainer == "gradcam"  # the spec travels in the file
+    code, out, err = run_main(["eval", str(student), "--data", shards["test"], "--teacher", str(teacher), "--json",
+                               "-"], monkeypatch, capsys)
+    assert code == 0, err
+    m = json.loads(out)
+    assert m["explainer"] == "gradcam" and m["explanation_similarity"] == pytest.approx(
+        result.test["explanation_similarity"], abs=1e-5)
+    code, _, err = run_main(["eval", str(student), "--data", shards["test"], "--teacher", str(teacher),
+                             "--explainer", "bcos"], monkeypatch, capsys)
+    assert code == 2 and "the teacher cifar_resnet20 is not one (use gradcam)" in err and err.count("\n") == 1

@@ -98,4 +98,10 @@ def _dry_run(r) -> None:
     if r.demo.enabled:
         err.print("dry run: the demo recipe is valid; it generates its data and teacher under $GTE_HOME when run")
     else:
-        err.print("dry run: recipe, data paths and weights are valid")
+        from gte.engine import trained_explainer
+        from gte.models import is_bcos
+
+        how = trained_explainer(r, is_bcos(r.student.arch))
+        err.print("dry run: recipe, data paths and weights are valid" + (
+            f"; the explanation term compares {how} maps (recorded in the student's spec: `gte eval --teacher` "
+            "compares the same)" if how else ""))

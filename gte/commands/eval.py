@@ -32,6 +32,9 @@ def eval_command(
     shift_max: int = typer.Option(16, "--shift-max", help="Largest shift in pixels."),
     shift_samples: int = typer.Option(256, "--shift-samples", help="Samples used by the shift test."),
     examples: int = typer.Option(6, "--examples", help="Images in the report's explanation grid."),
+    explainer: str = typer.Option("auto", "--explainer", help="How both models' explanations are compared: bcos "
+                                  "(W(x), two B-cos networks) or gradcam; auto = what the student was trained with "
+                                  "(its spec), else its own where the teacher has it, else gradcam."),
     teacher_size: int = typer.Option(0, "--teacher-image-size", help="The side the teacher sees each image at, as "
                                      "in training with teacher.image_size (0 = the eval size, or the teacher's "
                                      "fixed size)."),
@@ -52,7 +55,8 @@ def eval_command(
     from gte.evaluate import EvalOptions
 
     opts = EvalOptions(batch_size=batch_size, waterbirds=waterbirds, shift=shift, shift_max=shift_max,
-                       shift_samples=shift_samples, examples=examples if report else 0, teacher_size=teacher_size)
+                       shift_samples=shift_samples, examples=examples if report else 0, teacher_size=teacher_size,
+                       explainer=explainer)
     started = not dist.initialized() and dist.launched_world_size() > 1
     if started:  # torchrun: the collectives here are a few small tensors
         dist.init_process_group()

@@ -49,6 +49,7 @@ class ModelInfo:
     interpolation: str = "bilinear"  # of that resize (and of a teacher's own resize in training)
     fixed_input_size: bool = False  # runs at input_size only (ViT position embeddings)
     class_names: tuple[str, ...] = ()  # when known: the training data's, or the release's
+    trained_explainer: str = ""  # the explainer e2KD trained it with ("" = none): what `gte eval` compares by default
 
     def __post_init__(self) -> None:
         # names come from files (metadata, --classes, a Hub repo): kept as shown, bounded and without controls
@@ -231,7 +232,7 @@ def create(name: str, num_classes: int) -> nn.Module:
 
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
 SPEC_KEYS = ("input_size", "crop_pct", "interpolation", "fixed_input_size", "mean", "std", "gradcam_layer",
-             "class_names")  # what a model.safetensors may set on the architecture's own facts
+             "class_names", "trained_explainer")  # what a model.safetensors may set on the architecture's own facts
 
 
 def with_spec(model: nn.Module, **changes) -> nn.Module:
@@ -242,6 +243,9 @@ def with_spec(model: nn.Module, **changes) -> nn.Module:
     if unknown:
         raise GteError(f"not a model spec field: {', '.join(unknown)} (known: {', '.join(SPEC_KEYS)})")
     c = dict(changes)
+    if "trained_explainer" in c and not (isinstance(c["trained_explainer"], str)
+                                         and c["trained_explainer"] in ("", "bcos", "gradcam")):
+        raise GteError(f"{mi.arch}: trained_explainer {shorten(repr(c['trained_explainer']))} is not an explainer")
     if "input_size" in c and not (isinstance(c["input_size"], int) and 1 <= c["input_size"] <= 16384):
         raise GteError(f"{mi.arch}: input size {shorten(c['input_size'])} is not a side in pixels")
     if "crop_pct" in c and not (isinstance(c["crop_pct"], (int, float)) and 0.05 <= c["crop_pct"] <= 1.0):
