@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass, field
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -57,6 +58,25 @@ class EvalOutput:
 
     metrics: dict
     examples: list[Example] = field(default_factory=list)
+
+
+def unrelated_labels(data_names: list[str] | None, models: Sequence[nn.Module | None]) -> str:
+    """Why the data's labels do not index the models' classes ("" when they do, or when it cannot be told): the
+    data's ``classes.json`` against the first model that knows its class names. Photos sorted into folders of one's
+    own (``gte data shard imagefolder``) under an ImageNet teacher are the case: label 0 is the first folder, not
+    'tench', so accuracy compares unrelated indices and agreement with the teacher is the measure."""
+    for m in models:
+        names = info(m).class_names if m is not None else ()
+        if data_names and names:
+            if len(data_names) <= len(names) and all(a == b for a, b in zip(data_names, names)):
+                return ""
+            return (f"the data's classes ({_few(data_names)}) are not the model's ({_few(names)}): its labels do not "
+                    "index the model's classes, so accuracy is not meaningful; agreement with the teacher is")
+    return ""
+
+
+def _few(names: Sequence[str]) -> str:
+    return ", ".join(names[:3]) + (f", … {len(names)} in all" if len(names) > 3 else "")
 
 
 def pair_explainer(student: nn.Module, teacher: nn.Module, name: str = "auto") -> str:

@@ -25,16 +25,15 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 
 from gte import checkpoint, frozen
 from gte.config import Recipe
-from gte.data.index import ShardSet, count_samples, read_class_names, resolve_shards
+from gte.data.index import ShardSet, count_samples, resolve_shards, shard_class_names
 from gte.data.info import sample_labels
 from gte.data.loader import make_loader
-from gte.data.spec import is_local, local_path
 from gte.engine import Engine, StopFlags, setup
 from gte.errors import GteError, Interrupted
-from gte.evaluate import evaluate
+from gte.evaluate import evaluate, unrelated_labels
 from gte.io import atomic_write_text
 from gte.methods import parse_method
-from gte.models import save_model
+from gte.models import info, save_model
 from gte.validate import validate
 
 
@@ -121,14 +120,14 @@ def _logged_step(line: str) -> float:
         return math.inf
 
 
-def _best_acc1(path: Path) -> float:
-    """The validation acc@1 recorded in a ``model-best.safetensors`` (-1 when there is none)."""
+def _best_score(path: Path, metric: str) -> float:
+    """The validation ``metric`` recorded in a ``model-best.safetensors`` (-1 when there is none)."""
     if not path.is_file():
         return -1.0
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as f:
-        return float((f.metadata() or {}).get("val_acc1", -1.0))
+        return float((f.metadata() or {}).get(f"val_{metric}", -1.0))
 
 
 class _Run:
@@ -143,6 +142,11 @@ class _Run:
         self.main = engine.accelerator.is_main_process
         self.position: dict[str, Any] | None = None
         self.step = 0
+        # labels that do not index the models' classes (own photos under an ImageNet teacher): validation compares
+        # with the teacher, and model-best follows agreement instead of a meaningless accuracy
+        self.unrelated = unrelated_labels(shard_class_names(recipe.data.val or recipe.data.train),
+                                          [engine.model(), engine.teacher])
+        self.best_by = "agreement" if self.unrelated and engine.teacher is not None else "acc1"
         # batch jobs and logs get a plain line now and then instead of the live bar (drawn on terminals only)
         self.lines = self.main and not console.is_terminal and recipe.run.progress_every > 0
         self.last_line = time.time()
@@ -183,12 +187,14 @@ class _Run:
                 kept = [x for x in log.read_text().splitlines() if _logged_step(x) <= self.step]
                 atomic_write_text(log, "".join(f"{x}\n" for x in kept))
 
-    def keep_best(self, acc1: float, epoch: int, meta: dict[str, str]) -> None:
-        """``model-best.safetensors``: the student of the epoch with the best validation acc@1 so far."""
+    def keep_best(self, metrics: dict, epoch: int, meta: dict[str, str]) -> None:
+        """``model-best.safetensors``: the student of the epoch with the best validation :attr:`best_by` so far."""
         best = self.out / "model-best.safetensors"
-        if not self.main or acc1 <= _best_acc1(best):
+        score = metrics[self.best_by]
+        if not self.main or score <= _best_score(best, self.best_by):
             return
-        save_model(self.engine.model(), best, **meta, val_acc1=f"{acc1:.6f}", epoch=str(epoch + 1))
+        save_model(self.engine.model(), best, **meta, **{f"val_{self.best_by}": f"{score:.6f}"},
+                   epoch=str(epoch + 1))
 
     def save_checkpoint(self, epoch: int, batch: int, epoch_rng: dict) -> None:
         from accelerate.utils import gather_object
@@ -261,11 +267,14 @@ class _Run:
                                highlight=False)
 
 
-def artifact_metadata(recipe: Recipe, shards: ShardSet) -> dict[str, str]:
-    """What ``model.safetensors`` says about its run, class names included when the data has them."""
+def artifact_metadata(recipe: Recipe, shards: ShardSet, teacher: nn.Module | None = None) -> dict[str, str]:
+    """What ``model.safetensors`` says about its run, with class names: a distilled student's outputs are its
+    teacher's classes (the teacher's names, when it knows them), else the data's (when they name every class)."""
     meta = {"recipe_digest": recipe.digest(), "method": recipe.distill.method, "teacher": recipe.teacher.arch or ""}
-    names = read_class_names(Path(local_path(shards.urls[0])).parent) if is_local(shards.urls[0]) else None
-    if names and len(names) == recipe.data.num_classes:
+    names = list(info(teacher).class_names) if teacher is not None else []
+    if not names:
+        names = shard_class_names(shards) or []
+    if len(names) == recipe.data.num_classes:
         meta["class_names"] = json.dumps(names)
     return meta
 
@@ -309,6 +318,10 @@ def train(recipe: Recipe, console: Console | None = None) -> TrainResult:
     run = _Run(recipe, engine, console)
     if run.main:
         console.print(data_summary(recipe, shards, engine), highlight=False, markup=False, soft_wrap=True)
+        if run.unrelated:
+            console.print(f"note: {run.unrelated}" + ("; model-best follows validation agreement"
+                                                      if run.best_by == "agreement" and d.val else ""),
+                          highlight=False, markup=False, soft_wrap=True)
     run.resume()
     if recipe.run.trackers:
         engine.accelerator.init_trackers("gte", config=hyperparameters(recipe))
@@ -317,7 +330,7 @@ def train(recipe: Recipe, console: Console | None = None) -> TrainResult:
                         transient=True)
     flags = StopFlags()
     t0, record = time.time(), {}
-    meta = artifact_metadata(recipe, shards)
+    meta = artifact_metadata(recipe, shards, engine.teacher)
     try:
         with progress, open(run.out / "metrics.jsonl" if run.main else os.devnull, "a") as log:
             task = progress.add_task(f"{recipe.distill.method} {recipe.student.arch}", total=engine.total_steps,
@@ -327,9 +340,10 @@ def train(recipe: Recipe, console: Console | None = None) -> TrainResult:
                 record = {"epoch": epoch, "step": run.step, "time_s": round(time.time() - t0, 2), **record}
                 if d.val:
                     metrics = evaluate(engine.model(), d.val, data=d, batch_size=o.batch_size,
-                                       device=engine.accelerator.device)
+                                       device=engine.accelerator.device,
+                                       teacher=engine.teacher if run.best_by == "agreement" else None)
                     record.update({f"val_{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
-                    run.keep_best(metrics["acc1"], epoch, meta)
+                    run.keep_best(metrics, epoch, meta)
                 log.write(json.dumps(record) + "\n")
                 log.flush()
                 if run.main:  # the bar is transient (an error leaves one clean line): keep a summary
@@ -344,19 +358,21 @@ def train(recipe: Recipe, console: Console | None = None) -> TrainResult:
     if run.main:
         save_model(model, run.out / "model.safetensors", **meta)
     engine.accelerator.wait_for_everyone()
-    test = evaluate_test(recipe, engine, console) if d.test else None
+    test = evaluate_test(recipe, engine, console, run.unrelated) if d.test else None
     return TrainResult(out=run.out, model=model, metrics=record, test=test)
 
 
-def evaluate_test(recipe: Recipe, engine: Engine, console: Console) -> dict:
+def evaluate_test(recipe: Recipe, engine: Engine, console: Console, unrelated: str = "") -> dict:
     """The final student on ``data.test`` (once, at the end; against the run's teacher when it has one), written to
-    ``OUT/test.json`` and summarised in one line."""
+    ``OUT/test.json`` and summarised in one line; ``unrelated``: why its accuracy is not meaningful (marked so)."""
     metrics = evaluate(engine.model(), recipe.data.test, data=recipe.data, teacher=engine.teacher,
                        batch_size=recipe.optim.batch_size, device=engine.accelerator.device)
+    if unrelated:
+        metrics.update(labels_meaningful=False, labels_note=unrelated)
     if engine.accelerator.is_main_process:
         atomic_write_text(Path(recipe.run.out) / "test.json", json.dumps(metrics, indent=2))
         shown = {k: metrics[k] for k in ("acc1", "agreement", "explanation_similarity", "worst_group_acc")
-                 if isinstance(metrics.get(k), float)}
+                 if isinstance(metrics.get(k), float) and not (unrelated and k == "acc1")}
         console.print(f"data.test ({metrics['n']} samples): " + " ".join(f"{k} {100 * v:.1f} %"
                                                                          for k, v in shown.items())
                       + f"; {Path(recipe.run.out) / 'test.json'}", markup=False, highlight=False)

@@ -227,3 +227,45 @@ def test_a_pair_distill_accepts_is_one_eval_accepts_with_the_same_explainer(tmp_
     code, _, err = run_main(["eval", str(student), "--data", shards["test"], "--teacher", str(teacher),
                              "--explainer", "bcos"], monkeypatch, capsys)
     assert code == 2 and "the teacher cifar_resnet20 is not one (use gradcam)" in err and err.count("\n") == 1
+
+
+def test_labels_that_are_not_the_models_classes_are_marked_and_validation_follows_agreement(
+        tmp_path, monkeypatch, capsys):
+    """Own photos in folders (classes.json: 'circle', 'square', …) under a teacher whose classes are others
+    ('tench', …): the run says so, validation compares with the teacher and model-best follows agreement;
+    OUT/test.json and `gte eval` mark accuracy as not meaningful. Matching names mark nothing."""
+    from _fixtures import run_main
+
+    from gte.models import build_model, save_model, with_spec
+
+    data = tmp_path / "data"
+    split = {s: write_synthetic_split(data, s, n, image_size=32, num_classes=4) for s, n in (("distill", 64),
+                                                                                             ("test", 32))}
+    split["val"] = split["test"]
+    (data / "classes.json").write_text(json.dumps(["circle", "square", "triangle", "plus"]))
+    torch.manual_seed(0)
+    teacher = tmp_path / "teacher.safetensors"
+    save_model(with_spec(build_model("bcos_cifar_resnet20", 4), class_names=["tench", "goldfish", "shark", "ray"]),
+               teacher)
+    recipe = _recipe(tmp_path, {"train": split["distill"], "test": split["val"]}, teacher)
+    recipe.data.val, recipe.optim.epochs = split["val"], 1
+    from rich.console import Console
+
+    console = Console(stderr=True, record=True, width=300)
+    result = train(recipe, console)
+    assert "note: the data's classes (circle, square, triangle, … 4 in all) are not the model's (tench, goldfish, " \
+           "shark, … 4 in all)" in console.export_text()
+    epoch = [json.loads(x) for x in (result.out / "metrics.jsonl").read_text().splitlines() if "val_acc1" in x][0]
+    with safe_open(str(result.out / "model-best.safetensors"), framework="pt") as f:
+        assert float(f.metadata()["val_agreement"]) == pytest.approx(epoch["val_agreement"], abs=1e-6)
+    test = json.loads((result.out / "test.json").read_text())
+    assert test["labels_meaningful"] is False and "not meaningful" in test["labels_note"]
+    code, out, err = run_main(["eval", str(result.out / "model.safetensors"), "--data", split["val"], "--teacher",
+                               str(teacher), "--json", "-"], monkeypatch, capsys)
+    assert code == 0 and "note: the data's classes" in err, (out, err)
+    assert json.loads(out)["labels_meaningful"] is False
+    # the teacher's own names: nothing to mark
+    (data / "classes.json").write_text(json.dumps(["tench", "goldfish", "shark", "ray"]))
+    code, out, err = run_main(["eval", str(result.out / "model.safetensors"), "--data", split["val"], "--teacher",
+                               str(teacher), "--json", "-"], monkeypatch, capsys)
+    assert code == 0 and "note:" not in err and "labels_meaningful" not in json.loads(out)

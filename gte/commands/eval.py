@@ -73,7 +73,8 @@ def _evaluate(model_path: str, spec: str, teacher_path: str | None, arch: str | 
               image_size: int | None, eval_resize: int, options, json_out: str | None, report: Path | None) -> None:
     from gte import dist
     from gte.config import DataConfig
-    from gte.evaluate import run_eval
+    from gte.data.index import shard_class_names
+    from gte.evaluate import run_eval, unrelated_labels
     from gte.models import eval_geometry, freeze, info, load_model
     from gte.report import print_summary
     from gte.tables import literal
@@ -88,6 +89,10 @@ def _evaluate(model_path: str, spec: str, teacher_path: str | None, arch: str | 
     if not dist.is_main():
         return
     m = {**out.metrics, "image_size": image_size, "eval_resize": eval_resize or round(image_size / 0.875)}
+    note = unrelated_labels(shard_class_names(spec), [student, teacher])
+    if note:  # e.g. own photos in folders under an ImageNet model: say why acc@1 is ~0, once, before the table
+        m.update(labels_meaningful=False, labels_note=note)
+        err.print(f"note: {note}", markup=False, highlight=False, soft_wrap=True)
     if m.get("groups"):
         m["group_names"] = _group_names(spec, list(m["groups"]), bool(m.get("waterbirds")))
     if json_out == "-":

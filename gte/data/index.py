@@ -271,6 +271,12 @@ def read_class_names(directory: str | os.PathLike) -> list[str] | None:
     return _read_names(Path(directory, CLASSES))
 
 
+def shard_class_names(shards: str | ShardSet) -> list[str] | None:
+    """The class names of a shard set: the ``classes.json`` beside its first shard (local shards only)."""
+    first = shards.urls[0] if isinstance(shards, ShardSet) else expand_spec(shards)[0]
+    return read_class_names(Path(local_path(first)).parent) if is_local(first) else None
+
+
 def read_group_names(directory: str | os.PathLike) -> list[str] | None:
     """The group names of ``directory``'s ``groups.json`` (``None`` when missing, unreadable or not a list of
     strings)."""
