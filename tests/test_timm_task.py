@@ -246,13 +246,13 @@ def test_teacher_by_name_and_ddp(tmp_path):
 
 
 def test_readme_timm_snippet_runs():
-    """README "e2KD in a timm training script", run as written on a 64 px batch."""
-    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    section = text.split("### e2KD in a timm training script", 1)[1]
+    """docs/models.md "e2KD in a timm training script", run as written on a 64 px batch."""
+    text = (Path(__file__).resolve().parents[1] / "docs" / "models.md").read_text()
+    section = text.split("## e2KD in a timm training script", 1)[1]
     block = re.search(r"```python\n(.*?)```", section, re.S).group(1)
     x, y = batch(0, n=2)
     scope = {"input": x, "target": y}
-    exec(compile(block, "README.md", "exec"), scope)  # noqa: S102 — our own README
+    exec(compile(block, "docs/models.md", "exec"), scope)  # noqa: S102 — our own docs
     result, task = scope["result"], scope["task"]
     assert set(result) == KEYS and torch.isfinite(result["loss"]) and isinstance(task, TrainingTask)
     assert all(p.grad is not None for p in task.get_trainable_module().parameters())
