@@ -57,7 +57,7 @@ class DistillConfig:
     guided_every: int = 1         # explanation term on every K-th step only
     exp_grad: str = "exact"       # B-cos students: "exact" (the official code's gradient) | "detached" (ablation:
                                   # the dynamic factors detached in the outer derivative too, as pip bcos' explanation mode)
-    # Beyond the paper, off by default (README "Right reasons on a colour shortcut"); live B-cos e2KD only:
+    # Beyond the paper, off by default (docs/method.md "Right reasons on a colour shortcut"); live B-cos e2KD only:
     exp_topk: int = 1             # explain the teacher's top-k classes (mean of the k explanation terms)
     exp_student_top1: bool = False  # also match both models' explanations of the student's own top-1 class
     exp_norm_weight: float = 0.0  # + μ · (log‖W_S‖ − log‖W_T‖)² per explained class: a term that is not scale-free

@@ -146,7 +146,8 @@ def fewshot_cmd(
     workers: int = typer.Option(max(1, min(8, os.cpu_count() or 1)), "--workers", help="Processes scanning shards."),
     overwrite: bool = OverwriteOpt,
 ) -> None:
-    """N images per class for training + M per class held out, deterministic for a seed (README "Few-shot subsets")."""
+    """N images per class for training + M per class held out, deterministic for a seed (docs/data.md, "Few-shot
+    subsets")."""
     from gte.data.writers.core import parse_size, shard_spec
     from gte.data.writers.fewshot import fewshot
 

@@ -70,7 +70,7 @@ def _colour_background(
 ) -> tuple[np.ndarray, np.ndarray]:
     """A place coded by its colour: hue place/k (± 0.03), flat with pixel noise; returns (uint8 HWC, mean RGB).
 
-    ``demo.background = "colour"``: the shortcut a student can read from the mean colour alone (README, "Right
+    ``demo.background = "colour"``: the shortcut a student can read from the mean colour alone (docs/method.md, "Right
     reasons on a colour shortcut")."""
     hue = (place + rng.uniform(-0.03, 0.03) * num_classes) / num_classes % 1.0
     base = np.asarray(colorsys.hsv_to_rgb(hue, 0.6, 0.7), dtype=np.float32) * 255.0 * rng.uniform(0.85, 1.15)
