@@ -135,20 +135,37 @@ def _wait_for_step(out: Path, step: int, proc: subprocess.Popen, timeout: float 
     raise TimeoutError(f"step {step} not reached")
 
 
+@pytest.fixture(scope="module")
+def reference_runs(tmp_path_factory, teacher):
+    """Shards shared by the kill tests, and their uninterrupted runs, made once per (method, workers)."""
+    root = tmp_path_factory.mktemp("kill")
+    shards = write_synthetic_split(root / "data", "distill", 96, image_size=32, num_classes=4, samples_per_shard=30)
+    done: dict[tuple[str, int], Path] = {}
+
+    def run(method: str, workers: int) -> tuple[str, Path]:
+        if (method, workers) not in done:
+            out = root / f"ref-{method}-{workers}"
+            recipe = _recipe(root, teacher, shards, out, method, workers)
+            subprocess.run([sys.executable, "-m", "gte", "distill", "--recipe", str(recipe)], env=_env(root),
+                           check=True, capture_output=True)
+            done[method, workers] = out
+        return shards, done[method, workers]
+
+    return run
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("how, method", [("sigkill", "e2kd"), ("sigterm", "e2kd"), ("sigint-group", "e2kd"),
                                          ("sigterm-group", "e2kd"), ("sigkill", "crd"), ("sigkill", "reviewkd")])
-def test_killed_run_resumes_to_identical_weights(tmp_path, teacher, how, method):
+def test_killed_run_resumes_to_identical_weights(tmp_path, teacher, reference_runs, how, method):
     """Killed at a random step and run again: the same weights as an uninterrupted run (crd: also its trainable
     heads and memory bank, restored from the checkpoint's method.safetensors). ``-group``: the signal goes to the
     whole process group with DataLoader workers running, as Ctrl-C, ``timeout`` and SLURM preemption send it."""
-    shards = write_synthetic_split(tmp_path / "data", "distill", 96, image_size=32, num_classes=4, samples_per_shard=30)
+    workers = 2 if how.endswith("-group") else 0  # the same workers in both runs: the plan is exact per worker count
+    shards, ref_out = reference_runs(method, workers)
     env = _env(tmp_path)
     gte = [sys.executable, "-m", "gte", "distill", "--recipe"]
-    ref_out, run_out = tmp_path / "ref", tmp_path / "run"
-    workers = 2 if how.endswith("-group") else 0  # the same workers in both runs: the plan is exact per worker count
-    subprocess.run(gte + [str(_recipe(tmp_path, teacher, shards, ref_out, method, workers))], env=env, check=True,
-                   capture_output=True)
+    run_out = tmp_path / "run"
 
     recipe = _recipe(tmp_path, teacher, shards, run_out, method, workers)
     proc = subprocess.Popen(gte + [str(recipe)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
