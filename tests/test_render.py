@@ -35,10 +35,10 @@ SIZE = 32
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def calibrated(name: str, seed: int) -> nn.Module:
+def calibrated(name: str, seed: int, classes: int = len(NAMES)) -> nn.Module:
     """A 4-class model whose BN running stats come from one random batch (momentum 1), so outputs are not flat."""
     torch.manual_seed(seed)
-    model = build_model(name, len(NAMES))
+    model = build_model(name, classes)
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     for m in norms:
         m.momentum = 1.0
@@ -235,10 +235,11 @@ def test_pictures_have_a_caption_and_a_colour_bar_of_the_map_scale(ws, model, cm
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
     pixels = np.asarray(Image.open(buf).convert("RGB")).astype(float)
-    captions = [ax.get_title() for ax in fig.axes if "p=" in ax.get_title()]
+    captions = [ax.get_title(loc="left") for ax in fig.axes if "p = " in ax.get_title(loc="left")]
     assert len(captions) == len(rows)
     explainer = "B-cos W(x)" if cmap == "bwr" else "GradCAM"
-    assert all("osprey" in c and "class 2" in c and explainer in c for c in captions), captions
+    titles = " ".join(ax.get_title() for ax in fig.axes)
+    assert all("osprey  p = " in c for c in captions) and explainer.split()[-1] in titles, captions
     lut = JET.astype(float) if cmap == "jet" else 255 * matplotlib.colormaps["bwr"](np.linspace(0, 1, 256))[:, :3]
     bars = [ax for ax in fig.axes if ax.get_label() == "<colorbar>"]
     assert len(bars) == len(rows)  # one per attribution map
@@ -250,3 +251,72 @@ def test_pictures_have_a_caption_and_a_colour_bar_of_the_map_scale(ws, model, cm
         index = distance.argmin(1)
         assert distance.min(1).max() < 30, "the bar's pixels are not the map's colours"
         assert np.all(np.diff(index) <= 2) and index[0] - index[-1] > 200, index  # the scale, top (max) to bottom
+
+
+# ------------------------------------------------------------------------------------------ (9) readable pictures
+LONG = ["great grey owl, Strix nebulosa", "ruddy turnstone, Arenaria interpres", "osprey", "wren",
+        "American coot, marsh hen, mud hen, water hen, Fulica americana", "red-breasted merganser, Mergus serrator"]
+
+
+@pytest.fixture(scope="module")
+def six_class_rows(ws):
+    """Teacher (B-cos) + student (standard) rows of a 6-class pair: a full top-5 under every map."""
+    teacher, student = calibrated("bcos_cifar_resnet20", 2, 6), calibrated("cifar_resnet20", 3, 6)
+    images = [(str(ws / f), preprocess(load_image(ws / f), SIZE)) for f in ("img.png", "img.jpg")]
+    return explain_rows(images, student, teacher)
+
+
+def drawn_texts(fig):
+    """(axes or None, text artist) for every visible, non-empty text of a drawn figure."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.text import Text
+
+    FigureCanvasAgg(fig).draw()  # as savefig lays it out (constrained layout), with a renderer to measure text
+    owned = {id(t): ax for ax in fig.axes for t in ax.findobj(Text)}
+    return [(owned.get(id(t)), t) for t in fig.findobj(Text) if t.get_visible() and t.get_text().strip()]
+
+
+def assert_readable(fig, min_pt: float = 10.0) -> None:
+    """Every text ≥ ``min_pt`` points; no text covers another text or an axes (image, map, colour bar) not its own."""
+    texts = drawn_texts(fig)
+    small = [(t.get_text(), t.get_fontsize()) for _, t in texts if t.get_fontsize() < min_pt]
+    assert not small, small
+    renderer = fig.canvas.get_renderer()
+    boxes = [(ax, t, t.get_window_extent(renderer).expanded(1, 1).shrunk(0.98, 0.9)) for ax, t in texts]
+    for ax, t, box in boxes:
+        for other in fig.axes:
+            if other is not ax and other.get_visible():
+                assert not box.overlaps(other.get_window_extent(renderer)), (t.get_text(), other.get_title())
+    for i, (_, t, box) in enumerate(boxes):
+        for _, u, other in boxes[i + 1:]:
+            assert not box.overlaps(other), (t.get_text(), u.get_text())
+
+
+@pytest.mark.parametrize("count", [1, 6])  # gte explain of one image; the report's default grid of 6
+def test_captions_stay_in_their_row_and_text_is_10pt(six_class_rows, count):
+    from gte.render import figure, fit
+
+    rows = (six_class_rows * 3)[:count]
+    for row in rows:  # as the report captions its examples (gte.report.example_note)
+        row.note = fit("label: ruddy turnstone, Arenaria interpres") + "\ngroup: landbird-on-water"
+    fig = figure(rows, LONG)
+    assert_readable(fig)
+    assert fig.get_figwidth() * fig.dpi <= 1168  # the report page's width: shown at 100 %, never shrunk
+
+
+def test_each_map_names_its_class_and_probability_and_how_to_read_it(ws):
+    from gte.render import figure, prob_text
+
+    rows = rows_for(ws, "std.safetensors", teacher="bcos.safetensors", cls=2)
+    fig = figure(rows, NAMES)
+    texts = [t.get_text() for _, t in drawn_texts(fig)]
+    for row in rows:
+        for p in row.panels:  # "osprey  p = 0.27" over every explanation, the probability of that very class
+            assert any(f"osprey  p = {prob_text(p.prob)}" in t for t in texts), texts
+    flat = " ".join(" ".join(texts).split())
+    assert "brighter = stronger positive evidence for the class" in flat  # under the B-cos teacher's W(x)
+    assert "scaled to its own max" in flat and "GradCAM maps are each scaled to their own max" in flat
+    assert sum("scaled to its own max" in t for t in texts) == len(rows)  # under each GradCAM panel
+    assert prob_text(0.001) == "0.001" and prob_text(0.934) == "0.93"
+    bcos_only = " ".join(t.get_text() for _, t in drawn_texts(figure(rows_for(ws, "bcos.safetensors"), NAMES)))
+    assert "GradCAM" not in bcos_only and "teacher" not in bcos_only  # nothing about a teacher that is not there
