@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from rich.console import Console
 
     from gte.evaluate import Example
+    from gte.render import Row
 
 # (key, label) of the headline metrics, shown as percentages except the cosines of COSINES
 METRIC_ROWS = (("acc1", "acc@1"), ("acc5", "acc@5"), ("agreement", "top-1 agreement"),
@@ -202,15 +203,16 @@ def example_note(example: Example, names: Sequence[str], group_names: dict[str, 
 
 
 def grid_figure(examples: Sequence[Example], student: nn.Module, teacher: nn.Module | None,
-                names: Sequence[str], path: Path, group_names: dict[str, str] | None = None) -> None:
+                names: Sequence[str], path: Path, group_names: dict[str, str] | None = None) -> list[Row]:
     """Images with the teacher's and the student's explanations side by side (gte explain's renderer), each image
-    captioned with its label and group by name."""
+    captioned with its label and group by name; returns the rows drawn."""
     from gte.render import explain_rows, render
 
     rows = explain_rows([(e.key, e.image) for e in examples], student, teacher)
     for row, e in zip(rows, examples):
         row.note = example_note(e, names, group_names)
     render(rows, names, path)
+    return rows
 
 
 # --------------------------------------------------------------------------------------------- documents
