@@ -159,11 +159,12 @@ def group_figure(metrics: dict) -> Figure:
         ax.bar([j + i * width for j in range(len(groups))], [100 * vals[g] for g in groups], width, label=name)
     ax.set_xticks([j + width * (len(series) - 1) / 2 for j in range(len(groups))],
                   [group_label(metrics, g).replace(" ", "\n", 1) for g in groups], fontsize=FONT, **LITERAL)
-    ax.set_ylim(0, 118)  # head room for the legend above the bars
+    ax.set_ylim(0, 100)
     ax.set_yticks(range(0, 101, 20))
     ax.set_ylabel("%", fontsize=FONT)
     ax.tick_params(labelsize=FONT)
-    ax.legend(fontsize=FONT, loc="upper center", ncol=len(series), frameon=False)
+    # Above the axes, not in them: at a readable size the legend is wider than two groups' bars.
+    ax.legend(fontsize=FONT, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=len(series), frameon=False)
     fig.tight_layout()
     return fig
 
