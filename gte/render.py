@@ -214,7 +214,7 @@ FONT = 10
 PANEL_IN = 2.0  # one image column, inches
 CHARS = 25  # characters of FONT-point text that fit over one column (DejaVu Sans, measured by tests/test_render.py)
 READ_WX = "colour: the direction of W(x) at each pixel; brighter = stronger positive evidence for the class"
-READ_CAM = "GradCAM on the image, scaled to its own max: compare models by p, not by heat"
+READ_CAM = "GradCAM on the image, scaled to its own max: the heat shows where, p how sure"
 
 
 def fit(text: str, width: int = CHARS) -> str:

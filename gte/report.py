@@ -161,10 +161,10 @@ def group_figure(metrics: dict) -> Figure:
                   [group_label(metrics, g).replace(" ", "\n", 1) for g in groups], fontsize=FONT, **LITERAL)
     ax.set_ylim(0, 100)
     ax.set_yticks(range(0, 101, 20))
-    ax.set_ylabel("%", fontsize=FONT)
+    ax.set_ylabel("%" if len(series) > 1 else "accuracy (%)", fontsize=FONT)
     ax.tick_params(labelsize=FONT)
-    # Above the axes, not in them: at a readable size the legend is wider than two groups' bars.
-    ax.legend(fontsize=FONT, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=len(series), frameon=False)
+    if len(series) > 1:  # above the axes, not in them: at a readable size it is wider than two groups' bars
+        ax.legend(fontsize=FONT, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=len(series), frameon=False)
     fig.tight_layout()
     return fig
 
