@@ -206,15 +206,15 @@ def explain_rows(images: Sequence[tuple[str, torch.Tensor]], model: nn.Module, t
     return rows
 
 
-EXPLAINERS = {True: "B-cos W(x)", False: "GradCAM"}  # by Panel.bcos: how its explanation was made
-
 # Text size of every picture: 10 pt at the saved 100 dpi is ~14 px, readable at 100 % zoom. The columns are sized so a
-# teacher + student grid stays within ~1100 px, the report page's width, and the browser does not shrink it.
+# teacher + student grid (~1120 px) fits the report page (gte.report.CSS, 1200 px) and the browser never shrinks it.
 FONT = 10
 PANEL_IN = 2.0  # one image column, inches
 CHARS = 25  # characters of FONT-point text that fit over one column (DejaVu Sans, measured by tests/test_render.py)
-READ_WX = "colour: the direction of W(x) at each pixel; brighter = stronger positive evidence for the class"
-READ_CAM = "GradCAM on the image, scaled to its own max: the heat shows where, p how sure"
+# How to read an explanation, under it, by Panel.bcos
+READ = {True: "B-cos W(x): colour = the direction of the weights at the pixel; brighter = stronger positive "
+              "evidence for the class",
+        False: "GradCAM on the image, scaled to its own max: the heat shows where, p how sure"}
 
 
 def fit(text: str, width: int = CHARS) -> str:
@@ -250,7 +250,7 @@ def figure(rows: Sequence[Row], names: Sequence[str], dpi: int = 100) -> Figure:
     ncols = 1 + 2 * panels
     line = 1.25 * FONT / 72  # inches per text line
     below = max(max(len(p.top) for r in rows for p in r.panels), 1 + max(row.note.count("\n") for row in rows),
-                *(_lines(READ_WX if p.bcos else READ_CAM).count("\n") + 1 for r in rows for p in r.panels))
+                *(_lines(READ[p.bcos]).count("\n") + 1 for r in rows for p in r.panels))
     row_in = PANEL_IN + (2 + below) * line + 0.35  # two title lines, the text below, padding
     gradcam = any(not p.bcos for r in rows for p in r.panels)
     foot = _lines("Probabilities: sigmoid for B-cos models (trained with BCE), softmax for standard models. "
@@ -283,7 +283,7 @@ def figure(rows: Sequence[Row], names: Sequence[str], dpi: int = 100) -> Figure:
             # Left-aligned, two lines over a one-line map title: the model line may run on over its map.
             ax_e.set_title(f"{fit(f'{p.role} {p.arch}', 2 * CHARS)}\n{fit(names[p.explained], CHARS - 10)}  "
                            f"p = {prob_text(p.prob)}", fontsize=FONT, loc="left", **LITERAL)
-            ax_e.set_xlabel(_lines(READ_WX if p.bcos else READ_CAM), fontsize=FONT, loc="left")
+            ax_e.set_xlabel(_lines(READ[p.bcos]), fontsize=FONT, loc="left")
             ax_h.set_xlabel("\n".join(f"{prob_text(q)}  {fit(names[k], CHARS - 7)}" for k, q in p.top),
                             fontsize=FONT, loc="left", **LITERAL)
         for ax in axes[r]:

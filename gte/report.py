@@ -191,8 +191,8 @@ def shift_figure(metrics: dict) -> Figure:
 
 
 def example_note(example: Example, names: Sequence[str], group_names: dict[str, str] | None = None) -> str:
-    """``"label: tiger cat\ngroup: 1 landbird-on-water"`` under an example of the grid; no group line for
-    unlabelled groups (-1)."""
+    """The lines under an example of the grid: ``label: tiger cat`` and ``group: landbird-on-water`` (the group's
+    number where the data does not name it; no group line for an example without one, group -1)."""
     from gte.render import CHARS, fit
 
     label = names[example.label] if 0 <= example.label < len(names) else str(example.label)

@@ -316,7 +316,7 @@ def test_each_map_names_its_class_and_probability_and_how_to_read_it(ws):
         for p in row.panels:  # "osprey  p = 0.27" over every explanation, the probability of that very class
             assert any(f"osprey  p = {prob_text(p.prob)}" in t for t in texts), texts
     flat = " ".join(" ".join(texts).split())
-    assert "brighter = stronger positive evidence for the class" in flat  # under the B-cos teacher's W(x)
+    assert "B-cos W(x): colour = " in flat and "brighter = stronger positive evidence for the class" in flat
     assert "scaled to its own max" in flat and "GradCAM maps are each scaled to their own max" in flat
     assert sum("scaled to its own max" in t for t in texts) == len(rows)  # under each GradCAM panel
     assert prob_text(0.001) == "0.001" and prob_text(0.934) == "0.93"
