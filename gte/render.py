@@ -210,16 +210,30 @@ def explain_rows(images: Sequence[tuple[str, torch.Tensor]], model: nn.Module, t
 # teacher + student grid (~1120 px) fits the report page (gte.report.CSS, 1200 px) and the browser never shrinks it.
 FONT = 10
 PANEL_IN = 2.0  # one image column, inches
-CHARS = 25  # characters of FONT-point text that fit over one column (DejaVu Sans, measured by tests/test_render.py)
+TEXT_IN = PANEL_IN - 0.15  # the width a caption may take under or over one column, inches
 # How to read an explanation, under it, by Panel.bcos
 READ = {True: "B-cos W(x): colour = the direction of the weights at the pixel; brighter = stronger positive "
               "evidence for the class",
         False: "GradCAM on the image, scaled to its own max: the heat shows where, p how sure"}
 
 
-def fit(text: str, width: int = CHARS) -> str:
-    """``text`` cut to ``width`` characters with an ellipsis, so a caption never runs into the next column."""
-    return text if len(text) <= width else text[: width - 1] + "…"
+def text_width(text: str, size: float = FONT) -> float:
+    """The width of one line of ``text`` at ``size`` points, in inches (matplotlib's own font metrics)."""
+    from matplotlib.font_manager import FontProperties
+    from matplotlib.textpath import text_to_path
+
+    return text_to_path.get_text_width_height_descent(text, FontProperties(size=size), ismath=False)[0] / 72
+
+
+def fit(text: str, inches: float = TEXT_IN) -> str:
+    """``text`` cut with an ellipsis to ``inches`` at FONT size, so a caption never runs into the next column."""
+    if text_width(text) <= inches:
+        return text
+    lo, hi = 0, len(text)  # the longest prefix that fits with its ellipsis
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if text_width(text[:mid] + "…") <= inches else (lo, mid - 1)
+    return text[:lo] + "…"
 
 
 def prob_text(p: float) -> str:
@@ -227,10 +241,15 @@ def prob_text(p: float) -> str:
     return f"{p:.2f}" if p >= 0.01 else f"{p:.1g}"
 
 
-def _lines(text: str, width: int = CHARS) -> str:
-    import textwrap
-
-    return "\n".join(textwrap.wrap(text, width)) if text else ""
+def wrap(text: str, inches: float = TEXT_IN) -> str:
+    """``text`` broken into lines of at most ``inches`` at FONT size (a word longer than a line is cut by fit)."""
+    lines: list[str] = []
+    for word in text.split():
+        if lines and text_width(f"{lines[-1]} {word}") <= inches:
+            lines[-1] += f" {word}"
+        else:
+            lines.append(fit(word, inches))
+    return "\n".join(lines)
 
 
 def figure(rows: Sequence[Row], names: Sequence[str], dpi: int = 100) -> Figure:
@@ -250,15 +269,15 @@ def figure(rows: Sequence[Row], names: Sequence[str], dpi: int = 100) -> Figure:
     ncols = 1 + 2 * panels
     line = 1.25 * FONT / 72  # inches per text line
     below = max(max(len(p.top) for r in rows for p in r.panels), 1 + max(row.note.count("\n") for row in rows),
-                *(_lines(READ[p.bcos]).count("\n") + 1 for r in rows for p in r.panels))
+                *(wrap(READ[p.bcos]).count("\n") + 1 for r in rows for p in r.panels))
     row_in = PANEL_IN + (2 + below) * line + 0.35  # two title lines, the text below, padding
     gradcam = any(not p.bcos for r in rows for p in r.panels)
-    foot = _lines("Probabilities: sigmoid for B-cos models (trained with BCE), softmax for standard models. "
+    width = PANEL_IN * ncols + 0.6 * panels  # + a colour bar and its labels per model
+    foot = wrap("Probabilities: sigmoid for B-cos models (trained with BCE), softmax for standard models. "
                   "Under each map: the model's top-5." + (" GradCAM maps are each scaled to their own max (0–1), so "
                                                           "a map of a p = 0.001 class looks as hot as one of p = 0.95."
-                                                          if gradcam else ""), int(CHARS * ncols * 1.05))
+                                                          if gradcam else ""), width - 0.3)
     foot_in = (foot.count("\n") + 1) * line + 0.15
-    width = PANEL_IN * ncols + 0.6 * panels  # + a colour bar and its labels per model
     fig = Figure(figsize=(width, row_in * len(rows) + foot_in), dpi=dpi, layout="constrained")
     axes = fig.subplots(len(rows), ncols, squeeze=False)
     for r, row in enumerate(rows):
@@ -281,10 +300,12 @@ def figure(rows: Sequence[Row], names: Sequence[str], dpi: int = 100) -> Figure:
             bar.ax.tick_params(labelsize=FONT)
             bar.ax.yaxis.get_offset_text().set_fontsize(FONT)  # the "1e−5" above a bar of small contributions
             # Left-aligned, two lines over a one-line map title: the model line may run on over its map.
-            ax_e.set_title(f"{fit(f'{p.role} {p.arch}', 2 * CHARS)}\n{fit(names[p.explained], CHARS - 10)}  "
-                           f"p = {prob_text(p.prob)}", fontsize=FONT, loc="left", **LITERAL)
-            ax_e.set_xlabel(_lines(READ[p.bcos]), fontsize=FONT, loc="left")
-            ax_h.set_xlabel("\n".join(f"{prob_text(q)}  {fit(names[k], CHARS - 7)}" for k, q in p.top),
+            prob = f"  p = {prob_text(p.prob)}"
+            ax_e.set_title(f"{fit(f'{p.role} {p.arch}', 2 * PANEL_IN)}\n"
+                           f"{fit(names[p.explained], TEXT_IN - text_width(prob))}{prob}", fontsize=FONT, loc="left",
+                           **LITERAL)
+            ax_e.set_xlabel(wrap(READ[p.bcos]), fontsize=FONT, loc="left")
+            ax_h.set_xlabel("\n".join(fit(f"{prob_text(q)}  {names[k]}") for k, q in p.top),
                             fontsize=FONT, loc="left", **LITERAL)
         for ax in axes[r]:
             ax.set_xticks([])

@@ -193,13 +193,13 @@ def shift_figure(metrics: dict) -> Figure:
 def example_note(example: Example, names: Sequence[str], group_names: dict[str, str] | None = None) -> str:
     """The lines under an example of the grid: ``label: tiger cat`` and ``group: landbird-on-water`` (the group's
     number where the data does not name it; no group line for an example without one, group -1)."""
-    from gte.render import CHARS, fit
+    from gte.render import fit
 
     label = names[example.label] if 0 <= example.label < len(names) else str(example.label)
-    lines = [fit(f"label: {label}", CHARS)]
+    lines = [fit(f"label: {label}")]
     if example.group >= 0:
         name = (group_names or {}).get(str(example.group))
-        lines.append(fit(f"group: {name}" if name else f"group: {example.group}", CHARS))
+        lines.append(fit(f"group: {name}" if name else f"group: {example.group}"))
     return "\n".join(lines)
 
 
