@@ -123,11 +123,13 @@ def print_summary(metrics: dict, console: Console, title: str = "gte eval") -> N
 
     def table(name: str, header: Sequence[str], rows: list[list[str]], notes: Sequence[str] = ()) -> None:
         if rows:
-            tab = compact_table(name, caption=" ".join(notes) or None)
+            tab = compact_table(name)
             add_columns(tab, header, numeric=header[1:])  # numbers never wrap; a long group name folds
             for row in rows:
                 tab.add_row(*map(literal, row))  # group names come from files: shown as written
             console.print(tab)
+            if notes:  # under the table at the terminal's width: a caption would wrap to a narrow table's
+                console.print(" ".join(notes), highlight=False)
             console.print()  # without vertical rules, a blank line keeps the next title apart
 
     table(f"{title}: {metrics['n']} samples", metric_header(metrics), metric_rows(metrics), metric_notes(metrics))
