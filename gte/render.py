@@ -210,7 +210,7 @@ def explain_rows(images: Sequence[tuple[str, torch.Tensor]], model: nn.Module, t
 # teacher + student grid (~1120 px) fits the report page (gte.report.CSS, 1200 px) and the browser never shrinks it.
 FONT = 10
 PANEL_IN = 2.0  # one image column, inches
-TEXT_IN = PANEL_IN - 0.15  # the width a caption may take under or over one column, inches
+TEXT_IN = PANEL_IN - 0.25  # the width a caption may take under or over one column, inches
 # How to read an explanation, under it, by Panel.bcos
 READ = {True: "B-cos W(x): colour = the direction of the weights at the pixel; brighter = stronger positive "
               "evidence for the class",
