@@ -159,6 +159,7 @@ class Row:
     image: torch.Tensor  # 3×H×W in [0, 1], as the models saw it
     explained: int
     panels: list[Panel]
+    note: str = ""  # lines under the image (the report: its label and group)
 
 
 def explain_panel(model: nn.Module, image: torch.Tensor, cls: int | None, role: str) -> Panel:
@@ -205,47 +206,112 @@ def explain_rows(images: Sequence[tuple[str, torch.Tensor]], model: nn.Module, t
     return rows
 
 
-EXPLAINERS = {True: "B-cos W(x)", False: "GradCAM"}  # by Panel.bcos: how its explanation was made
+# Text size of every picture: 10 pt at the saved 100 dpi is ~14 px, readable at 100 % zoom. The columns are sized so a
+# teacher + student grid (~1120 px) fits the report page (gte.report.CSS, 1200 px) and the browser never shrinks it.
+FONT = 10
+PANEL_IN = 2.0  # one image column, inches
+TEXT_IN = PANEL_IN - 0.25  # the width a caption may take under or over one column, inches
+# How to read an explanation, under it, by Panel.bcos
+READ = {True: "B-cos W(x): colour = the direction of the weights at the pixel; brighter = stronger positive "
+              "evidence for the class",
+        False: "GradCAM on the image, scaled to its own max: the heat shows where, p how sure"}
+
+
+def text_width(text: str, size: float = FONT) -> float:
+    """The width of one line of ``text`` at ``size`` points, in inches (matplotlib's own font metrics)."""
+    from matplotlib.font_manager import FontProperties
+    from matplotlib.textpath import text_to_path
+
+    return text_to_path.get_text_width_height_descent(text, FontProperties(size=size), ismath=False)[0] / 72
+
+
+def fit(text: str, inches: float = TEXT_IN) -> str:
+    """``text`` cut with an ellipsis to ``inches`` at FONT size, so a caption never runs into the next column."""
+    if text_width(text) <= inches:
+        return text
+    lo, hi = 0, len(text)  # the longest prefix that fits with its ellipsis
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if text_width(text[:mid] + "…") <= inches else (lo, mid - 1)
+    return text[:lo] + "…"
+
+
+def prob_text(p: float) -> str:
+    """A probability as shown in captions: two decimals, small ones to one significant digit (p = 0.001)."""
+    return f"{p:.2f}" if p >= 0.01 else f"{p:.1g}"
+
+
+def wrap(text: str, inches: float = TEXT_IN) -> str:
+    """``text`` broken into lines of at most ``inches`` at FONT size (a word longer than a line is cut by fit)."""
+    lines: list[str] = []
+    for word in text.split():
+        if lines and text_width(f"{lines[-1]} {word}") <= inches:
+            lines[-1] += f" {word}"
+        else:
+            lines.append(fit(word, inches))
+    return "\n".join(lines)
 
 
 def figure(rows: Sequence[Row], names: Sequence[str], dpi: int = 100) -> Figure:
-    """Image | explanation | attribution map with a colour bar of its scale, per model, one row per image; the
-    explanation's caption names the model, the explainer, the class and its probability."""
+    """Image | explanation | attribution map with a colour bar of its scale, per model, one row per image.
+
+    Over each explanation: the model, the class explained and its probability; under it, how to read it. Under each
+    map: the model's top-5. Every row is given the height its text needs, so captions never reach the next row.
+    GradCAM maps stay min-max scaled per map (pytorch-grad-cam's convention, and GradCAM's raw values have no scale
+    that compares across models or layers): the probability beside each map and the caption say what the heat hides.
+    """
     from bcos.common import plot_contribution_map
     from matplotlib.colors import ListedColormap
     from matplotlib.figure import Figure  # no pyplot: no global backend or figure state
 
     jet = ListedColormap(JET / 255.0, name="gte-jet")  # GradCAM's colours, as a map a colour bar can show
-    ncols = 1 + 2 * len(rows[0].panels)
-    fig = Figure(figsize=(2.6 * ncols, 3.3 * len(rows) + 0.5), dpi=dpi, layout="constrained")
+    panels = len(rows[0].panels)
+    ncols = 1 + 2 * panels
+    line = 1.25 * FONT / 72  # inches per text line
+    below = max(max(len(p.top) for r in rows for p in r.panels), 1 + max(row.note.count("\n") for row in rows),
+                *(wrap(READ[p.bcos]).count("\n") + 1 for r in rows for p in r.panels))
+    row_in = PANEL_IN + (2 + below) * line + 0.35  # two title lines, the text below, padding
+    gradcam = any(not p.bcos for r in rows for p in r.panels)
+    width = PANEL_IN * ncols + 0.6 * panels  # + a colour bar and its labels per model
+    foot = wrap("Probabilities: sigmoid for B-cos models (trained with BCE), softmax for standard models. "
+                  "Under each map: the model's top-5." + (" GradCAM maps are each scaled to their own max (0–1), so "
+                                                          "a map of a p = 0.001 class looks as hot as one of p = 0.95."
+                                                          if gradcam else ""), width - 0.3)
+    foot_in = (foot.count("\n") + 1) * line + 0.15
+    fig = Figure(figsize=(width, row_in * len(rows) + foot_in), dpi=dpi, layout="constrained")
     axes = fig.subplots(len(rows), ncols, squeeze=False)
     for r, row in enumerate(rows):
         ax = axes[r, 0]
         ax.imshow(row.image.permute(1, 2, 0).numpy())
-        ax.set_title(Path(row.path).name[-28:], fontsize=8, **LITERAL)
+        ax.set_title(fit(Path(row.path).name), fontsize=FONT, **LITERAL)
+        ax.set_xlabel(row.note, fontsize=FONT, loc="left", **LITERAL)
         for j, p in enumerate(row.panels):
             ax_e, ax_h = axes[r, 1 + 2 * j], axes[r, 2 + 2 * j]
             if p.bcos:
                 ax_e.set_facecolor("black")  # the RGBA's transparent (unimportant) parts recede into black
                 ax_e.imshow(p.picture)
                 _, heat = plot_contribution_map(p.heat, ax=ax_h)  # bwr, symmetric, 99.5-percentile cut-off
-                ax_h.set_title("contribution Σ x·W(x)", fontsize=8)
+                ax_h.set_title("contribution Σ x·W(x)", fontsize=FONT)
             else:
                 ax_e.imshow(p.picture)
                 heat = ax_h.imshow(p.heat, cmap=jet, vmin=0, vmax=1)
-                ax_h.set_title("GradCAM (min-max)", fontsize=8)
-            fig.colorbar(heat, ax=ax_h, fraction=0.05, pad=0.02).ax.tick_params(labelsize=6)
-            name = names[p.explained]
-            what = EXPLAINERS[p.bcos] + (f": {name[:24]}" if name != f"class {p.explained}" else "")
-            ax_e.set_title(f"{p.role} {p.arch}\n{what}\nclass {p.explained}, p={p.prob:.2f}", fontsize=8, **LITERAL)
-            ax_e.set_xlabel("\n".join(f"{names[k][:20]} {q:.2f}" for k, q in p.top), fontsize=6, loc="left",
-                            **LITERAL)
+                ax_h.set_title("GradCAM ÷ its max", fontsize=FONT)
+            bar = fig.colorbar(heat, ax=ax_h, fraction=0.05, pad=0.02)
+            bar.ax.tick_params(labelsize=FONT)
+            bar.ax.yaxis.get_offset_text().set_fontsize(FONT)  # the "1e−5" above a bar of small contributions
+            # Left-aligned, two lines over a one-line map title: the model line may run on over its map.
+            prob = f"  p = {prob_text(p.prob)}"
+            ax_e.set_title(f"{fit(f'{p.role} {p.arch}', 2 * PANEL_IN)}\n"
+                           f"{fit(names[p.explained], TEXT_IN - text_width(prob))}{prob}", fontsize=FONT, loc="left",
+                           **LITERAL)
+            ax_e.set_xlabel(wrap(READ[p.bcos]), fontsize=FONT, loc="left")
+            ax_h.set_xlabel("\n".join(fit(f"{prob_text(q)}  {names[k]}") for k, q in p.top),
+                            fontsize=FONT, loc="left", **LITERAL)
         for ax in axes[r]:
             ax.set_xticks([])
             ax.set_yticks([])
-    fig.get_layout_engine().set(rect=(0, 0.03, 1, 0.97))
-    fig.text(0.01, 0.005, "Under each explanation: the model's top-5. Probabilities are sigmoids for B-cos models "
-             "(trained with BCE) and softmax for standard models.", fontsize=7)
+    fig.get_layout_engine().set(rect=(0, foot_in / fig.get_figheight(), 1, 1 - foot_in / fig.get_figheight()))
+    fig.text(0.01, 0.005, foot, fontsize=FONT, va="bottom")
     return fig
 
 

@@ -20,15 +20,18 @@ from gte.text import markdown
 
 if TYPE_CHECKING:
     import torch.nn as nn
+    from matplotlib.figure import Figure
     from rich.console import Console
 
     from gte.evaluate import Example
+    from gte.render import Row
 
-# (key, label) of the headline metrics; percentages unless noted
+# (key, label) of the headline metrics, shown as percentages except the cosines of COSINES
 METRIC_ROWS = (("acc1", "acc@1"), ("acc5", "acc@5"), ("agreement", "top-1 agreement"),
-        ("explanation_similarity", "explanation similarity (cos)"), ("worst_group_acc", "worst-group acc"),
+        ("explanation_similarity", "explanation similarity (mean cosine)"), ("worst_group_acc", "worst-group acc"),
         ("id_acc", "Waterbirds ID acc"), ("ood_acc", "Waterbirds OOD acc"), ("f1", "micro-F1 (logit > 0)"),
         ("map", "mAP"), ("epg", "EPG"), ("iou", "IoU"))
+COSINES = {"explanation_similarity"}  # a cosine in [-1, 1], not a fraction: shown as one
 
 
 # What the localisation metrics mean (gte.metrics), said wherever they are shown
@@ -61,29 +64,57 @@ def group_label(metrics: dict, group: str) -> str:
 
 
 def _pct(v: object) -> str:
-    return f"{100 * v:.1f}" if isinstance(v, (int, float)) else "—"
+    """A fraction as a percentage with one decimal (``0.934`` → ``93.4 %``); ``—`` for a missing value."""
+    return f"{100 * v:.1f} %" if isinstance(v, (int, float)) else "—"
+
+
+def _cos(v: object) -> str:
+    return f"{v:.3f}" if isinstance(v, (int, float)) else "—"
+
+
+def has_teacher(metrics: dict) -> bool:
+    """Whether the metrics were measured with a teacher: no teacher column, heading or series without one."""
+    return "teacher" in metrics
+
+
+def metric_header(metrics: dict) -> list[str]:
+    """The columns of :func:`metric_rows`."""
+    return ["metric", "student", "teacher"] if has_teacher(metrics) else ["metric", "model"]
 
 
 def metric_rows(metrics: dict) -> list[list[str]]:
-    """[label, student, teacher] for every headline metric present (percent, one decimal)."""
+    """[label, student, teacher] (without a teacher: [label, model]) for every headline metric present: percentages
+    with one decimal, cosines as cosines."""
     teacher = metrics.get("teacher", {})
-    return [[label, _pct(metrics.get(k)), _pct(teacher.get(k))] for k, label in METRIC_ROWS if k in metrics or k in teacher]
+    cols = (metrics, teacher) if has_teacher(metrics) else (metrics,)
+    return [[label, *((_cos if k in COSINES else _pct)(c.get(k)) for c in cols)]
+            for k, label in METRIC_ROWS if k in metrics or k in teacher]
+
+
+def group_header(metrics: dict) -> list[str]:
+    """The columns of :func:`group_rows`."""
+    return ["group", "n", "acc", "agreement", "teacher acc"] if has_teacher(metrics) else ["group", "n", "acc"]
 
 
 def group_rows(metrics: dict) -> list[list[str]]:
-    """[group, n, acc, agreement, teacher acc] per group."""
+    """[group, n, acc, agreement, teacher acc] per group (without a teacher: [group, n, acc])."""
     t = metrics.get("teacher", {}).get("groups", {})
     agree = metrics.get("group_agreement", {})
-    return [[group_label(metrics, g), str(metrics["group_counts"][g]), _pct(acc), _pct(agree.get(g)), _pct(t.get(g))]
+    return [[group_label(metrics, g), str(metrics["group_counts"][g]), _pct(acc),
+             *((_pct(agree.get(g)), _pct(t.get(g))) if has_teacher(metrics) else ())]
             for g, acc in metrics.get("groups", {}).items()]
 
 
+def shift_header(metrics: dict) -> list[str]:
+    """The columns of :func:`shift_rows`."""
+    return ["shift px", "student", "teacher"] if "teacher" in metrics.get("shift", {}) else ["shift px", "model"]
+
+
 def shift_rows(metrics: dict) -> list[list[str]]:
-    """[t, student cos, teacher cos] of the shift curve."""
+    """[t, student cos, teacher cos] of the shift curve (without a teacher: [t, cos])."""
     s = metrics.get("shift", {})
-    teacher = s.get("teacher", [None] * len(s.get("t", [])))
-    return [[str(t), f"{a:.3f}", f"{b:.3f}" if b is not None else "—"] for t, a, b in zip(s.get("t", []),
-                                                                                         s.get("student", []), teacher)]
+    cols = [s.get("student", [])] + ([s["teacher"]] if "teacher" in s else [])
+    return [[str(t), *(_cos(c[i]) for c in cols)] for i, t in enumerate(s.get("t", []))]
 
 
 def print_summary(metrics: dict, console: Console, title: str = "gte eval") -> None:
@@ -92,17 +123,18 @@ def print_summary(metrics: dict, console: Console, title: str = "gte eval") -> N
 
     def table(name: str, header: Sequence[str], rows: list[list[str]], notes: Sequence[str] = ()) -> None:
         if rows:
-            tab = compact_table(name, caption=" ".join(notes) or None)
+            tab = compact_table(name)
             add_columns(tab, header, numeric=header[1:])  # numbers never wrap; a long group name folds
             for row in rows:
                 tab.add_row(*map(literal, row))  # group names come from files: shown as written
             console.print(tab)
+            if notes:  # under the table at the terminal's width: a caption would wrap to a narrow table's
+                console.print(" ".join(notes), highlight=False)
             console.print()  # without vertical rules, a blank line keeps the next title apart
 
-    table(f"{title}: {metrics['n']} samples (%)", ["metric", "student", "teacher"], metric_rows(metrics),
-          metric_notes(metrics))
-    table("per group (%)", ["group", "n", "acc", "agreement", "teacher acc"], group_rows(metrics))
-    table("shift test: cosine to the unshifted explanation", ["shift px", "student", "teacher"], shift_rows(metrics))
+    table(f"{title}: {metrics['n']} samples", metric_header(metrics), metric_rows(metrics), metric_notes(metrics))
+    table("per group", group_header(metrics), group_rows(metrics))
+    table("shift test: cosine to the unshifted explanation", shift_header(metrics), shift_rows(metrics))
 
 
 # --------------------------------------------------------------------------------------------- figures
@@ -112,56 +144,78 @@ def _png(fig: object) -> bytes:
     return buf.getvalue()
 
 
-def group_figure(metrics: dict) -> bytes:
+def group_figure(metrics: dict) -> Figure:
     """Bars per group: student accuracy, teacher accuracy, agreement."""
     from matplotlib.figure import Figure
 
-    from gte.render import LITERAL
+    from gte.render import FONT, LITERAL
 
     groups = list(metrics["groups"])
-    series = [("student acc", metrics["groups"])]
-    if "teacher" in metrics:
+    series = [("student acc" if has_teacher(metrics) else "acc", metrics["groups"])]
+    if has_teacher(metrics):
         series += [("teacher acc", metrics["teacher"]["groups"]), ("agreement", metrics["group_agreement"])]
-    fig = Figure(figsize=(1.2 + max(0.9 * len(series) / 2, 1.2) * len(groups), 3.2))  # room for the group names
+    fig = Figure(figsize=(max(5.0, 1.2 + max(0.9 * len(series) / 2, 1.2) * len(groups)), 3.4))  # legend, names
     ax = fig.subplots()
     width = 0.8 / len(series)
     for i, (name, vals) in enumerate(series):
         ax.bar([j + i * width for j in range(len(groups))], [100 * vals[g] for g in groups], width, label=name)
     ax.set_xticks([j + width * (len(series) - 1) / 2 for j in range(len(groups))],
-                  [group_label(metrics, g).replace(" ", "\n", 1) for g in groups], fontsize=8, **LITERAL)
-    ax.set_ylim(0, 118)  # head room for the legend above the bars
+                  [group_label(metrics, g).replace(" ", "\n", 1) for g in groups], fontsize=FONT, **LITERAL)
+    ax.set_ylim(0, 100)
     ax.set_yticks(range(0, 101, 20))
-    ax.set_ylabel("%")
-    ax.legend(fontsize=7, loc="upper center", ncol=len(series), frameon=False)
+    ax.set_ylabel("%" if len(series) > 1 else "accuracy (%)", fontsize=FONT)
+    ax.tick_params(labelsize=FONT)
+    if len(series) > 1:  # above the axes, not in them: at a readable size it is wider than two groups' bars
+        ax.legend(fontsize=FONT, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=len(series), frameon=False)
     fig.tight_layout()
-    return _png(fig)
+    return fig
 
 
-def shift_figure(metrics: dict) -> bytes:
+def shift_figure(metrics: dict) -> Figure:
     """The shift curve: cosine to the unshifted explanation vs diagonal shift."""
     from matplotlib.figure import Figure
+
+    from gte.render import FONT
 
     s = metrics["shift"]
     fig = Figure(figsize=(5, 3.2))
     ax = fig.subplots()
-    ax.plot(s["t"], s["student"], "o-", label="student")
+    ax.plot(s["t"], s["student"], "o-", label="student" if "teacher" in s else "model")
     if "teacher" in s:
         ax.plot(s["t"], s["teacher"], "s--", label="teacher")
-    ax.set_xlabel("diagonal shift (px)")
-    ax.set_ylabel("cosine over the overlap")
+    ax.set_xlabel("diagonal shift (px)", fontsize=FONT)
+    ax.set_ylabel("cosine over the overlap", fontsize=FONT)
     ax.set_xticks(s["t"][::2])
-    ax.legend()
+    ax.tick_params(labelsize=FONT)
+    ax.legend(fontsize=FONT)
     fig.tight_layout()
-    return _png(fig)
+    return fig
+
+
+def example_note(example: Example, names: Sequence[str], group_names: dict[str, str] | None = None) -> str:
+    """The lines under an example of the grid: ``label: tiger cat`` and ``group: landbird-on-water`` (the group's
+    number where the data does not name it; no group line for an example without one, group -1)."""
+    from gte.render import fit
+
+    label = names[example.label] if 0 <= example.label < len(names) else str(example.label)
+    lines = [fit(f"label: {label}")]
+    if example.group >= 0:
+        name = (group_names or {}).get(str(example.group))
+        lines.append(fit(f"group: {name}" if name else f"group: {example.group}"))
+    return "\n".join(lines)
 
 
 def grid_figure(examples: Sequence[Example], student: nn.Module, teacher: nn.Module | None,
-                names: Sequence[str], path: Path) -> None:
-    """Images with the teacher's and the student's explanations side by side (gte explain's renderer)."""
+                names: Sequence[str], path: Path, group_names: dict[str, str] | None = None) -> list[Row]:
+    """Images with the teacher's and the student's explanations side by side (gte explain's renderer), each image
+    captioned with its label and group by name; returns the rows drawn."""
     from gte.render import explain_rows, render
 
-    rows = explain_rows([(f"{e.key} (y={e.label}, g={e.group})", e.image) for e in examples], student, teacher)
+    rows = explain_rows([(e.key, e.image) for e in examples], student, teacher)
+    for row, e in zip(rows, examples):
+        row.note = example_note(e, names, group_names)
     render(rows, names, path)
+    return rows
 
 
 # --------------------------------------------------------------------------------------------- documents
@@ -176,7 +230,7 @@ def _html_table(header: Sequence[str], rows: list[list[str]]) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
-CSS = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
+CSS = ("body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}"
        "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:.3em .7em;text-align:right}"
        "td:first-child,th:first-child{text-align:left}img{max-width:100%;border:1px solid #eee}"
        "code{background:#f4f4f4;padding:0 .2em}")
@@ -193,26 +247,26 @@ def write_report(out_dir: str | os.PathLike, metrics: dict, *, examples: Sequenc
         raise GteError(f"{out}: cannot create the report directory ({e.strerror})") from None
     images: dict[str, bytes] = {}
     if metrics.get("groups"):
-        images["groups.png"] = group_figure(metrics)
+        images["groups.png"] = _png(group_figure(metrics))
     if metrics.get("shift"):
-        images["shift.png"] = shift_figure(metrics)
+        images["shift.png"] = _png(shift_figure(metrics))
     if examples and student is not None:
         grid = out / "grid.png"
         from gte.models import info
 
         names = names or [f"class {k}" for k in range(info(student).num_classes)]
-        grid_figure(examples, student, teacher, names, grid)
+        grid_figure(examples, student, teacher, names, grid, metrics.get("group_names"))
         images["grid.png"] = grid.read_bytes()
     for name, data in images.items():
         (out / name).write_bytes(data)
 
+    paired = teacher is not None and has_teacher(metrics)
     sections: list[tuple[str, Sequence[str], list[list[str]], str | None, str]] = [
-        ("Metrics (%)", ["metric", "student", "teacher"], metric_rows(metrics), None, " ".join(metric_notes(metrics))),
-        ("Per group (%)", ["group", "n", "acc", "agreement", "teacher acc"], group_rows(metrics), "groups.png",
-         group_note(metrics)),
-        ("Teacher and student explanations", [], [], "grid.png",
-         "Both models explain the teacher's top-1 class (the model's own top-1 without a teacher)."),
-        ("Shift test", ["shift px", "student", "teacher"], shift_rows(metrics), "shift.png",
+        ("Metrics", metric_header(metrics), metric_rows(metrics), None, " ".join(metric_notes(metrics))),
+        ("Per group", group_header(metrics), group_rows(metrics), "groups.png", group_note(metrics)),
+        ("Teacher and student explanations" if paired else "Explanations", [], [], "grid.png",
+         "Both models explain the teacher's top-1 class." if paired else "The model explains its own top-1 class."),
+        ("Shift test", shift_header(metrics), shift_rows(metrics), "shift.png",
          "Cosine of the explanation of the diagonally shifted image with the unshifted one, over the overlap."),
     ]
     about = {"samples": str(metrics["n"]), **(about or {})}

@@ -7,6 +7,7 @@ for the teacher's top-1 class. User errors are checked through the real console 
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -35,10 +36,10 @@ SIZE = 32
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def calibrated(name: str, seed: int) -> nn.Module:
+def calibrated(name: str, seed: int, classes: int = len(NAMES)) -> nn.Module:
     """A 4-class model whose BN running stats come from one random batch (momentum 1), so outputs are not flat."""
     torch.manual_seed(seed)
-    model = build_model(name, len(NAMES))
+    model = build_model(name, classes)
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     for m in norms:
         m.momentum = 1.0
@@ -235,10 +236,11 @@ def test_pictures_have_a_caption_and_a_colour_bar_of_the_map_scale(ws, model, cm
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
     pixels = np.asarray(Image.open(buf).convert("RGB")).astype(float)
-    captions = [ax.get_title() for ax in fig.axes if "p=" in ax.get_title()]
+    captions = [ax.get_title(loc="left") for ax in fig.axes if "p = " in ax.get_title(loc="left")]
     assert len(captions) == len(rows)
     explainer = "B-cos W(x)" if cmap == "bwr" else "GradCAM"
-    assert all("osprey" in c and "class 2" in c and explainer in c for c in captions), captions
+    titles = " ".join(ax.get_title() for ax in fig.axes)
+    assert all("osprey  p = " in c for c in captions) and explainer.split()[-1] in titles, captions
     lut = JET.astype(float) if cmap == "jet" else 255 * matplotlib.colormaps["bwr"](np.linspace(0, 1, 256))[:, :3]
     bars = [ax for ax in fig.axes if ax.get_label() == "<colorbar>"]
     assert len(bars) == len(rows)  # one per attribution map
@@ -250,3 +252,86 @@ def test_pictures_have_a_caption_and_a_colour_bar_of_the_map_scale(ws, model, cm
         index = distance.argmin(1)
         assert distance.min(1).max() < 30, "the bar's pixels are not the map's colours"
         assert np.all(np.diff(index) <= 2) and index[0] - index[-1] > 200, index  # the scale, top (max) to bottom
+
+
+# ------------------------------------------------------------------------------------------ (9) readable pictures
+LONG = ["great grey owl, Strix nebulosa", "ruddy turnstone, Arenaria interpres", "osprey", "wren",
+        "American coot, marsh hen, mud hen, water hen, Fulica americana", "red-breasted merganser, Mergus serrator"]
+
+
+@pytest.fixture(scope="module")
+def six_class_rows(ws):
+    """Teacher (B-cos) + student (standard) rows of a 6-class pair: a full top-5 under every map."""
+    teacher, student = calibrated("bcos_cifar_resnet20", 2, 6), calibrated("cifar_resnet20", 3, 6)
+    images = [(str(ws / f), preprocess(load_image(ws / f), SIZE)) for f in ("img.png", "img.jpg")]
+    return explain_rows(images, student, teacher)
+
+
+def drawn_texts(fig):
+    """(axes or None, text artist) for every visible, non-empty text of a drawn figure."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.text import Text
+
+    FigureCanvasAgg(fig).draw()  # as savefig lays it out (constrained layout), with a renderer to measure text
+    owned = {id(t): ax for ax in fig.axes for t in ax.findobj(Text)}
+    ticks, drawn = set(), set()  # an axis keeps spare ticks outside its view: their labels are not drawn
+    for axis in (a for ax in fig.axes for a in (ax.xaxis, ax.yaxis)):
+        low, high = sorted(axis.get_view_interval())
+        for tick in axis.majorTicks + axis.minorTicks:
+            ticks |= {id(tick.label1), id(tick.label2)}
+            if tick.get_loc() is not None and low - 1e-9 * (high - low) <= tick.get_loc() <= high + 1e-9 * (high - low):
+                drawn |= {id(tick.label1), id(tick.label2)}
+    return [(owned.get(id(t)), t) for t in fig.findobj(Text)
+            if t.get_visible() and t.get_text().strip() and (id(t) not in ticks or id(t) in drawn)]
+
+
+def assert_readable(fig, min_pt: float = 10.0) -> None:
+    """Every text ≥ ``min_pt`` points and inside the picture; no text covers another text or an axes (image, map,
+    colour bar) not its own, nor runs across the edge of its own (a legend wider than its plot)."""
+    texts = drawn_texts(fig)
+    small = [(t.get_text(), t.get_fontsize()) for _, t in texts if t.get_fontsize() < min_pt]
+    assert not small, small
+    renderer = fig.canvas.get_renderer()
+    boxes = [(ax, t, t.get_window_extent(renderer).expanded(1, 1).shrunk(0.98, 0.9)) for ax, t in texts]
+    page = fig.bbox
+    for _, t, box in boxes:  # nothing cut off at the edge of the picture
+        assert page.x0 <= box.x0 and box.x1 <= page.x1 and page.y0 <= box.y0 and box.y1 <= page.y1, t.get_text()
+    for ax, t, box in boxes:
+        for other in fig.axes:
+            area = other.get_window_extent(renderer)
+            inside = other is ax and area.x0 <= box.x0 and box.x1 <= area.x1 and area.y0 <= box.y0 and box.y1 <= area.y1
+            assert inside or not box.overlaps(area), (t.get_text(), other.get_title())  # nothing across an edge
+    for i, (_, t, box) in enumerate(boxes):
+        for _, u, other in boxes[i + 1:]:
+            assert not box.overlaps(other), (t.get_text(), u.get_text())
+
+
+@pytest.mark.parametrize("count", [1, 6])  # gte explain of one image; the report's default grid of 6
+def test_captions_stay_in_their_row_and_text_is_10pt(six_class_rows, count):
+    from gte.render import figure, fit
+
+    rows = [dataclasses.replace(r, path=f"photos/a_long_photo_name_from_a_camera_{i:04d}.jpg")
+            for i, r in enumerate((six_class_rows * 3)[:count])]
+    for row in rows:  # as the report captions its examples (gte.report.example_note)
+        row.note = fit("label: ruddy turnstone, Arenaria interpres") + "\ngroup: landbird-on-water"
+    fig = figure(rows, LONG)
+    assert_readable(fig)
+    assert fig.get_figwidth() * fig.dpi <= 1168  # the report page's width: shown at 100 %, never shrunk
+
+
+def test_each_map_names_its_class_and_probability_and_how_to_read_it(ws):
+    from gte.render import figure, prob_text
+
+    rows = rows_for(ws, "std.safetensors", teacher="bcos.safetensors", cls=2)
+    fig = figure(rows, NAMES)
+    texts = [t.get_text() for _, t in drawn_texts(fig)]
+    for row in rows:
+        for p in row.panels:  # "osprey  p = 0.27" over every explanation, the probability of that very class
+            assert any(f"osprey  p = {prob_text(p.prob)}" in t for t in texts), texts
+    flat = " ".join(" ".join(texts).split())
+    assert "B-cos W(x): colour = " in flat and "brighter = stronger positive evidence for the class" in flat
+    assert "scaled to its own max" in flat and "GradCAM maps are each scaled to their own max" in flat
+    assert sum("scaled to its own max" in t for t in texts) == len(rows)  # under each GradCAM panel
+    assert prob_text(0.001) == "0.001" and prob_text(0.934) == "0.93"
+    bcos_only = " ".join(t.get_text() for _, t in drawn_texts(figure(rows_for(ws, "bcos.safetensors"), NAMES)))
+    assert "GradCAM" not in bcos_only and "teacher" not in bcos_only  # nothing about a teacher that is not there

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import re
 import shutil
 import subprocess
@@ -93,9 +94,11 @@ def test_report_files_and_markdown(report):
     for name in ("report.md", "metrics.json", "groups.png", "shift.png", "grid.png"):
         assert (out / name).is_file(), name
     md = (out / "report.md").read_text()
-    assert "| acc@1 | 50.0 | 100.0 |" in md and "| worst-group acc | 25.0 | — |" in md
-    assert "| 1 | 4 | 25.0 | 50.0 | 100.0 |" in md  # group 1: n, acc, agreement, teacher acc
+    assert "| acc@1 | 50.0 % | 100.0 % |" in md and "| worst-group acc | 25.0 % | — |" in md
+    assert "| explanation similarity (mean cosine) | 0.840 | — |" in md  # a cosine stays a cosine, labelled so
+    assert "| 1 | 4 | 25.0 % | 50.0 % | 100.0 % |" in md  # group 1: n, acc, agreement, teacher acc
     assert "| 2 | 0.700 | 0.850 |" in md  # the shift curve
+    assert json.loads((out / "metrics.json").read_text())["acc1"] == 0.5  # the JSON keeps fractions
     for image in ("groups.png", "shift.png", "grid.png"):
         assert f"]({image})" in md
 
@@ -104,6 +107,7 @@ def test_report_html_is_self_contained(report):
     _, page = report
     sizes = check_html_images(page)
     assert len(sizes) == 3 and all(w > 100 and h > 100 for w, h in sizes)
+    assert all(w <= 1168 for w, _ in sizes)  # within the page's 1200 px: shown at 100 %, text never shrunk
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="no headless Chromium installed (apt-get install chromium)")
@@ -115,7 +119,8 @@ def test_report_renders_in_headless_chromium(report, tmp_path):
 
 def test_terminal_tables():
     text = _terminal(METRICS)
-    assert "explanation similarity" in text and "84.0" in text and "0.850" in text and "25.0" in text
+    assert "explanation similarity (mean cosine)" in text and "0.840" in text and "0.850" in text
+    assert "25.0 %" in text and "50.0 %" in text and "84.0" not in text
 
 
 def _terminal(metrics: dict, width: int = 120) -> str:
@@ -134,7 +139,7 @@ def test_groups_are_named_and_the_waterbirds_note_is_for_waterbirds_only(tmp_pat
     named = {**METRICS, "group_names": {"0": "aligned", "1": "conflicting"}}
     write_report(tmp_path / "demo", named)
     md = (tmp_path / "demo" / "report.md").read_text()
-    assert "| 1 conflicting | 4 | 25.0 |" in md and "Waterbirds" not in md
+    assert "| 1 conflicting | 4 | 25.0 % |" in md and "Waterbirds" not in md
     assert "1 conflicting" in _terminal(named) and "Waterbirds" not in _terminal(named)
     birds = {**METRICS, "waterbirds": True, "group_names": {"0": "landbird-on-land", "1": "landbird-on-water"}}
     write_report(tmp_path / "birds", birds)
@@ -153,3 +158,78 @@ def test_epg_and_iou_are_explained_where_they_are_shown(report, tmp_path):
     write_report(tmp_path / "plain", without)
     assert "attribution energy" not in (tmp_path / "plain" / "report.md").read_text()
     assert "attribution energy" not in _terminal(without)
+
+
+# ------------------------------------------------------------------------------------------ issue 21: readable reports
+ALONE = {k: v for k, v in METRICS.items() if k not in ("teacher", "agreement", "explanation_similarity",
+                                                        "group_agreement")}
+ALONE = {**ALONE, "shift": {k: v for k, v in METRICS["shift"].items() if k != "teacher"},
+         "group_names": {"1": "landbird-on-water"}}
+
+
+@pytest.fixture(scope="module")
+def alone(tmp_path_factory):
+    """A report of a model evaluated without a teacher; its examples: one in a named group, one in none (-1)."""
+    import torch
+
+    from gte.evaluate import Example
+    from gte.models import build_model
+    from gte.report import write_report
+
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("alone")
+    model = build_model("cifar_resnet20", 2).eval()
+    examples = [Example("000000", torch.rand(3, 16, 16), 1, 1), Example("000001", torch.rand(3, 16, 16), 0, -1)]
+    write_report(out, ALONE, examples=examples, student=model, names=["tiger cat", "dog"])
+    return out, model, examples
+
+
+def test_no_teacher_no_teacher_heading_column_or_series(alone):
+    out, _, _ = alone
+    for text in ((out / "report.md").read_text(), (out / "report.html").read_text(), _terminal(ALONE)):
+        assert "teacher" not in text.lower()
+        assert "—" not in text  # no column left empty
+    md = (out / "report.md").read_text()
+    assert "| metric | model |" in md and "| acc@1 | 50.0 % |" in md and "| group | n | acc |" in md
+    assert "| shift px | model |" in md and "## Explanations" in md and "its own top-1" in md
+
+
+def test_examples_are_captioned_with_class_and_group_names(alone, tmp_path):
+    from gte.render import figure
+    from gte.report import grid_figure
+
+    _, model, examples = alone
+    rows = grid_figure(examples, model, None, ["tiger cat", "dog"], tmp_path / "grid.png", ALONE["group_names"])
+    assert [r.note for r in rows] == ["label: dog\ngroup: landbird-on-water", "label: tiger cat"]  # no group: -1
+    texts = " ".join(t.get_text() for t in figure(rows, ["tiger cat", "dog"]).findobj(lambda a: hasattr(a, "get_text")))
+    assert "label: dog" in texts and "y=" not in texts and "g=" not in texts
+    rows = grid_figure(examples[:1], model, None, ["tiger cat", "dog"], tmp_path / "grid.png")
+    assert rows[0].note == "label: dog\ngroup: 1"  # a group the data does not name keeps its number
+
+
+@pytest.mark.parametrize("metrics", [METRICS, ALONE], ids=["teacher", "alone"])
+def test_report_figures_are_readable(metrics):
+    from gte.report import group_figure, shift_figure
+    from test_render import assert_readable
+
+    for fig in (group_figure(metrics), shift_figure(metrics)):
+        assert_readable(fig)
+
+
+def test_no_default_shown_beside_a_default_the_help_explains():
+    """`[default: 0]` beside "(default: the model's own)" contradicts it: such options hide typer's default."""
+    import typer.main
+    from typer.testing import CliRunner
+
+    from gte.cli import app
+
+    def leaves(group, path=()):
+        for name, cmd in group.commands.items():
+            yield from leaves(cmd, (*path, name)) if hasattr(cmd, "commands") else [((*path, name), cmd)]
+
+    clashes = []
+    for path, cmd in leaves(typer.main.get_command(app)):
+        text = CliRunner().invoke(app, [*path, "--help"], env={"COLUMNS": "400", "NO_COLOR": "1"}).output
+        clashes += [" ".join(path) + ": " + " ".join(ln.split()) for ln in text.splitlines()
+                    if "(default:" in ln and "[default:" in ln]
+    assert not clashes, clashes

@@ -50,7 +50,7 @@ def data(tmp_path_factory):
     (["fetch-teachers", "--list"], ["bcos_vit_ti_patch16_224", "75.19", "80.86"]),
     (["data", "info", "{spec}"], ["16 samples", "1 conflicting: 8", "png: 16"]),
     (["eval", "{model}", "--data", "{spec}", "--teacher", "{model}"],
-     ["explanation similarity (cos)", "1 conflicting", "attribution energy"]),
+     ["explanation similarity (mean cosine)", "1 conflicting", "attribution energy", "100.0 %"]),
     (["explain", "{image}", "--model", "{model}", "--teacher", "{model}", "--out", "{root}/e.png"],
      ["a_long_photo_name_from_", "a_camera_0001.jpg", "bcos_cifar_resnet20", "0.25"]),
 ], ids=["recipes", "teachers", "data-info", "eval", "explain"])

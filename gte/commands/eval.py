@@ -22,8 +22,8 @@ def eval_command(
     report: Optional[Path] = typer.Option(None, "--report", help="Write report.md + self-contained report.html here."),
     image_size: Optional[int] = typer.Option(None, "--image-size", help="Centre-crop size (default: MODEL's own, "
                                              "from its spec)."),
-    eval_resize: int = typer.Option(0, "--eval-resize", help="Resize (short side) before the crop (default: MODEL's "
-                                    "own; with --image-size: size/0.875)."),
+    eval_resize: int = typer.Option(0, "--eval-resize", show_default=False, help="Resize (short side) before the "
+                                    "crop (default: MODEL's own; with --image-size: size/0.875)."),
     batch_size: int = typer.Option(64, "--batch-size"),
     waterbirds: Optional[bool] = typer.Option(None, "--waterbirds/--no-waterbirds", help="ID/OOD accuracy with "
                                               "group = 2·label + place, OOD = groups 1, 2 (default: detect 4 groups "
@@ -35,9 +35,9 @@ def eval_command(
     explainer: str = typer.Option("auto", "--explainer", help="How both models' explanations are compared: bcos "
                                   "(W(x), two B-cos networks) or gradcam; auto = what the student was trained with "
                                   "(its spec), else its own where the teacher has it, else gradcam."),
-    teacher_size: int = typer.Option(0, "--teacher-image-size", help="The side the teacher sees each image at, as "
-                                     "in training with teacher.image_size (0 = the eval size, or the teacher's "
-                                     "fixed size)."),
+    teacher_size: int = typer.Option(0, "--teacher-image-size", show_default=False, help="The side the teacher sees "
+                                     "each image at, as in training with teacher.image_size (default: the eval size, "
+                                     "or the teacher's fixed size)."),
 ) -> None:
     """acc@1/5, agreement, explanation similarity, groups, F1/mAP, EPG/IoU, shift test (torchrun for many processes)."""
     if batch_size < 1 or shift_max < 0 or shift_samples < 1 or examples < 0 or teacher_size < 0:

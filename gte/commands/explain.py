@@ -23,8 +23,8 @@ def explain_command(
     teacher_arch: Optional[str] = TeacherArchOpt,
     image_size: Optional[int] = typer.Option(None, "--image-size", help="Crop size (default: the model's own, from "
                                              "its spec)."),
-    eval_resize: int = typer.Option(0, "--eval-resize", help="Resize before the centre crop (default: the model's "
-                                    "own; with --image-size: size/0.875)."),
+    eval_resize: int = typer.Option(0, "--eval-resize", show_default=False, help="Resize before the centre crop "
+                                    "(default: the model's own; with --image-size: size/0.875)."),
     classes: Optional[str] = typer.Option(None, "--classes", help="JSON list of class names."),
 ) -> None:
     """Pictures of explanations: B-cos W(x) and contributions, or GradCAM; prints the top-5."""
