@@ -373,7 +373,7 @@ def evaluate_test(recipe: Recipe, engine: Engine, console: Console, unrelated: s
         atomic_write_text(Path(recipe.run.out) / "test.json", json.dumps(metrics, indent=2))
         shown = {k: metrics[k] for k in ("acc1", "agreement", "explanation_similarity", "worst_group_acc")
                  if isinstance(metrics.get(k), float) and not (unrelated and k == "acc1")}
-        console.print(f"data.test ({metrics['n']} samples): " + " ".join(f"{k} {100 * v:.1f} %"
-                                                                         for k, v in shown.items())
+        console.print(f"data.test ({metrics['n']} samples): " + " ".join(  # shares in %, the similarity a cosine
+            f"{k} {v:.3f}" if k == "explanation_similarity" else f"{k} {100 * v:.1f} %" for k, v in shown.items())
                       + f"; {Path(recipe.run.out) / 'test.json'}", markup=False, highlight=False)
     return metrics
