@@ -208,3 +208,26 @@ def test_killed_run_resumes_to_identical_weights(tmp_path, teacher, reference_ru
         assert torch.equal(a[k], b[k]), k
     steps = [json.loads(x)["step"] for x in (run_out / "metrics.jsonl").read_text().splitlines() if '"lr"' in x]
     assert steps == list(range(1, 25))  # no step logged twice, none missing
+
+
+@pytest.mark.slow
+def test_a_stopped_torchrun_job_checkpoints_and_ends_in_one_line(tmp_path, teacher, reference_runs):
+    """SIGTERM to the whole process group of `python -m gte.launch` (torchrun's agent, 2 ranks, a DataLoader worker
+    each), as `scancel` / a preemption sends it: every rank stops at the same step, rank 0 saves a checkpoint and says
+    so in one line, the job exits 128 + SIGTERM (torchrun itself: a traceback and exit 1); the same command resumes."""
+    shards, _ = reference_runs("e2kd", 0)
+    recipe = _recipe(tmp_path, teacher, shards, tmp_path / "run", "e2kd", workers=1)
+    cmd = [sys.executable, "-m", "gte.launch", "--nproc_per_node", "2", "--master_port",
+           str(random.randint(20000, 40000)), "-m", "gte", "distill", "--recipe", str(recipe)]
+    proc = subprocess.Popen(cmd, env=_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    _wait_for_step(tmp_path / "run", 2, proc)
+    os.killpg(proc.pid, signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    lines = [x for x in err.splitlines() if x.strip() and not x.startswith("data.")]
+    assert len(lines) == 1 and "checkpoint saved" in lines[0] and "Traceback" not in err, err
+    cmd[cmd.index("--master_port") + 1] = str(random.randint(20000, 40000))
+    res = subprocess.run(cmd, env=_env(tmp_path), capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and "resuming from" in res.stderr, res.stderr[-2000:]
+    assert (tmp_path / "run" / "model.safetensors").is_file()
