@@ -20,6 +20,7 @@ from PIL import Image, ImageFile, UnidentifiedImageError
 
 from gte.data.images import max_pixels, to_rgb
 from gte.errors import GteError
+from gte.io import loads_json
 
 if TYPE_CHECKING:
     import torch
@@ -99,7 +100,7 @@ def names_file(path: str | Path, num_classes: int) -> list[str]:
     except OSError as e:
         raise GteError(f"{path}: cannot read the class names ({e.strerror})") from None
     try:
-        names = json.loads(text)
+        names = loads_json(text, str(path))
     except json.JSONDecodeError as e:
         raise GteError(f"{path}: not JSON ({e.msg} at line {e.lineno})") from None
     if not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
