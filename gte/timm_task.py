@@ -111,6 +111,9 @@ class E2KDTask(TrainingTask):
         check_value("distill.temperature", temperature)  # refused as a recipe refuses them
         check_value("distill.lambda_exp", lambda_exp)
         _check_teacher(teacher_model, teacher_pretrained_path)
+        given = {k: list(v) if isinstance(v, (list, tuple)) else v
+                 for k, v in (("mean", input_mean), ("std", input_std)) if v is not None}
+        given = checked_values("E2KDTask: input_", given, 224, 0.875)  # three finite numbers each, std > 0
         s_info = describe(student_model)
         if isinstance(teacher_model, str):  # timm's own teacher creation (pretrained weights, student's classes)
             teacher_model = DistillationTeacher(teacher_model, s_info.num_classes, pretrained_path=teacher_pretrained_path,
@@ -136,8 +139,6 @@ class E2KDTask(TrainingTask):
                             temperature=temperature, explainer=explainer, ce_weight=0.0)
         self.method = build_method(cfg, student_model, self.teacher)
 
-        given = {k: tuple(v) for k, v in (("mean", input_mean), ("std", input_std)) if v is not None}
-        given = checked_values("E2KDTask: input_", given, s_info.input_size, s_info.crop_pct)  # 3 finite, std > 0
         mean, std = given.get("mean", s_info.mean), given.get("std", s_info.std)
         self.register_buffer("input_mean", torch.tensor(mean, device=self.device, dtype=self.dtype).view(1, -1, 1, 1),
                              persistent=False)

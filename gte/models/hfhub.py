@@ -129,21 +129,20 @@ def check_config(config: dict, file: Path) -> None:
             raise GteError(f"{at}num_classes {str(v)[:40]!r} is not a class count in 0..{MAX_CLASSES}")
     if not isinstance(config.get("model_args", {}), dict):
         raise GteError(f"{file}: model_args is not a JSON object")
+    values = {k: cfg[k] for k in ("crop_pct", "mean", "std", "fixed_input_size") if cfg.get(k) is not None}
     size = cfg.get("input_size")
     if size is not None:
         if not (isinstance(size, list) and len(size) == 3 and size[0] == 3):
             raise GteError(f"{where}input_size {str(size)[:40]!r} is not [3, height, width]")
-        for side in size[1:]:
-            checked_values(where, {"input_size": side}, 224, 1.0)
-    values = {k: cfg[k] for k in ("crop_pct", "mean", "std", "fixed_input_size") if cfg.get(k) is not None}
+        checked_values(where, {"input_size": size[1]}, 224, 1.0)
+        values["input_size"] = size[2]  # the side gte reads (timm_geometry), and with crop_pct its eval resize
     if cfg.get("interpolation") is not None and not isinstance(cfg["interpolation"], str):
         values["interpolation"] = cfg["interpolation"]  # an unknown name falls back to bilinear; a non-string is wrong
-    names_key = ""
+    checked_values(where, values, 224, 0.875)
     for key, d, at in (("label_names", config, f"{file}: "), ("label_names", cfg, where), ("labels", cfg, where)):
-        if d.get(key) is not None:
-            values["class_names"], names_key = d[key], f"{at}{key}"
-            break
-    checked_values(where, values, size[-1] if size else 224, 0.875, names_key=names_key.removeprefix(where))
+        names = d.get(key)
+        if names is not None and not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
+            raise GteError(f"{at}{key} is not a list of strings")
 
 
 def create(name: str, num_classes: int) -> tuple[nn.Module, dict[str, Any]]:

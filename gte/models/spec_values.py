@@ -25,11 +25,11 @@ def _shown(v: object) -> str:
     return repr(str(v)[:40]) if isinstance(v, str) else str(v)[:40]
 
 
-def checked_values(where: str, values: dict, input_size: int, crop_pct: float, names_key: str = "class_names") -> dict:
+def checked_values(where: str, values: dict, input_size: int, crop_pct: float) -> dict:
     """``values`` (any of input_size, crop_pct, interpolation, mean, std, fixed_input_size, class_names) checked and
     normalised (floats, tuples); ``input_size`` / ``crop_pct``: the current ones, for the eval resize
     ``input_size / crop_pct`` a small fraction makes (checked against the same side limit). Errors start with
-    ``where`` (``"arch: "``, ``"file: pretrained_cfg."``) and name the key (the class list as ``names_key``)."""
+    ``where`` (``"arch: "``, ``"file: pretrained_cfg."``) and name the key."""
     c = dict(values)
     if "input_size" in c:
         check_side(c["input_size"], f"{where}input_size")
@@ -55,6 +55,6 @@ def checked_values(where: str, values: dict, input_size: int, crop_pct: float, n
     if "class_names" in c:
         names = c["class_names"]
         if not (isinstance(names, (list, tuple)) and all(isinstance(n, str) for n in names)):
-            raise GteError(f"{where}{names_key} is not a list of strings")
+            raise GteError(f"{where}class_names is not a list of strings")
         c["class_names"] = tuple(names)
     return c

@@ -21,8 +21,6 @@ from gte.limits import MAX_CLASSES, check_side
 from gte.models.registry import SPEC_KEYS, create, info, with_spec
 
 
-
-
 def build_model(name: str, num_classes: int, weights: str | None = None) -> nn.Module:
     """Build architecture ``name`` with a ``num_classes``-way head; optionally load ``weights`` (a file path, or a
     teacher catalog name meaning its cached download — an existing file path wins)."""
@@ -44,7 +42,7 @@ def _clean_state_dict(obj: object, source: str) -> dict[str, torch.Tensor]:
         raise GteError(f"{source}: not a state dict of tensors")
     out = {}
     for k, v in obj.items():
-        if v.numel() and v.untyped_storage().nbytes() < v.numel() * v.element_size():
+        if v.layout == torch.strided and v.numel() and v.untyped_storage().nbytes() < v.numel() * v.element_size():
             # a torch.save of an expanded view: a shape far larger than the bytes behind it (a crafted head would
             # make the model allocate for it)
             raise GteError(f"{source}: tensor {k[:80]} claims shape {tuple(v.shape)} but holds "
