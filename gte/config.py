@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from gte.errors import GteError
+from gte.io import loads_toml
+from gte.limits import side_problem
 
 
 @dataclass
@@ -212,6 +214,19 @@ RANGES: dict[str, tuple[Any, str]] = {
 }
 
 
+SIDES = ("data.image_size", "data.eval_resize", "teacher.image_size")  # image sides: also gte.limits' memory limit
+
+
+def check_value(key: str, value: Any) -> None:
+    """A one-line error when ``value`` is out of the range of recipe key ``key`` (:data:`RANGES`): for code that
+    takes recipe values another way (``gte.timm_task``), refused as a recipe refuses them."""
+    section, name = key.split(".")
+    value = coerce(key, value, getattr(getattr(Recipe(), section), name))
+    ok, what = RANGES[key]
+    if not ok(value):
+        raise GteError(f"{key} must be {what}, got {value!r}")
+
+
 def range_problems(recipe: Recipe) -> list[str]:
     """Every value out of its range (one line each), and an eval resize smaller than the crop."""
     out = []
@@ -220,6 +235,8 @@ def range_problems(recipe: Recipe) -> list[str]:
         value = getattr(getattr(recipe, section), name)
         if not ok(value):
             out.append(f"recipe key '{key}' must be {what}, got {value!r}")
+        elif key in SIDES and value and (problem := side_problem(value, f"recipe key '{key}'")):
+            out.append(problem)
     d = recipe.data
     if 0 < d.eval_resize < d.image_size:
         out.append(f"data.eval_resize {d.eval_resize} is smaller than data.image_size {d.image_size}: the centre "
@@ -263,7 +280,7 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
         raise GteError(f"--set expects key=value, got '{item}' (write --set {item.strip()}=VALUE, no space)")
     key, text = item.split("=", 1)
     try:
-        value = tomllib.loads(f"v = {text}")["v"]
+        value = loads_toml(f"v = {text}", f"--set {key}")["v"]
     except tomllib.TOMLDecodeError:
         value = text  # bare strings (paths, names) need no quotes
     return key.strip().split("."), value
@@ -292,14 +309,20 @@ def shipped_recipes() -> dict[str, str]:
     return out
 
 
+MAX_EXTENDS = 16  # recipes a chain of `extends` may hold: far above any real layering, far below Python's recursion
+
+
 def read_raw(name_or_path: str, seen: tuple[str, ...] = ()) -> dict[str, Any]:
     """A recipe file as a dict, with ``extends = "<recipe>"`` resolved: the named recipe (a shipped name or a path
     relative to this file) is read first and this file's keys override its keys, section by section."""
     path = recipe_path(name_or_path)
     if str(path.resolve()) in seen:
         raise GteError(f"{path}: recipes extend each other in a loop ({' -> '.join(seen)})")
+    if len(seen) >= MAX_EXTENDS:
+        raise GteError(f"{path}: more than {MAX_EXTENDS} recipes extend one another (from {seen[0]}); "
+                       "flatten the chain")
     try:
-        raw = tomllib.loads(path.read_text())
+        raw = loads_toml(path.read_text(), str(path))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise GteError(f"{path}: not a valid TOML recipe ({e})") from None
     base = raw.pop("extends", None)

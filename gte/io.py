@@ -71,9 +71,47 @@ def atomic_write_json(path: str | os.PathLike, obj: Any, *, indent: int | None =
 def read_json(path: str | os.PathLike, default: Any = None) -> Any:
     """``path`` parsed as JSON, or ``default`` when it is missing or unreadable (caches, side indexes)."""
     try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        return checked_nesting(json.loads(Path(path).read_text(encoding="utf-8")), str(path))
+    except (OSError, ValueError, RecursionError, GteError):
         return default
+
+
+MAX_NESTING = 32  # no file gte reads nests deeper; Python's json and tomllib recurse, and fail near 1000 levels
+
+
+def checked_nesting(value: Any, where: str) -> Any:
+    """``value`` (parsed JSON/TOML) as it is, or a one-line error when lists/tables nest deeper than
+    :data:`MAX_NESTING` (walked without recursion: printing or copying such a value would recurse too deeply)."""
+    stack = [(value, 1)]
+    while stack:
+        v, depth = stack.pop()
+        if isinstance(v, (dict, list, tuple)):
+            if depth > MAX_NESTING:
+                raise GteError(f"{where}: nested more than {MAX_NESTING} levels deep (a corrupt or crafted file?)")
+            stack.extend((x, depth + 1) for x in (v.values() if isinstance(v, dict) else v))
+    return value
+
+
+def loads_json(text: str | bytes, where: str) -> Any:
+    """``json.loads`` whose too-deep nesting is a one-line error naming ``where`` (not a RecursionError); a syntax
+    error stays a ``json.JSONDecodeError`` for the caller to word."""
+    try:
+        value = json.loads(text)
+    except RecursionError:
+        raise GteError(f"{where}: nested more than {MAX_NESTING} levels deep (a corrupt or crafted file?)") from None
+    return checked_nesting(value, where)
+
+
+def loads_toml(text: str, where: str) -> dict[str, Any]:
+    """``tomllib.loads`` whose too-deep nesting is a one-line error naming ``where``; a syntax error stays a
+    ``tomllib.TOMLDecodeError`` for the caller to word."""
+    import tomllib
+
+    try:
+        value = tomllib.loads(text)
+    except RecursionError:
+        raise GteError(f"{where}: nested more than {MAX_NESTING} levels deep (a corrupt or crafted file?)") from None
+    return checked_nesting(value, where)
 
 
 def check_writable(directory: str | os.PathLike, what: str) -> None:

@@ -20,6 +20,7 @@ from PIL import Image, ImageFile, UnidentifiedImageError
 
 from gte.data.images import max_pixels, to_rgb
 from gte.errors import GteError
+from gte.io import loads_json
 from gte.text import clean_name
 
 if TYPE_CHECKING:
@@ -105,7 +106,7 @@ def names_file(path: str | Path, num_classes: int) -> list[str]:
     except UnicodeDecodeError as e:
         raise GteError(f"{path}: not UTF-8 text (byte {e.start}); class names must be a JSON list in UTF-8") from None
     try:
-        names = json.loads(text)
+        names = loads_json(text, str(path))
     except json.JSONDecodeError as e:
         raise GteError(f"{path}: not JSON ({e.msg} at line {e.lineno})") from None
     if not (isinstance(names, list) and all(isinstance(n, str) for n in names)):

@@ -19,11 +19,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from gte.config import DistillConfig
+from gte.config import DistillConfig, check_value
 from gte.errors import GteError
+from gte.io import is_file
 from gte.losses import classification_loss
 from gte.methods import Batch, build_method
 from gte.models import describe, freeze, info
+from gte.models.spec_values import checked_values
 
 try:
     from timm.task import DistillationTeacher, TrainingTask
@@ -45,6 +47,22 @@ class LabelLoss(nn.Module):
         if target.ndim == 2 and not self.bcos:  # gte reads N×C labels as multi-hot (BCE): Mixup's are a distribution
             return F.cross_entropy(logits.float(), target.float())
         return classification_loss(logits, target, self.bcos)
+
+
+def _check_teacher(teacher: object, pretrained_path: str | None) -> None:
+    """A teacher module, or a timm name with local weights: timm would download a named teacher's weights (gte never
+    downloads), and a Hub name would be looked up on the network."""
+    if isinstance(teacher, (nn.Module, DistillationTeacher)):
+        return
+    if not isinstance(teacher, str) or not teacher:
+        raise GteError(f"E2KDTask needs a teacher: a trained module, or a timm model name with "
+                       f"teacher_pretrained_path (got {type(teacher).__name__})")
+    if teacher.startswith(("hf-hub:", "hf_hub:", "timm/")):
+        raise GteError(f"E2KDTask teacher '{teacher[:80]}': build it with gte.models.build_model('timm/hf-hub:…') "
+                       "from the local Hugging Face cache and pass the module (gte never downloads)")
+    if not pretrained_path or not is_file(pretrained_path):
+        raise GteError(f"E2KDTask teacher '{teacher[:80]}' without a teacher_pretrained_path file: timm would "
+                       "download its weights (gte never downloads); pass the file, or a trained module")
 
 
 class E2KDTask(TrainingTask):
@@ -90,6 +108,12 @@ class E2KDTask(TrainingTask):
             verbose: bool = True,
     ):
         super().__init__(device=device, dtype=dtype, verbose=verbose)
+        check_value("distill.temperature", temperature)  # refused as a recipe refuses them
+        check_value("distill.lambda_exp", lambda_exp)
+        _check_teacher(teacher_model, teacher_pretrained_path)
+        given = {k: list(v) if isinstance(v, (list, tuple)) else v
+                 for k, v in (("mean", input_mean), ("std", input_std)) if v is not None}
+        given = checked_values("E2KDTask: input_", given, 224, 0.875)  # three finite numbers each, std > 0
         s_info = describe(student_model)
         if isinstance(teacher_model, str):  # timm's own teacher creation (pretrained weights, student's classes)
             teacher_model = DistillationTeacher(teacher_model, s_info.num_classes, pretrained_path=teacher_pretrained_path,
@@ -115,8 +139,7 @@ class E2KDTask(TrainingTask):
                             temperature=temperature, explainer=explainer, ce_weight=0.0)
         self.method = build_method(cfg, student_model, self.teacher)
 
-        mean = s_info.mean if input_mean is None else tuple(input_mean)
-        std = s_info.std if input_std is None else tuple(input_std)
+        mean, std = given.get("mean", s_info.mean), given.get("std", s_info.std)
         self.register_buffer("input_mean", torch.tensor(mean, device=self.device, dtype=self.dtype).view(1, -1, 1, 1),
                              persistent=False)
         self.register_buffer("input_std", torch.tensor(std, device=self.device, dtype=self.dtype).view(1, -1, 1, 1),
@@ -158,6 +181,8 @@ class E2KDTask(TrainingTask):
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
         """The e2KD loss of one batch of student-normalised ``input`` and its targets."""
+        if input.ndim != 4 or input.shape[1] != 3:  # broadcasting would silently make a 1-channel batch 3 channels
+            raise GteError(f"E2KDTask: input must be N×3×H×W images, got shape {tuple(input.shape)}")
         images = input * self.input_std + self.input_mean  # back to [0, 1]: gte applies each model's own spec
         # gte's method returns (loss, logs); timm also wants the student logits: take them from its one student forward
         outputs: list[torch.Tensor] = []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import glob
+import hashlib
 import io
 import json
 import os
@@ -102,6 +103,25 @@ def unreadable_file(directory: Path) -> Path | None:
         except OSError:
             continue
     return None
+
+
+HF_COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+def put_in_cache(cache: Path, repo: str, files: Path, commit: str = HF_COMMIT) -> Path:
+    """Place ``files``' contents in the hub cache as huggingface_hub does: content-addressed blobs, a snapshot of
+    relative symlinks to them, ``refs/main`` naming the commit."""
+    root = cache / f"models--{repo.replace('/', '--')}"
+    snap = root / "snapshots" / commit
+    (root / "blobs").mkdir(parents=True, exist_ok=True)
+    snap.mkdir(parents=True, exist_ok=True)
+    for f in files.iterdir():
+        blob = root / "blobs" / hashlib.sha256(f.read_bytes()).hexdigest()
+        blob.write_bytes(f.read_bytes())
+        (snap / f.name).symlink_to(os.path.relpath(blob, snap))
+    (root / "refs").mkdir(exist_ok=True)
+    (root / "refs" / "main").write_text(commit)
+    return snap
 
 
 def run_main(argv: list[str], monkeypatch, capsys) -> tuple[int, str, str]:

@@ -5,7 +5,6 @@ or a misspelt name, is a one-line error (also through the CLI); and no socket is
 
 from __future__ import annotations
 
-import hashlib
 import os
 import socket
 import subprocess
@@ -15,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from _fixtures import HF_COMMIT, put_in_cache
 from gte.errors import GteError
 from gte.models import build_model, check_arch, external, info, load_model, save_model, to_model_input
 
@@ -22,26 +22,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 REPO = "gte-test/mnv3-tiny"
 NAME = f"timm/hf-hub:{REPO}"
-COMMIT = "0123456789abcdef0123456789abcdef01234567"
 MEAN, STD = (0.1, 0.2, 0.3), (0.4, 0.5, 0.6)
 LABELS = ("a", "b", "c", "d", "e")
 CLOSED = "http://127.0.0.1:9"  # the discard port, closed: any request fails loudly instead of reaching the Hub
-
-
-def put_in_cache(cache: Path, repo: str, files: Path, commit: str = COMMIT) -> Path:
-    """Place ``files``' contents in the hub cache as huggingface_hub does: content-addressed blobs, a snapshot of
-    relative symlinks to them, ``refs/main`` naming the commit."""
-    root = cache / f"models--{repo.replace('/', '--')}"
-    snap = root / "snapshots" / commit
-    (root / "blobs").mkdir(parents=True, exist_ok=True)
-    snap.mkdir(parents=True, exist_ok=True)
-    for f in files.iterdir():
-        blob = root / "blobs" / hashlib.sha256(f.read_bytes()).hexdigest()
-        blob.write_bytes(f.read_bytes())
-        (snap / f.name).symlink_to(os.path.relpath(blob, snap))
-    (root / "refs").mkdir(exist_ok=True)
-    (root / "refs" / "main").write_text(commit)
-    return snap
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +52,7 @@ def hub(tmp_path_factory):
     (root / "other").mkdir()
     (root / "other" / "README.md").write_text("not a timm model")
     put_in_cache(root / "cache", "gte-test/other", root / "other")
-    no_exist = root / "cache" / "models--gte-test--other" / ".no_exist" / COMMIT
+    no_exist = root / "cache" / "models--gte-test--other" / ".no_exist" / HF_COMMIT
     no_exist.mkdir(parents=True)
     (no_exist / "config.json").touch()
     return root / "cache", model

@@ -50,7 +50,7 @@ def test_architecture_defaults():
 
 
 @pytest.mark.parametrize("change, needle", [
-    ({"gradcam_layer": "layer9"}, "no layer 'layer9'"), ({"input_size": 0}, "input size"),
+    ({"gradcam_layer": "layer9"}, "no layer 'layer9'"), ({"input_size": 0}, "input_size"),
     ({"crop_pct": 2.0}, "crop_pct"), ({"interpolation": "lanczos"}, "interpolation"),
     ({"std": (1.0, 0.0, 1.0)}, "std"), ({"class_names": ["a"]}, "1 class names for 2 classes"),
 ])
@@ -68,7 +68,7 @@ def test_a_corrupt_spec_in_a_file_is_refused(tmp_path):
     meta = model_metadata(model)
     meta["input_spec"] = json.dumps({**json.loads(meta["input_spec"]), "input_size": -3})
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "bad.safetensors"), meta)
-    with pytest.raises(GteError, match="bad.safetensors: cifar_resnet20: input size -3"):
+    with pytest.raises(GteError, match="bad.safetensors: cifar_resnet20: input_size -3"):
         load_model(str(tmp_path / "bad.safetensors"))
 
 

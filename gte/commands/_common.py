@@ -28,3 +28,15 @@ def recipe(name: str, overrides: Optional[List[str]], out: Optional[Path] = None
     if out is not None:
         r.run.out = str(out)
     return r
+
+
+def check_sizes(image_size: int | None, eval_resize: int = 0, teacher_size: int = 0) -> None:
+    """``--image-size`` / ``--eval-resize`` / ``--teacher-image-size`` within gte's one image-side limit
+    (:func:`gte.limits.check_side`), before any model or image is loaded; 0 means "the model's own" for the last two."""
+    from gte.limits import check_side
+
+    if image_size is not None:
+        check_side(image_size, "--image-size")
+    for value, flag in ((eval_resize, "--eval-resize"), (teacher_size, "--teacher-image-size")):
+        if value:
+            check_side(value, flag)

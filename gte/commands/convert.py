@@ -28,6 +28,8 @@ def convert_command(
     mean: Optional[str] = typer.Option(None, "--mean", help="Input mean, three numbers: 0.5,0.5,0.5."),
     std: Optional[str] = typer.Option(None, "--std", help="Input std, three numbers."),
     explain_layer: Optional[str] = typer.Option(None, "--explain-layer", help="GradCAM layer (dotted module name)."),
+    num_classes: Optional[int] = typer.Option(None, "--num-classes", help="Class count (default: read from the "
+                                              "architecture's classifier in SRC)."),
 ) -> None:
     """Convert a state dict into gte's model.safetensors with its spec (size, crop, interpolation, mean/std,
     explanation layer, class names)."""
@@ -43,9 +45,9 @@ def convert_command(
     from gte.models import info
     from gte.models.convert import convert_weights
 
-    model = convert_weights(src, arch, out, rename=rename, classes=classes, input_size=input_size,
-                            crop_pct=crop_pct, interpolation=interpolation, mean=_triple(mean, "--mean"),
-                            std=_triple(std, "--std"), gradcam_layer=explain_layer)
+    model = convert_weights(src, arch, out, rename=rename, num_classes=num_classes, classes=classes,
+                            input_size=input_size, crop_pct=crop_pct, interpolation=interpolation,
+                            mean=_triple(mean, "--mean"), std=_triple(std, "--std"), gradcam_layer=explain_layer)
     mi = info(model)
     err.print(literal(f"{out}: {mi.arch}, {mi.num_classes} classes, {mi.input_size}px (resize {mi.eval_resize}, "
                       f"{mi.interpolation}), mean {mi.mean}, std {mi.std}, explained at {mi.gradcam_layer}"

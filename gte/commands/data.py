@@ -6,7 +6,6 @@ gte.data (writers, info, bench); the tables printed here are this module's.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, List, Optional
@@ -16,6 +15,7 @@ from rich.console import Console
 
 from gte.commands._common import err
 from gte.errors import GteError
+from gte.io import loads_json
 from gte.tables import literal
 
 if TYPE_CHECKING:
@@ -87,7 +87,7 @@ def shard_imagefolder(
         names = imagenet_class_names()
     elif classes is not None:
         try:
-            names = json.loads(Path(classes).read_text())
+            names = loads_json(Path(classes).read_text(), f"--classes {classes}")
         except (OSError, ValueError) as e:
             raise GteError(f"--classes {classes}: not a readable JSON list ({e})") from None
         if not isinstance(names, list) or not all(isinstance(n, str) for n in names):

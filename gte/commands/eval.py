@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 from rich.console import Console
 
-from gte.commands._common import ArchOpt, TeacherArchOpt, err
+from gte.commands._common import ArchOpt, TeacherArchOpt, check_sizes, err
 from gte.errors import GteError
 
 
@@ -43,6 +43,7 @@ def eval_command(
     if batch_size < 1 or shift_max < 0 or shift_samples < 1 or examples < 0 or teacher_size < 0:
         raise GteError("--batch-size and --shift-samples must be positive, --shift-max, --examples and "
                        "--teacher-image-size not negative")
+    check_sizes(image_size, eval_resize, teacher_size)
     if json_out and json_out != "-" and not Path(json_out).resolve().parent.is_dir():  # before, not after, the work
         raise GteError(f"--json {json_out}: the directory {Path(json_out).resolve().parent} does not exist")
     from gte.io import check_writable

@@ -8,7 +8,7 @@ from typing import List, Optional, Sequence
 import typer
 from rich.console import Console
 
-from gte.commands._common import ArchOpt, TeacherArchOpt, err
+from gte.commands._common import ArchOpt, TeacherArchOpt, check_sizes, err
 from gte.errors import GteError
 
 
@@ -28,6 +28,7 @@ def explain_command(
     classes: Optional[str] = typer.Option(None, "--classes", help="JSON list of class names."),
 ) -> None:
     """Pictures of explanations: B-cos W(x) and contributions, or GradCAM; prints the top-5."""
+    check_sizes(image_size, eval_resize)
     explain_images(images, model, teacher=teacher, cls=class_, out=out, arch=arch, teacher_arch=teacher_arch,
                    image_size=image_size, eval_resize=eval_resize, classes_file=classes)
 

@@ -18,8 +18,9 @@ import torch
 import torch.nn as nn
 
 from gte.errors import GteError
-from gte.models.registry import create, info, with_spec
-from gte.models.weights import _infer_num_classes, _load_state, read_state_dict, save_model
+from gte.models.registry import create, info, to_model_input, with_spec
+from gte.models.weights import (MAX_CLASSES, _load_state, infer_num_classes, model_metadata, read_state_dict,
+                                save_model, spec_from_metadata)
 
 
 def _efficientnet_blocks(model: nn.Module) -> list[tuple[int, int]]:
@@ -94,12 +95,46 @@ def convert_weights(src: str | Path, arch: str, out: str | Path, *, rename: str 
     if rename is not None:
         # the rename needs the model's block layout, which does not depend on the class count
         state = RENAMES[rename](state, create(arch, 2))
-    n = num_classes or _infer_num_classes(state)
+    if num_classes is not None and not 2 <= num_classes <= MAX_CLASSES:
+        raise GteError(f"--num-classes {num_classes} is not a class count in 2..{MAX_CLASSES}")
+    n = num_classes or infer_num_classes(state, arch, src, "pass --num-classes")
     model = create(arch, n)
     _load_state(model, state, {}, src)
     if classes:
         spec["class_names"] = read_class_list(classes, n)
     with_spec(model, **{k: v for k, v in spec.items() if v is not None})
+    if spec.get("gradcam_layer") is not None:
+        check_spatial(model, spec["gradcam_layer"])
     digest = hashlib.sha256(src.read_bytes()).hexdigest()
-    save_model(model, out, source=src.name, source_sha256=digest, **({"converted_from": rename} if rename else {}))
+    extra = {"source": src.name, "source_sha256": digest, **({"converted_from": rename} if rename else {})}
+    # the reader's own checks on exactly what will be written: never a file gte then refuses
+    with torch.device("meta"):  # parameter-free: only the spec is checked
+        blank = create(arch, n)
+    with_spec(blank, **spec_from_metadata(model_metadata(model, **extra), out))
+    save_model(model, out, **extra)
     return model
+
+
+def check_spatial(model: nn.Module, layer: str) -> None:
+    """A one-line error unless ``layer``'s output on one probe image is a spatial map (N×C×H×W, channels-last, or a
+    token model's patch tokens), what GradCAM explains at."""
+    mi = info(model)
+    seen: list[torch.Tensor] = []
+    hook = model.get_submodule(layer).register_forward_hook(lambda m, i, o: seen.append(o))
+    side = mi.input_size if mi.fixed_input_size else min(mi.input_size, 64)
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            model.eval()(to_model_input(mi, torch.zeros(1, 3, side, side)))
+    except Exception as e:  # noqa: BLE001 — a model that cannot run its own spec's input: say so in one line
+        raise GteError(f"{mi.arch}: a {side}-px probe image does not run through the model ({type(e).__name__})"
+                       ) from None
+    finally:
+        hook.remove()
+        model.train(was_training)
+    out = seen[-1] if seen else None
+    spatial = isinstance(out, torch.Tensor) and (out.ndim == 4 or (out.ndim == 3 and mi.token_prefix is not None))
+    if not spatial:
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise GteError(f"{mi.arch}: --explain-layer {layer!r} gives {shape}, not a spatial feature map "
+                       "(GradCAM needs a layer before the global pooling)")

@@ -27,6 +27,8 @@ import torch
 import torch.nn as nn
 
 from gte.errors import GteError
+from gte.io import loads_json
+from gte.limits import MAX_CLASSES
 
 PREFIX = "timm/hf-hub:"
 _MISSPELT = ("hf-hub:", "hf_hub:", "timm/hf_hub:")  # timm's own forms without gte's prefix, and its deprecated alias
@@ -96,13 +98,51 @@ def repo_classes(name: str) -> int | None:
 
 
 def _config(name: str, folder: Path) -> tuple[str, object]:
-    """(architecture, num_classes) from a snapshot's config.json (timm's layout, or its legacy flat one)."""
+    """(architecture, num_classes) from a snapshot's config.json (timm's layout, or its legacy flat one), its
+    pretrained_cfg values checked (:func:`check_config`)."""
+    file = folder / "config.json"
     try:
-        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        config = loads_json(file.read_text(encoding="utf-8"), str(file))
         cfg = config.get("pretrained_cfg") or {}
-        return str(config.get("architecture") or cfg["architecture"]), config.get("num_classes", cfg.get("num_classes"))
+        arch = str(config.get("architecture") or cfg["architecture"])
+        n = config.get("num_classes", cfg.get("num_classes"))
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        raise GteError(f"{name}: {folder / 'config.json'} is not a timm model config (no 'architecture')") from None
+        raise GteError(f"{name}: {file} is not a timm model config (no 'architecture')") from None
+    check_config(config, file)
+    return arch, n
+
+
+def check_config(config: dict, file: Path) -> None:
+    """The values gte and timm read from a config.json, checked as a model file's spec is
+    (:func:`~gte.models.spec_values.checked_values`): a wrong type, a non-finite mean/std or a size over gte's limit
+    is one line naming the key and the file, before timm builds anything from it."""
+    from gte.models.spec_values import checked_values
+
+    nested = "pretrained_cfg" in config
+    cfg = config["pretrained_cfg"] if nested else config  # timm's legacy layout: one flat dict
+    if not isinstance(cfg, dict):
+        raise GteError(f"{file}: pretrained_cfg is not a JSON object")
+    where = f"{file}: {'pretrained_cfg.' if nested else ''}"
+    for d, at in ((config, f"{file}: "), (cfg, where)):
+        v = d.get("num_classes")
+        if v is not None and not (isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= MAX_CLASSES):
+            raise GteError(f"{at}num_classes {str(v)[:40]!r} is not a class count in 0..{MAX_CLASSES}")
+    if not isinstance(config.get("model_args", {}), dict):
+        raise GteError(f"{file}: model_args is not a JSON object")
+    values = {k: cfg[k] for k in ("crop_pct", "mean", "std", "fixed_input_size") if cfg.get(k) is not None}
+    size = cfg.get("input_size")
+    if size is not None:
+        if not (isinstance(size, list) and len(size) == 3 and size[0] == 3):
+            raise GteError(f"{where}input_size {str(size)[:40]!r} is not [3, height, width]")
+        checked_values(where, {"input_size": size[1]}, 224, 1.0)
+        values["input_size"] = size[2]  # the side gte reads (timm_geometry), and with crop_pct its eval resize
+    if cfg.get("interpolation") is not None and not isinstance(cfg["interpolation"], str):
+        values["interpolation"] = cfg["interpolation"]  # an unknown name falls back to bilinear; a non-string is wrong
+    checked_values(where, values, 224, 0.875)
+    for key, d, at in (("label_names", config, f"{file}: "), ("label_names", cfg, where), ("labels", cfg, where)):
+        names = d.get(key)
+        if names is not None and not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
+            raise GteError(f"{at}{key} is not a list of strings")
 
 
 def create(name: str, num_classes: int) -> tuple[nn.Module, dict[str, Any]]:

@@ -19,6 +19,7 @@ import torch.nn as nn
 from gte.errors import GteError
 from gte.models import external
 from gte.models.small import SmallResNet
+from gte.models.spec_values import checked_values
 from gte.text import clean_name, shorten
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -230,52 +231,29 @@ def create(name: str, num_classes: int) -> nn.Module:
     return model
 
 
-INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
 SPEC_KEYS = ("input_size", "crop_pct", "interpolation", "fixed_input_size", "mean", "std", "gradcam_layer",
              "class_names", "trained_explainer")  # what a model.safetensors may set on the architecture's own facts
 
 
 def with_spec(model: nn.Module, **changes) -> nn.Module:
-    """Set spec fields (:data:`SPEC_KEYS`) on a gte model's :class:`ModelInfo`, checked: a layer that does not exist,
-    a size, fraction, interpolation or class list that makes no sense is a one-line error."""
+    """Set spec fields (:data:`SPEC_KEYS`) on a gte model's :class:`ModelInfo`, checked
+    (:func:`~gte.models.spec_values.checked_values`, and: a layer that does not exist, a class list of another
+    length): a one-line error naming the key."""
     mi = info(model)
     unknown = sorted(set(changes) - set(SPEC_KEYS))
     if unknown:
         raise GteError(f"not a model spec field: {', '.join(unknown)} (known: {', '.join(SPEC_KEYS)})")
-    c = dict(changes)
-    if "trained_explainer" in c and not (isinstance(c["trained_explainer"], str)
-                                         and c["trained_explainer"] in ("", "bcos", "gradcam")):
+    c = checked_values(f"{mi.arch}: ", changes, mi.input_size, mi.crop_pct)
+    if "trained_explainer" in c and c["trained_explainer"] not in ("", "bcos", "gradcam"):
         raise GteError(f"{mi.arch}: trained_explainer {shorten(repr(c['trained_explainer']))} is not an explainer")
-    if "input_size" in c and not (isinstance(c["input_size"], int) and 1 <= c["input_size"] <= 16384):
-        raise GteError(f"{mi.arch}: input size {shorten(c['input_size'])} is not a side in pixels")
-    if "crop_pct" in c and not (isinstance(c["crop_pct"], (int, float)) and 0.05 <= c["crop_pct"] <= 1.0):
-        raise GteError(f"{mi.arch}: crop_pct {shorten(c['crop_pct'])} is not a fraction in [0.05, 1]")
-    if "interpolation" in c and c["interpolation"] not in INTERPOLATIONS:
-        raise GteError(f"{mi.arch}: interpolation {shorten(repr(c['interpolation']))} is not one of "
-                       f"{', '.join(INTERPOLATIONS)}")
-    for key in ("mean", "std"):
-        if key in c:
-            v = c[key]
-            if not (isinstance(v, (list, tuple)) and len(v) == 3 and all(isinstance(a, (int, float)) for a in v)
-                    and (key == "mean" or min(v) > 0)):
-                raise GteError(f"{mi.arch}: {key} {shorten(v)} is not three numbers"
-                               + (" above 0" if key == "std" else ""))
-            c[key] = tuple(float(a) for a in v)
-    if "class_names" in c:
-        names = c["class_names"]
-        if not (isinstance(names, (list, tuple)) and all(isinstance(n, str) for n in names)):
-            raise GteError(f"{mi.arch}: class names must be a list of strings")
-        if names and len(names) != mi.num_classes:
-            raise GteError(f"{mi.arch}: {len(names)} class names for {mi.num_classes} classes")
-        c["class_names"] = tuple(names)
-    if c.get("gradcam_layer"):
+    if c.get("class_names") and len(c["class_names"]) != mi.num_classes:
+        raise GteError(f"{mi.arch}: {len(c['class_names'])} class names for {mi.num_classes} classes")
+    if "gradcam_layer" in c:
         layer = c["gradcam_layer"]
         if not isinstance(layer, str) or not external.has_module(model, layer):
             close = difflib.get_close_matches(str(layer), [n for n, _ in model.named_modules() if n], n=3, cutoff=0.6)
-            raise GteError(f"{mi.arch} has no layer '{shorten(layer)}' to explain at"
+            raise GteError(f"{mi.arch} has no layer {shorten(repr(layer))} to explain at (gradcam_layer)"
                            + (f"; did you mean {', '.join(close)}?" if close else ""))
-    if "fixed_input_size" in c:
-        c["fixed_input_size"] = bool(c["fixed_input_size"])
     model.gte_info = dataclasses.replace(mi, **c)
     return model
 

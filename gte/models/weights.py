@@ -16,11 +16,9 @@ import torch.nn as nn
 
 from gte import __version__, hub
 from gte.errors import GteError
-from gte.io import atomic_write_bytes, is_file
+from gte.io import atomic_write_bytes, is_file, loads_json, loads_toml
+from gte.limits import MAX_CLASSES, check_side
 from gte.models.registry import SPEC_KEYS, create, info, with_spec
-
-
-MAX_CLASSES = 1_000_000  # far above any classifier's; a head this wide is already 2 GB at 512 features
 
 
 def build_model(name: str, num_classes: int, weights: str | None = None) -> nn.Module:
@@ -44,6 +42,11 @@ def _clean_state_dict(obj: object, source: str) -> dict[str, torch.Tensor]:
         raise GteError(f"{source}: not a state dict of tensors")
     out = {}
     for k, v in obj.items():
+        if v.layout == torch.strided and v.numel() and v.untyped_storage().nbytes() < v.numel() * v.element_size():
+            # a torch.save of an expanded view: a shape far larger than the bytes behind it (a crafted head would
+            # make the model allocate for it)
+            raise GteError(f"{source}: tensor {k[:80]} claims shape {tuple(v.shape)} but holds "
+                           f"{v.untyped_storage().nbytes()} bytes (a corrupt or crafted file?)")
         for prefix in ("module.", "_orig_mod."):
             if k.startswith(prefix):
                 k = k[len(prefix):]
@@ -83,6 +86,12 @@ def _load_state(model: nn.Module, state: dict[str, torch.Tensor], meta: dict[str
     if "num_classes" in meta and meta["num_classes"] != str(mi.num_classes):
         raise GteError(f"{path}: has {meta['num_classes']} classes, the model {mi.num_classes}")
     own = model.state_dict()
+    for k, v in state.items():
+        if k in own and own[k].is_floating_point() and not v.is_floating_point():
+            raise GteError(f"{path}: tensor {k[:80]} is {str(v.dtype).removeprefix('torch.')}, not floating point as "
+                           f"{mi.arch}'s (a corrupt or wrong file?)")
+        if k in own and v.is_floating_point() and v.numel() and bool(torch.isnan(v).all()):
+            raise GteError(f"{path}: tensor {k[:80]} is all NaN (a diverged or corrupt model)")
     bad = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
     if bad:
         k = bad[0]
@@ -117,13 +126,17 @@ def spec_from_metadata(meta: dict[str, str], path: object) -> dict:
         if key not in meta:
             continue
         try:
-            value = json.loads(meta[key])
+            value = loads_json(meta[key], f"{path}: metadata {key}")
         except json.JSONDecodeError:
             raise GteError(f"{path}: metadata {key} is not JSON (a corrupt or edited file?)") from None
         if fields:
+            if not (isinstance(value, list) and all(isinstance(n, str) for n in value)):
+                raise GteError(f"{path}: metadata {key} is not a JSON list of strings (a corrupt or edited file?)")
             out[fields] = value
         elif isinstance(value, dict):
             out.update({k: v for k, v in value.items() if k in SPEC_KEYS and k != "class_names" and v is not None})
+        else:
+            raise GteError(f"{path}: metadata {key} is not a JSON object (a corrupt or edited file?)")
     return out
 
 
@@ -148,7 +161,8 @@ def load_model(path_or_name: str, arch: str | None = None, num_classes: int | No
     arch = arch or meta.get("arch")
     if arch is None:
         raise GteError(f"{p}: the architecture is unknown; pass --arch")
-    num_classes = num_classes or (_meta_classes(meta, p) if "num_classes" in meta else _infer_num_classes(state))
+    num_classes = num_classes or (_meta_classes(meta, p) if "num_classes" in meta else
+                                  infer_num_classes(state, arch, p, "convert it with `gte convert --num-classes`"))
     model = create(arch, num_classes)
     _load_state(model, state, meta, p)
     return _apply_file_spec(model, meta, p)
@@ -175,21 +189,33 @@ def _meta_classes(meta: dict[str, str], path: object) -> int:
     return int(raw)
 
 
-def _infer_num_classes(state: dict[str, torch.Tensor]) -> int:
-    """The output size of the last weight matrix in a state dict (released checkpoints carry no metadata)."""
-    heads = [v for k, v in state.items() if k.endswith("weight") and v.ndim in (2, 4)]
-    if not heads:
-        raise GteError("cannot infer the number of classes from the state dict")
-    return int(heads[-1].shape[0])
+def infer_num_classes(state: dict[str, torch.Tensor], arch: str, path: object, hint: str) -> int:
+    """The class count of a state dict (released checkpoints carry no metadata): the output size of ``arch``'s
+    classifier (its spec's ``head``) weight, bounded by :data:`MAX_CLASSES` before any model is built at that size; a
+    one-line error ending in ``hint`` (how to give the count) where the head is unknown or not in the weights."""
+    with torch.device("meta"):  # parameter-free: only the head's name is wanted
+        head = info(create(arch, 2)).head
+    weights = [v for k, v in state.items() if head and k.startswith(f"{head}.") and k.endswith("weight")
+               and v.ndim in (2, 4)]
+    if not weights and head:  # a strict load would fail on the same missing keys
+        raise GteError(f"{path}: does not fit {arch}: its classifier {head!r} is not in the weights")
+    if not weights:
+        raise GteError(f"{path}: cannot tell the class count for {arch} (gte does not know its classifier); {hint}")
+    n = int(weights[0].shape[0])
+    if not 2 <= n <= MAX_CLASSES:
+        raise GteError(f"{path}: the classifier {head!r} has {n} outputs, not a class count in 2..{MAX_CLASSES} "
+                       "(a corrupt or crafted file?)")
+    return n
 
 
 def eval_geometry(model: nn.Module, image_size: int | None = None, eval_resize: int = 0) -> tuple[int, int]:
     """(image_size, eval_resize) to evaluate or explain a model at — decided here only: the sizes given (``eval_resize``
     0 meaning size/0.875, the torchvision convention), else the model's spec (``input_size``, ``crop_pct``)."""
-    if image_size is not None:
-        return image_size, eval_resize
-    mi = info(model)
-    return mi.input_size, eval_resize or mi.eval_resize
+    if image_size is None:
+        image_size, eval_resize = info(model).input_size, eval_resize or info(model).eval_resize
+    check_side(image_size, "image size")  # the options are checked by name first; this guards every other caller
+    check_side(eval_resize or round(image_size / 0.875), "eval resize")
+    return image_size, eval_resize
 
 
 def _recipe_geometry(model_path: Path) -> dict:
@@ -201,11 +227,11 @@ def _recipe_geometry(model_path: Path) -> dict:
     import tomllib
 
     try:
-        d = tomllib.loads(recipe.read_text()).get("data", {})
+        d = loads_toml(recipe.read_text(), str(recipe)).get("data", {})
         size = int(d.get("image_size", 224))
         return {"input_size": size, "crop_pct": size / (int(d.get("eval_resize", 0)) or size / 0.875)}
-    except (tomllib.TOMLDecodeError, ValueError, TypeError, OSError, ZeroDivisionError):
-        return {}
+    except (tomllib.TOMLDecodeError, ValueError, TypeError, OSError, ZeroDivisionError, AttributeError, GteError):
+        return {}  # a best-effort fallback: the architecture's own geometry
 
 
 def convert_release(teacher: hub.Teacher, pth: Path, out: Path, sha256: str) -> None:
