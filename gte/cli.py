@@ -7,6 +7,7 @@ import errno
 import os
 import signal
 import sys
+import time
 import warnings
 from typing import NoReturn
 
@@ -15,7 +16,6 @@ import typer
 from gte.commands import bench, convert, distill, explain, precompute, recipes, teachers
 from gte.commands import eval as evaluate
 from gte.commands.data import data_app
-from gte.dist import is_main
 from gte.errors import GteError, Interrupted
 from gte.text import error_line
 
@@ -106,13 +106,18 @@ def accelerate_launcher() -> int | None:
 def _exit(line: str, code: int) -> NoReturn:
     """Print ``gte: error: line`` and exit with ``code`` (the line bounded and its control characters made visible:
     messages echo file names and file content). Under ``accelerate launch``'s single-process launcher, end
-    the launcher first: for any non-zero exit of its child it raises CalledProcessError and prints a traceback of its
-    own around gte's one line. SIGTERM ends it quietly (Python's default action; shells do not report it); the
+    the launcher: for any non-zero exit of its child it raises CalledProcessError and prints a traceback of its own
+    around gte's one line. SIGTERM ends it quietly (Python's default action; shells do not report it); the
     launch's exit status is then 143 (128 + SIGTERM) instead of 1."""
-    print(f"gte: error: {error_line(line)}", file=sys.stderr, flush=True)
     launcher = accelerate_launcher()
     if launcher is not None:
+        # Accelerate's launcher tees this process's stderr: on SIGTERM it drains the pipe in a thread, then ends this
+        # process with SIGTERM. Ignore that while the line is written, and write it only once the launcher has had
+        # time to switch to draining (a line its main loop has just read would be dropped by the SystemExit).
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         os.kill(launcher, signal.SIGTERM)
+        time.sleep(0.25)
+    print(f"gte: error: {error_line(line)}", file=sys.stderr, flush=True)
     sys.exit(code)
 
 
@@ -133,8 +138,11 @@ def main() -> None:
     except GteError as e:
         if os.environ.get("GTE_DEBUG"):
             raise
-        if isinstance(e, Interrupted) and not is_main():  # rank 0 says where the checkpoint is, once
-            sys.exit(e.exit_code)
+        if isinstance(e, Interrupted):
+            from gte.dist import is_main  # here, not at the top: gte.dist loads torch, which `gte --help` must not
+
+            if not is_main():  # rank 0 says where the checkpoint is, once
+                sys.exit(e.exit_code)
         _exit(str(e), e.exit_code)
     except OSError as e:  # unreadable inputs, read-only or full output directories, …
         if os.environ.get("GTE_DEBUG"):

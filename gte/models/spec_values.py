@@ -9,6 +9,7 @@ import math
 
 from gte.errors import GteError
 from gte.limits import check_side
+from gte.text import shorten
 
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
 
@@ -16,13 +17,6 @@ INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
 def _number(v: object) -> bool:
     """A finite int or float (not a bool: JSON ``true`` is no size, fraction or mean)."""
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def _shown(v: object) -> str:
-    """A value for an error line, cut short (a crafted file's million-number list is not printed whole)."""
-    if isinstance(v, (list, tuple)):
-        return f"[{', '.join(str(a)[:12] for a in v[:4])}{', …' if len(v) > 4 else ''}] ({len(v)} values)"
-    return repr(str(v)[:40]) if isinstance(v, str) else str(v)[:40]
 
 
 def checked_values(where: str, values: dict, input_size: int, crop_pct: float) -> dict:
@@ -35,23 +29,23 @@ def checked_values(where: str, values: dict, input_size: int, crop_pct: float) -
         check_side(c["input_size"], f"{where}input_size")
     if "crop_pct" in c:
         if not (_number(c["crop_pct"]) and 0.05 <= c["crop_pct"] <= 1.0):
-            raise GteError(f"{where}crop_pct {_shown(c['crop_pct'])} is not a fraction in [0.05, 1]")
+            raise GteError(f"{where}crop_pct {shorten(repr(c['crop_pct']))} is not a fraction in [0.05, 1]")
         c["crop_pct"] = float(c["crop_pct"])
     if "input_size" in c or "crop_pct" in c:
         check_side(round(c.get("input_size", input_size) / c.get("crop_pct", crop_pct)),
                    f"{where}input_size / crop_pct (the eval resize)")
     if "interpolation" in c and c["interpolation"] not in INTERPOLATIONS:
-        raise GteError(f"{where}interpolation {_shown(c['interpolation'])} is not one of {', '.join(INTERPOLATIONS)}")
+        raise GteError(f"{where}interpolation {shorten(repr(c['interpolation']))} is not one of {', '.join(INTERPOLATIONS)}")
     for key in ("mean", "std"):
         if key in c:
             v = c[key]
             if not (isinstance(v, (list, tuple)) and len(v) == 3 and all(_number(a) for a in v)
                     and (key == "mean" or min(v) > 0)):
-                raise GteError(f"{where}{key} {_shown(v)} is not three finite numbers"
+                raise GteError(f"{where}{key} {shorten(v)} is not three finite numbers"
                                + (" above 0" if key == "std" else ""))
             c[key] = tuple(float(a) for a in v)
     if "fixed_input_size" in c and not isinstance(c["fixed_input_size"], bool):
-        raise GteError(f"{where}fixed_input_size {_shown(c['fixed_input_size'])} is not true or false")
+        raise GteError(f"{where}fixed_input_size {shorten(repr(c['fixed_input_size']))} is not true or false")
     if "class_names" in c:
         names = c["class_names"]
         if not (isinstance(names, (list, tuple)) and all(isinstance(n, str) for n in names)):
