@@ -205,7 +205,10 @@ class BatchNormUncentered(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float,
                 gate: Gate, a: torch.Tensor | None = None, n: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-        var, mean = torch.var_mean(x, dim=(0, 2, 3), unbiased=False)
+        # statistics in float32 under autocast: a bf16 mean is off by ~2⁻⁹·|μ|, and for the uncentered activations of
+        # B-cos networks (|μ| ≫ σ) that offset in x − μ dominates the variance's gradient (its double backward)
+        var, mean = torch.var_mean(x if x.dtype in (torch.float32, torch.float64) else x.float(), dim=(0, 2, 3),
+                                   unbiased=False)
         r = (var + eps).rsqrt_()
         scale = r if weight is None else r * weight
         y = x * _c(scale)
