@@ -233,7 +233,9 @@ def range_problems(recipe: Recipe) -> list[str]:
     for key, (ok, what) in RANGES.items():
         section, name = key.split(".")
         value = getattr(getattr(recipe, section), name)
-        if not ok(value):
+        if isinstance(value, float) and not math.isfinite(value):  # inf passes "> 0", nan every comparison's negation
+            out.append(f"recipe key '{key}' must be a finite number, got {value!r}")
+        elif not ok(value):
             out.append(f"recipe key '{key}' must be {what}, got {value!r}")
         elif key in SIDES and value and (problem := side_problem(value, f"recipe key '{key}'")):
             out.append(problem)

@@ -153,3 +153,11 @@ def test_defaults_round_trip_and_empty_recipe():
     for f in dataclasses.fields(Recipe):
         assert dataclasses.is_dataclass(getattr(Recipe(), f.name))
     assert DataConfig().crop_scale is not DataConfig().crop_scale  # no shared mutable default
+
+
+@pytest.mark.parametrize("override", ["distill.temperature=inf", "optim.lr=inf", "distill.lambda_exp=nan",
+                                      "optim.warmup_epochs=inf"])
+def test_non_finite_recipe_values_are_refused(override):
+    """inf passes "> 0" and nan fails nothing one might forget to negate: every float key must be finite."""
+    with pytest.raises(GteError, match=f"recipe key '{override.split('=')[0]}' must be a finite number"):
+        load_recipe("demo", [override])
