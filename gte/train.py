@@ -34,6 +34,7 @@ from gte.evaluate import evaluate, unrelated_labels
 from gte.io import atomic_write_text
 from gte.methods import parse_method
 from gte.models import info, save_model
+from gte.text import shorten
 from gte.validate import validate
 
 
@@ -77,7 +78,8 @@ def check_resumable(position: dict[str, Any], recipe: Recipe, checkpoint_dir: Pa
         if isinstance(old, int) and new > old and new >= done:
             return (f"extending the run from {old} to {new} epochs: the cosine schedule is stretched over the new "
                     f"length from step {position.get('step', 0)} on")
-    what = (", ".join(f"{k} {_short(a)} → {_short(b)}" for k, (a, b) in list(changes.items())[:4])
+    what = (", ".join(f"{k} {shorten(json.dumps(a), 40)} → {shorten(json.dumps(b), 40)}"
+                      for k, (a, b) in list(changes.items())[:4])
             + (f" and {len(changes) - 4} more" if len(changes) > 4 else "")) if changes else "not recorded"
     newest = checkpoint.checkpoints(checkpoint_dir)[-1:]
     weights = f"--set student.weights={newest[0] / 'model.safetensors'} " if newest else ""
@@ -97,11 +99,6 @@ def _shown(key: str, value: float) -> str:
 def _hms(seconds: float) -> str:
     s = int(seconds)
     return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
-
-
-def _short(value: Any) -> str:
-    text = json.dumps(value) if not isinstance(value, str) else value
-    return text if len(text) <= 40 else text[:37] + "..."
 
 
 @dataclass
