@@ -79,6 +79,10 @@ def read_json(path: str | os.PathLike, default: Any = None) -> Any:
 MAX_NESTING = 32  # no file gte reads nests deeper; Python's json and tomllib recurse, and fail near 1000 levels
 
 
+def _too_deep(where: str) -> GteError:
+    return GteError(f"{where}: nested more than {MAX_NESTING} levels deep (a corrupt or crafted file?)")
+
+
 def checked_nesting(value: Any, where: str) -> Any:
     """``value`` (parsed JSON/TOML) as it is, or a one-line error when lists/tables nest deeper than
     :data:`MAX_NESTING` (walked without recursion: printing or copying such a value would recurse too deeply)."""
@@ -87,7 +91,7 @@ def checked_nesting(value: Any, where: str) -> Any:
         v, depth = stack.pop()
         if isinstance(v, (dict, list, tuple)):
             if depth > MAX_NESTING:
-                raise GteError(f"{where}: nested more than {MAX_NESTING} levels deep (a corrupt or crafted file?)")
+                raise _too_deep(where)
             stack.extend((x, depth + 1) for x in (v.values() if isinstance(v, dict) else v))
     return value
 
@@ -98,7 +102,7 @@ def loads_json(text: str | bytes, where: str) -> Any:
     try:
         value = json.loads(text)
     except RecursionError:
-        raise GteError(f"{where}: nested more than {MAX_NESTING} levels deep (a corrupt or crafted file?)") from None
+        raise _too_deep(where) from None
     return checked_nesting(value, where)
 
 
@@ -110,7 +114,7 @@ def loads_toml(text: str, where: str) -> dict[str, Any]:
     try:
         value = tomllib.loads(text)
     except RecursionError:
-        raise GteError(f"{where}: nested more than {MAX_NESTING} levels deep (a corrupt or crafted file?)") from None
+        raise _too_deep(where) from None
     return checked_nesting(value, where)
 
 

@@ -90,7 +90,8 @@ def _evaluate(model_path: str, spec: str, teacher_path: str | None, arch: str | 
     if not dist.is_main():
         return
     m = {**out.metrics, "image_size": image_size, "eval_resize": eval_resize or round(image_size / 0.875)}
-    note = unrelated_labels(shard_class_names(spec), [student, teacher])
+    data_names = shard_class_names(spec)  # gte data's and the demo's shards carry a classes.json
+    note = unrelated_labels(data_names, [student, teacher])
     if note:  # e.g. own photos in folders under an ImageNet model: say why acc@1 is ~0, once, before the table
         m.update(labels_meaningful=False, labels_note=note)
         err.print(f"note: {note}", markup=False, highlight=False, soft_wrap=True)
@@ -109,7 +110,7 @@ def _evaluate(model_path: str, spec: str, teacher_path: str | None, arch: str | 
     if report:
         from gte.report import write_report
 
-        names = _class_names(spec, student)
+        names = _class_names(data_names, student)
         about = {"model": model_path, "data": spec, **({"teacher": teacher_path} if teacher_path else {}),
                  "explainer": m["explainer"], "processes": str(m["world_size"])}
         page = write_report(report, m, examples=out.examples, student=student, teacher=teacher, names=names,
@@ -117,14 +118,12 @@ def _evaluate(model_path: str, spec: str, teacher_path: str | None, arch: str | 
         err.print("report written to", literal(page))
 
 
-def _class_names(spec: str, model) -> list[str]:
-    """The shards' classes.json when it fits the model, else the model's own names (or generic ones)."""
-    from gte.data.index import read_class_names
+def _class_names(names: list[str] | None, model) -> list[str]:
+    """The shards' class names when they fit the model, else the model's own names (or generic ones)."""
     from gte.models import info
     from gte.render import class_names
 
-    names = read_class_names(_data_dir(spec))  # gte data's and the demo's shards carry a classes.json
-    if names is not None and len(names) == info(model).num_classes:  # one that does not fit is ignored
+    if names is not None and len(names) == info(model).num_classes:  # a list that does not fit is ignored
         return names
     return class_names(info(model).num_classes, None, [model])
 
