@@ -38,6 +38,7 @@ class EvalOptions:
     shift_max: int = 16
     shift_samples: int = 256  # samples per run used by the shift test (split evenly over ranks)
     examples: int = 0  # images kept (rank 0) for the report grid
+    train_group_sizes: dict[int, int] | None = None  # Waterbirds' weighted average (None: the official split's)
     teacher_size: int = 0  # the side the teacher sees each image at (0: the eval size, or its fixed size)
     explainer: str = "auto"  # how both models' explanations are compared (auto: see pair_explainer)
 
@@ -108,6 +109,12 @@ def _class_stats(sums: dict[str, float], p: str, logits: torch.Tensor, labels: t
     for j, g in enumerate(groups):
         if g >= 0:
             sums[f"{p}/g/{g}/correct"] += int(hit1[j])
+    for c, h in zip(labels.tolist(), hit1.tolist()):  # per-class recall: balanced and worst-class accuracy
+        sums[f"{p}/c/{c}/n"] += 1
+        sums[f"{p}/c/{c}/correct"] += int(h)
+    confidence = logits.float().softmax(1).amax(1).cpu().numpy()
+    for (row, k), v in np.ndenumerate(M.calibration_bins(confidence, hit1.cpu().numpy())):
+        sums[f"{p}/cal/{row}/{k}"] += float(v)
 
 
 def _attribution(model: nn.Module, x: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
@@ -265,10 +272,18 @@ def _round_robin(kept: dict[int, list[Example]]) -> list[list[Example]]:
     return [[lst[i] for lst in lists if i < len(lst)] for i in range(max((len(x) for x in lists), default=0))]
 
 
-def _model_metrics(t: dict[str, float], p: str, scores: dict, groups: list[int], waterbirds: bool) -> dict:
+def _model_metrics(t: dict[str, float], p: str, scores: dict, groups: list[int], waterbirds: bool,
+                   train_sizes: dict[int, int]) -> dict:
     """Metrics of one model (prefix ``p``: "s" student, "t" teacher) from the reduced sums."""
     n = t["n"]
     out: dict = {"acc1": t.get(f"{p}/correct1", 0) / n, "acc5": t.get(f"{p}/correct5", 0) / n}
+    classes = sorted(int(k.split("/")[2]) for k in t if k.startswith(f"{p}/c/") and k.endswith("/n"))
+    out.update(M.class_accuracies({c: t.get(f"{p}/c/{c}/correct", 0) for c in classes},
+                                  {c: t[f"{p}/c/{c}/n"] for c in classes}))
+    if not t.get("ml_n"):  # softmax confidence means nothing for a multi-label (sigmoid) model: no ECE there
+        cal = np.array([[t.get(f"{p}/cal/{r}/{k}", 0.0) for k in range(M.ECE_BINS)] for r in range(3)])
+        out["ece"] = M.expected_calibration_error(cal)
+        out["reliability"] = M.reliability(cal)
     if groups:
         counts = {g: t[f"g/{g}/n"] for g in groups}
         correct = {g: t.get(f"{p}/g/{g}/correct", 0) for g in groups}
@@ -278,6 +293,7 @@ def _model_metrics(t: dict[str, float], p: str, scores: dict, groups: list[int],
         if waterbirds:
             out["id_acc"] = M.pooled_accuracy(correct, counts, M.WATERBIRDS_ID_GROUPS)
             out["ood_acc"] = M.pooled_accuracy(correct, counts, M.WATERBIRDS_OOD_GROUPS)
+            out["weighted_acc"] = M.weighted_group_accuracy({g: correct[g] / counts[g] for g in groups}, train_sizes)
     if t.get("ml_n"):
         out["f1"] = M.micro_f1(t.get(f"{p}/tp", 0), t.get(f"{p}/fp", 0), t.get(f"{p}/fn", 0))
         out["map"] = M.mean_average_precision(scores[p], scores["targets"])
@@ -295,7 +311,8 @@ def _finalise(t: dict[str, float], scores: dict, has_teacher: bool, num_classes:
     waterbirds = M.is_waterbirds(groups, num_classes) if o.waterbirds is None else o.waterbirds
     if waterbirds and not set(M.WATERBIRDS_OOD_GROUPS) <= set(groups):
         raise GteError("--waterbirds needs json.group = 2·label + place with groups 1 and 2 present")
-    student = _model_metrics(t, "s", scores, groups, waterbirds)
+    train_sizes = o.train_group_sizes or M.WATERBIRDS_TRAIN_GROUP_SIZES
+    student = _model_metrics(t, "s", scores, groups, waterbirds, train_sizes)
     out: dict = {"n": int(n), "acc1": student.pop("acc1"), "acc5": student.pop("acc5")}
     if has_teacher:
         out["agreement"] = t.get("agree", 0) / n
@@ -308,6 +325,8 @@ def _finalise(t: dict[str, float], scores: dict, has_teacher: bool, num_classes:
             out["group_agreement"] = {str(g): t.get(f"g/{g}/agree", 0) / t[f"g/{g}/n"] for g in groups}
         if waterbirds:
             out["waterbirds"] = True
+            out["train_group_sizes"] = {str(g): int(v) for g, v in sorted(train_sizes.items())}
+            out["train_group_sizes_from"] = "shards" if o.train_group_sizes else "waterbirds-official"
             if has_teacher:
                 for name, gs in (("id", M.WATERBIRDS_ID_GROUPS), ("ood", M.WATERBIRDS_OOD_GROUPS)):
                     agree = {g: t.get(f"g/{g}/agree", 0) for g in groups}
@@ -321,7 +340,7 @@ def _finalise(t: dict[str, float], scores: dict, has_teacher: bool, num_classes:
             out["shift"]["teacher"] = [t[f"t/shift/{k}"] / t["shift_n"] for k in ts]
     out["skipped"] = int(t.get("skipped", 0))
     if has_teacher:
-        out["teacher"] = _model_metrics(t, "t", scores, groups, waterbirds)
+        out["teacher"] = _model_metrics(t, "t", scores, groups, waterbirds, train_sizes)
     return out
 
 
@@ -333,7 +352,10 @@ def evaluate(model: nn.Module, spec: str, *, data: DataConfig, teacher: nn.Modul
     ``explanation_similarity`` (mean cosine of both models' explanations of the teacher's top-1 class, B-cos W(x) or
     GradCAM), and a ``teacher`` dict with the teacher's own metrics. With ``json.group``: ``groups`` ({group: acc}),
     ``group_counts``, ``worst_group_acc``, ``group_agreement``; for Waterbirds (see :class:`EvalOptions`) ``id_acc``,
-    ``ood_acc`` (OOD = groups 1 and 2). With ``json.labels``: ``f1`` (micro, logit > 0), ``map``. With
+    ``ood_acc`` (OOD = groups 1 and 2), ``weighted_acc`` (group accuracies weighted by the training split's group
+    sizes, ``train_group_sizes``). Always ``balanced_acc`` (mean per-class recall), ``worst_class_acc`` and
+    ``worst_class``; except on multi-label data ``ece`` (15 equal-width bins of the top-1 softmax probability) and
+    ``reliability`` (per bin: lo, hi, count, confidence, accuracy). With ``json.labels``: ``f1`` (micro, logit > 0), ``map``. With
     ``json.boxes``: ``epg``, ``iou``. With ``shift=True``: ``shift`` ({t, student, teacher}). ``options`` are
     :class:`EvalOptions` fields. Under torch.distributed every rank must call this; all get the global result.
     """

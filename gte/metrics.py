@@ -133,3 +133,60 @@ def pooled_accuracy(correct: dict[int, float], counts: dict[int, float], groups:
     """Sample-weighted accuracy over ``groups`` (NaN if they hold no samples)."""
     n = sum(counts.get(g, 0) for g in groups)
     return sum(correct.get(g, 0) for g in groups) / n if n else float("nan")
+
+
+# Waterbirds' training split per group (group = 2·label + place), from the dataset's metadata.csv (Sagawa et al.,
+# ICLR 2020): the weights of the "adjusted average accuracy" where the shards do not record their training split.
+WATERBIRDS_TRAIN_GROUP_SIZES = {0: 3498, 1: 184, 2: 56, 3: 1057}
+ECE_BINS = 15
+
+
+def calibration_bins(confidence: np.ndarray, correct: np.ndarray, bins: int = ECE_BINS) -> np.ndarray:
+    """3×``bins`` sums (count, Σ confidence, Σ correct) over equal-width confidence bins ``((k−1)/B, k/B]`` (a
+    confidence of 0 falls in the first bin). Sums, so that batches and ranks add up."""
+    conf = np.asarray(confidence, dtype=np.float64).reshape(-1)
+    k = np.clip(np.ceil(conf * bins).astype(np.int64) - 1, 0, bins - 1)
+    out = np.zeros((3, bins))
+    np.add.at(out[0], k, 1.0)
+    np.add.at(out[1], k, conf)
+    np.add.at(out[2], k, np.asarray(correct, dtype=np.float64).reshape(-1))
+    return out
+
+
+def reliability(sums: np.ndarray) -> list[dict]:
+    """The reliability diagram's bins from :func:`calibration_bins` sums: lo, hi, count, mean confidence, accuracy
+    (confidence and accuracy NaN for an empty bin)."""
+    bins = sums.shape[1]
+    rows = []
+    for k in range(bins):
+        n = float(sums[0, k])
+        rows.append({"lo": k / bins, "hi": (k + 1) / bins, "count": int(n),
+                     "confidence": float(sums[1, k] / n) if n else float("nan"),
+                     "accuracy": float(sums[2, k] / n) if n else float("nan")})
+    return rows
+
+
+def expected_calibration_error(sums: np.ndarray) -> float:
+    """ECE = Σ_bins (n_b / N) · |accuracy_b − mean confidence_b| (Guo et al., ICML 2017), from
+    :func:`calibration_bins` sums."""
+    n = float(sums[0].sum())
+    return float(np.abs(sums[2] - sums[1]).sum() / n) if n else float("nan")
+
+
+def class_accuracies(correct: dict[int, float], counts: dict[int, float]) -> dict:
+    """Balanced accuracy (mean recall over the classes present), the worst class and its accuracy."""
+    recall = {c: correct.get(c, 0) / n for c, n in counts.items() if n}
+    if not recall:
+        return {}
+    worst = min(sorted(recall), key=lambda c: recall[c])
+    return {"balanced_acc": float(np.mean(list(recall.values()))), "worst_class_acc": recall[worst],
+            "worst_class": int(worst)}
+
+
+def weighted_group_accuracy(accuracy: dict[int, float], weights: dict[int, float]) -> float:
+    """Group accuracies averaged with ``weights`` (Waterbirds: the training split's group sizes, so that a
+    group-balanced test split is scored as if it had the training distribution); NaN if no weighted group is
+    present."""
+    w = {g: weights[g] for g in accuracy if weights.get(g, 0) > 0}
+    total = sum(w.values())
+    return sum(accuracy[g] * w[g] for g in w) / total if total else float("nan")

@@ -29,7 +29,9 @@ if TYPE_CHECKING:
 # (key, label) of the headline metrics, shown as percentages except the cosines of COSINES
 METRIC_ROWS = (("acc1", "acc@1"), ("acc5", "acc@5"), ("agreement", "top-1 agreement"),
         ("explanation_similarity", "explanation similarity (mean cosine)"), ("worst_group_acc", "worst-group acc"),
-        ("id_acc", "Waterbirds ID acc"), ("ood_acc", "Waterbirds OOD acc"), ("f1", "micro-F1 (logit > 0)"),
+        ("id_acc", "Waterbirds ID acc"), ("ood_acc", "Waterbirds OOD acc"),
+        ("weighted_acc", "Waterbirds acc weighted by training groups"), ("balanced_acc", "balanced acc"),
+        ("worst_class_acc", "worst-class acc"), ("ece", "ECE (15 bins)"), ("f1", "micro-F1 (logit > 0)"),
         ("map", "mAP"), ("epg", "EPG"), ("iou", "IoU"))
 COSINES = {"explanation_similarity"}  # a cosine in [-1, 1], not a fraction: shown as one
 
@@ -38,6 +40,10 @@ COSINES = {"explanation_similarity"}  # a cosine in [-1, 1], not a fraction: sho
 METRIC_NOTES = (
     ("epg", "EPG (energy pointing game): the fraction of the positive attribution energy that lies inside the "
             "boxes of the explained class."),
+    ("ece", "ECE: expected calibration error, |accuracy − mean confidence| over 15 equal-width bins of the top-1 "
+            "softmax probability, weighted by the bins' sample shares."),
+    ("worst_class_acc", "Balanced acc: the mean per-class recall; worst-class acc: the lowest recall (its class "
+                        "is named in the JSON as worst_class)."),
     ("iou", "IoU: the positive attribution, min-max normalised and thresholded at 0.5, against the mask of the "
             "class's boxes (intersection over union)."),
 )

@@ -158,3 +158,49 @@ def test_shift_curve_and_examples(tmp_path):
     assert s["student"] == pytest.approx(s["teacher"])  # the same network
     assert out.metrics["explanation_similarity"] == pytest.approx(1.0) and out.metrics["agreement"] == 1.0
     assert [e.group for e in out.examples] == [0, 1] and out.examples[0].image.shape == (3, 16, 16)
+
+
+def test_ece_balanced_and_worst_class_by_hand(tmp_path):
+    """Two classes, logits [log p, log(1 − p)] so the top-1 softmax probability is exactly p; 15 bins of width 1/15."""
+    labels = [0, 1, 1, 0, 0, 1, 1]
+    preds = [0, 0, 1, 1, 0, 1, 0]
+    conf = [0.9, 0.9, 0.92, 0.72, 0.62, 0.62, 0.62]
+    table = [[np.log(p), np.log(1 - p)] if k == 0 else [np.log(1 - p), np.log(p)] for k, p in zip(preds, conf)]
+    spec = write_shards(tmp_path, [{} for _ in labels], labels=labels)
+    m = evaluate(Lookup(table), spec, data=DATA, batch_size=3)
+    # bins: 0.9, 0.9, 0.92 -> (13/15, 14/15]: 3 samples, 2 right, Σconf 2.72 ; 0.72 -> (10/15, 11/15]: 1, 0 right ;
+    # 0.62 ×3 -> (9/15, 10/15]: 3, 2 right, Σconf 1.86.  ECE = Σ_b |Σcorrect_b − Σconf_b| / N
+    ece = (abs(2 - 2.72) + abs(0 - 0.72) + abs(2 - 1.86)) / 7
+    assert m["ece"] == pytest.approx(ece, abs=1e-6)
+    rel = {r["lo"]: r for r in m["reliability"] if r["count"]}
+    assert len(m["reliability"]) == 15 and sorted(rel) == pytest.approx([9 / 15, 10 / 15, 13 / 15])
+    top = m["reliability"][13]
+    assert top["count"] == 3 and top["accuracy"] == pytest.approx(2 / 3) and top["hi"] == pytest.approx(14 / 15)
+    assert top["confidence"] == pytest.approx(2.72 / 3, abs=1e-6) and m["reliability"][12]["count"] == 0
+    # class 0: samples 0, 3, 4 -> 2/3 right ; class 1: samples 1, 2, 5, 6 -> 2/4 right
+    assert m["acc1"] == pytest.approx(4 / 7)
+    assert m["balanced_acc"] == pytest.approx((2 / 3 + 1 / 2) / 2)
+    assert m["worst_class_acc"] == pytest.approx(0.5) and m["worst_class"] == 1
+
+
+def test_waterbirds_average_weighted_by_training_groups(tmp_path):
+    """Group accuracies {1, .5, .5, .5}: weighted by the official training split (3498, 184, 56, 1057) where the
+    shards record none, by the training split's groups in shards.json where they do (through the CLI)."""
+    from gte.commands.eval import train_group_sizes
+    from gte.data.index import update_side_index
+
+    ys, places = [0, 0, 0, 1, 1, 1, 0, 1], [0, 1, 1, 0, 0, 1, 0, 1]
+    preds = [0, 1, 0, 0, 1, 1, 0, 0]
+    spec = write_shards(tmp_path, [{"group": 2 * y + p} for y, p in zip(ys, places)], labels=ys)
+    model = Lookup(one_hot_logits(preds, 2))
+    m = evaluate(model, spec, data=DATA)
+    assert m["weighted_acc"] == pytest.approx((3498 * 1 + 0.5 * (184 + 56 + 1057)) / 4795)
+    assert m["train_group_sizes_from"] == "waterbirds-official"
+    assert train_group_sizes(spec) is None
+    update_side_index(tmp_path, lambda d: d["shards"].update(
+        {"train-000000.tar": {"n": 10, "groups": {"0": 6, "1": 1}},
+         "train-000001.tar": {"n": 3, "groups": {"2": 1, "3": 2}}, "test-000000.tar": {"n": 8, "groups": {"1": 8}}}))
+    sizes = train_group_sizes(spec)
+    assert sizes == {0: 6, 1: 1, 2: 1, 3: 2}
+    m = evaluate(model, spec, data=DATA, train_group_sizes=sizes)
+    assert m["weighted_acc"] == pytest.approx((6 + 0.5 * 4) / 10) and m["train_group_sizes_from"] == "shards"

@@ -86,6 +86,7 @@ def _evaluate(model_path: str, spec: str, teacher_path: str | None, arch: str | 
     image_size, eval_resize = eval_geometry(student, image_size, eval_resize)  # the model's own spec by default
     data = DataConfig(image_size=image_size, eval_resize=eval_resize, interpolation=info(student).interpolation,
                       num_workers=2)
+    options.train_group_sizes = train_group_sizes(spec)
     out = run_eval(student, spec, data=data, teacher=teacher, device=device, options=options)
     if not dist.is_main():
         return
@@ -136,6 +137,14 @@ def _group_names(spec: str, groups: list[str], waterbirds: bool) -> dict[str, st
 
     names = read_group_names(_data_dir(spec)) or (list(WATERBIRDS_GROUPS) if waterbirds else [])
     return {g: names[int(g)] for g in groups if 0 <= int(g) < len(names)}
+
+
+def train_group_sizes(spec: str) -> dict[int, int] | None:
+    """The training split's group sizes recorded next to ``spec``'s shards (``gte data shard waterbirds`` writes
+    train, val and test into one directory and counts the groups of each), or None."""
+    from gte.data.index import split_group_counts
+
+    return split_group_counts(_data_dir(spec), "train")
 
 
 def _data_dir(spec: str) -> str:

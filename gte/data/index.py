@@ -234,6 +234,17 @@ def _recorded_shards(directory: str) -> dict:
     return shards if isinstance(shards, dict) else {}
 
 
+def split_group_counts(directory: str | os.PathLike, split: str = "train") -> dict[int, int] | None:
+    """Samples per ``json.group`` of ``split``'s shards as ``shards.json`` records them (None where it records no
+    such split or no groups): Waterbirds' training group sizes, for the weighted average of ``gte eval``."""
+    counts: dict[int, int] = {}
+    for name, entry in _recorded_shards(str(directory)).items():
+        if is_shard_of(name, split) and isinstance(entry, dict) and isinstance(entry.get("groups"), dict):
+            for k, v in entry["groups"].items():
+                counts[int(k)] = counts.get(int(k), 0) + int(v)
+    return counts or None
+
+
 def update_side_index(directory: str | os.PathLike, update: Callable[[dict], None]) -> None:
     """Read ``shards.json``, let ``update`` change it in place, write it back atomically."""
     data = read_side_index(directory)
