@@ -13,7 +13,7 @@ from typing import NoReturn
 
 import typer
 
-from gte.commands import bench, convert, distill, explain, precompute, recipes, teachers
+from gte.commands import bench, compare, convert, distill, explain, precompute, recipes, teachers
 from gte.commands import eval as evaluate
 from gte.commands.data import data_app
 from gte.errors import GteError, Interrupted
@@ -47,6 +47,8 @@ COMMANDS = (
     ("recipes", recipes.recipes_command, "gte recipes"),
     ("eval", evaluate.eval_command, "gte eval runs/x/model.safetensors --data 'data/imagenet/*val*.tar' --teacher "
      "bcos_densenet169 --json m.json --report runs/x/report"),
+    ("compare", compare.compare_command, "gte compare runs/demo/seed-*/* --data 'data/test-*.tar' --teacher "
+     "teacher.safetensors --report runs/compare"),
     ("explain", explain.explain_command, "gte explain photo.jpg --model runs/x/model.safetensors --teacher "
      "bcos_densenet169 --out explain.png"),
     ("precompute", precompute.precompute_command, "gte precompute --recipe imagenet-fewshot --out data/frozen "

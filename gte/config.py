@@ -113,6 +113,7 @@ class DemoConfig:
     teacher_lr: float = 1e-3
     methods: list[str] = field(default_factory=lambda: ["kd", "e2kd"])
     background: str = "stripes"   # how the spurious place is coded: "stripes" (texture) | "colour" (mean colour)
+    data_seed: int = -1           # seed of the synthetic data and the teacher (-1 = run.seed); fixed across --seeds
 
 
 @dataclass
@@ -211,6 +212,7 @@ RANGES: dict[str, tuple[Any, str]] = {
     "demo.teacher_epochs": (_positive, ">= 1"),
     "demo.teacher_lr": (_positive, "> 0"),
     "demo.background": (lambda v: v in ("stripes", "colour"), "stripes or colour"),
+    "demo.data_seed": (lambda v: v >= -1, ">= 0, or -1 (run.seed)"),
 }
 
 

@@ -31,11 +31,17 @@ from gte.paths import gte_home  # defined there so light commands need not impor
 LABEL_LOSS = "bce-offlabel-1/C"  # the teacher's label loss: a cache made with another one is not reused
 
 
+def data_seed(recipe: Recipe) -> int:
+    """The seed of the demo's data and teacher: ``demo.data_seed``, or ``run.seed`` where it is -1 (``gte distill
+    --seeds`` fixes it, so that every seed's students share one test set and one teacher)."""
+    return recipe.demo.data_seed if recipe.demo.data_seed >= 0 else recipe.run.seed
+
+
 def _cache_dir(recipe: Recipe) -> Path:
     """One cache entry per demo data/teacher configuration (changing them never reuses a stale teacher)."""
     dm, d = recipe.demo, recipe.data
     key = json.dumps([__version__, dm.n_teacher, dm.n_distill, dm.n_test, dm.teacher_arch, dm.teacher_epochs, dm.teacher_lr,
-                      d.image_size, d.num_classes, d.crop_scale, recipe.run.seed, recipe.optim.batch_size,
+                      d.image_size, d.num_classes, d.crop_scale, data_seed(recipe), recipe.optim.batch_size,
                       dm.background, LABEL_LOSS])
     return gte_home() / "demo" / hashlib.sha256(key.encode()).hexdigest()[:12]
 
@@ -48,7 +54,7 @@ def prepare(recipe: Recipe, console: Console) -> Recipe:
     if not (data_dir / "DONE.json").is_file():
         console.print(f"[bold]demo[/]: writing synthetic shards to {data_dir}")
         synthetic.write_demo_shards(data_dir, n_teacher=dm.n_teacher, n_distill=dm.n_distill, n_test=dm.n_test,
-                                    image_size=d.image_size, num_classes=d.num_classes, seed=recipe.run.seed,
+                                    image_size=d.image_size, num_classes=d.num_classes, seed=data_seed(recipe),
                                     background=dm.background)
     specs = json.loads((data_dir / "DONE.json").read_text())["specs"]
     teacher_path = cache / "teacher.safetensors"
@@ -56,6 +62,7 @@ def prepare(recipe: Recipe, console: Console) -> Recipe:
         console.print(f"[bold]demo[/]: training the {dm.teacher_arch} teacher on backgrounds independent of the class")
         t = copy.deepcopy(recipe)
         t.student.arch, t.distill.method = dm.teacher_arch, "ce"
+        t.run.seed = data_seed(recipe)  # the teacher of every student seed
         t.data.train, t.data.train_size = specs["teacher"], dm.n_teacher
         t.data.val = t.data.test = ""
         t.optim.epochs, t.optim.lr = dm.teacher_epochs, dm.teacher_lr

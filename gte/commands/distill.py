@@ -22,18 +22,69 @@ EXTRA_ARGS = {"allow_extra_args": True}
 
 
 def distill_command(ctx: typer.Context, recipe_name: str = RecipeOpt, set_: Optional[List[str]] = SetOpt,
-                    out: Optional[Path] = OutOpt, dry_run: bool = DryRunOpt) -> None:
+                    out: Optional[Path] = OutOpt, dry_run: bool = DryRunOpt,
+                    seeds: Optional[str] = typer.Option(None, "--seeds", help="Run the recipe once per seed into "
+                                                        "OUT/seed-N, one after the other (finished seeds are "
+                                                        "skipped, an interrupted one resumes), e.g. 0,1,2; then "
+                                                        "`gte compare`.")) -> None:
     """Distil a student from a teacher (no arguments: the embedded CPU demo, KD vs e2KD).
 
     Multi-process: `torchrun --nproc_per_node N -m gte distill …` or `accelerate launch --multi_gpu -m gte distill …`.
     """
     _no_arguments(ctx.args, set_)
+    seed_list = parse_seeds(seeds) if seeds is not None else None
     r = recipe(recipe_name, set_, out, dry_run)
     if r.demo.enabled and r.data.train:  # the demo recipe as a template for one's own data: an ordinary run
         r.demo.enabled = False
         err.print("data.train is set: running an ordinary distillation with the demo's settings (no synthetic data)")
     if dry_run:
         return _dry_run(r)
+    if seed_list is not None:
+        return _run_seeds(r, seed_list)
+    _run_one(r)
+
+
+def parse_seeds(text: str) -> list[int]:
+    """``"0,1,2"`` → [0, 1, 2]: distinct integers >= 0, in the order given."""
+    try:
+        seeds = [int(x) for x in text.split(",")]
+    except ValueError:
+        seeds = []
+    if not seeds or min(seeds) < 0 or len(set(seeds)) != len(seeds):
+        raise GteError(f"--seeds expects distinct integers >= 0 separated by commas, e.g. 0,1,2; got '{text}'")
+    return seeds
+
+
+def _run_seeds(r, seeds: list[int]) -> None:
+    """The recipe once per seed into OUT/seed-N, in the given order (under torchrun every rank runs the same
+    sequence). A seed with its results written is skipped; an interrupted one resumes from its checkpoints. The
+    demo's data and teacher stay those of the recipe's own run.seed (``demo.data_seed``): only the students vary."""
+    import copy
+
+    base = Path(r.run.out)
+    for seed in seeds:
+        one = copy.deepcopy(r)
+        if one.demo.enabled and one.demo.data_seed < 0:
+            one.demo.data_seed = r.run.seed
+        one.run.seed, one.run.out = seed, str(base / f"seed-{seed}")
+        out = Path(one.run.out)
+        done = (out / "results.json").is_file() if one.demo.enabled else (out / "model.safetensors").is_file() and (
+            not one.data.test or (out / "test.json").is_file())
+        if done:
+            err.print(f"seed {seed}: finished in {out}, skipped", markup=False, highlight=False)
+            continue
+        err.print(f"[bold]seed {seed}[/] → {out}")
+        _run_one(one)
+    from gte import dist
+
+    if dist.is_main():
+        runs = f"'{base}'/seed-*/*/" if r.demo.enabled else f"'{base}'/seed-*/"
+        err.print(f"compare the seeds: gte compare {runs} --data <test shards> --teacher <teacher> "
+                  "(the runs' recipe.toml name both: data.test, teacher.weights)", markup=False, highlight=False,
+                  soft_wrap=True)
+
+
+def _run_one(r) -> None:
     if r.demo.enabled:
         from gte.demo import run_demo
 

@@ -1,0 +1,130 @@
+"""``gte compare``: several students (seeds × methods) on the same shards; mean ± std per method, paired differences
+with bootstrap intervals and McNemar tests; a table, JSON and an HTML/Markdown report."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+
+from gte.commands._common import check_sizes, err
+from gte.errors import GteError
+
+# (key, header) of the per-method table; percentages except the cosine and ECE
+COLUMNS = (("acc1", "acc@1"), ("agreement", "agree"), ("explanation_similarity", "expl. cos"),
+           ("worst_group_acc", "worst grp"), ("balanced_acc", "bal. acc"), ("worst_class_acc", "worst cls"),
+           ("weighted_acc", "WB avg"), ("ece", "ECE"))
+NOT_PERCENT = {"explanation_similarity"}
+
+
+def compare_command(
+    models: List[str] = typer.Argument(..., help="Run directories (OUT of gte distill) or model files; runs of one "
+                                       "recipe that differ in run.seed only are grouped as one method."),
+    data: str = typer.Option(..., "--data", help="Shard spec of the common test set."),
+    teacher: Optional[str] = typer.Option(None, "--teacher", help="Teacher for agreement and explanation cosine."),
+    json_out: Optional[str] = typer.Option(None, "--json", help="Write the results as JSON (- = stdout, no table)."),
+    report: Optional[Path] = typer.Option(None, "--report", help="Write report.md + self-contained report.html here."),
+    image_size: Optional[int] = typer.Option(None, "--image-size", help="Centre-crop size (default: the first "
+                                             "model's own)."),
+    batch_size: int = typer.Option(64, "--batch-size"),
+    reps: int = typer.Option(2000, "--bootstrap", help="Bootstrap replicates of each interval."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the bootstrap resampling and of the report's images."),
+    waterbirds: Optional[bool] = typer.Option(None, "--waterbirds/--no-waterbirds", help="Waterbirds metrics "
+                                              "(default: detect 4 groups + 2 classes)."),
+    examples: int = typer.Option(6, "--examples", help="Images in the report's explanation grid."),
+) -> None:
+    """Students of several methods and seeds on one test set: mean ± std, paired 95 % CIs, McNemar p-values."""
+    if batch_size < 1 or reps < 100 or examples < 0:
+        raise GteError("--batch-size must be positive, --bootstrap at least 100, --examples not negative")
+    check_sizes(image_size)
+    from gte.io import check_writable
+
+    if json_out and json_out != "-":
+        if not Path(json_out).resolve().parent.is_dir():
+            raise GteError(f"--json {json_out}: the directory {Path(json_out).resolve().parent} does not exist")
+        check_writable(Path(json_out).resolve().parent, "--json")
+    if report:
+        check_writable(report, "--report")
+    from gte import dist
+    from gte.commands.eval import train_group_sizes
+    from gte.compare import collect, find_runs, summarise
+    from gte.config import DataConfig
+    from gte.models import eval_geometry, freeze, info, load_model
+
+    if dist.launched_world_size() > 1:
+        raise GteError("gte compare runs in one process (start it without torchrun)")
+    runs = find_runs(models)
+    device = dist.device()
+    students = [load_model(r.model).to(device) for r in runs]
+    t = freeze(load_model(teacher)).to(device) if teacher else None
+    size, resize = eval_geometry(students[0], image_size, 0)
+    data_cfg = DataConfig(image_size=size, eval_resize=resize, interpolation=info(students[0]).interpolation,
+                          num_workers=2)
+    records = collect(students, data, data=data_cfg, teacher=t, device=device, batch_size=batch_size)
+    result = summarise(runs, records, num_classes=info(students[0]).num_classes, waterbirds=waterbirds,
+                       train_sizes=train_group_sizes(data), reps=reps, seed=seed)
+    result.update(data=data, teacher=teacher, image_size=size)
+    if json_out == "-":
+        import json
+
+        print(json.dumps(result, indent=2))
+    else:
+        if json_out:
+            from gte.io import atomic_write_json
+
+            atomic_write_json(json_out, result)
+        print_compare(result, Console())
+    if report:
+        from gte.report_compare import write_compare_report
+        from gte.tables import literal
+
+        page = write_compare_report(report, result, runs=runs, records=records, students=students, teacher=t,
+                                    data=data, examples=examples, seed=seed)
+        err.print("report written to", literal(page))
+
+
+def _cell(mean: dict, std: dict, key: str, seeds: int) -> str:
+    if key not in mean:
+        return "—"
+    scale, fmt = (1, "{:.3f}") if key in NOT_PERCENT else (100, "{:.1f}")
+    text = fmt.format(scale * mean[key])
+    return text + " ± " + fmt.format(scale * std[key]) if seeds > 1 else text
+
+
+def method_rows(result: dict) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the per-method table: mean ± std over seeds (%; the cosine as a cosine)."""
+    shown = [(k, h) for k, h in COLUMNS if any(k in m["mean"] for m in result["methods"].values())]
+    rows = [[name, str(len(m["runs"])), *(_cell(m["mean"], m["std"], k, len(m["runs"])) for k, _ in shown)]
+            for name, m in result["methods"].items()]
+    return ["method", "runs", *(h for _, h in shown)], rows
+
+
+def pair_rows(result: dict) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the paired differences: A − B, the 95 % interval, what it resamples, McNemar p."""
+    rows = []
+    for p in result["pairs"]:
+        scale = 1 if p["metric"] in NOT_PERCENT else 100
+        ps = ", ".join(f"{t['p']:.2g}" for t in p.get("mcnemar", [])) or "—"
+        rows.append([f"{p['a']} − {p['b']}", p["metric"], f"{scale * p['diff']:+.2f}",
+                     f"[{scale * p['lo']:+.2f}, {scale * p['hi']:+.2f}]", p["over"], ps])
+    return ["pair", "metric", "diff", "95 % CI", "resampled", "McNemar p"], rows
+
+
+def print_compare(result: dict, console: Console) -> None:
+    """The per-method and per-pair tables in the terminal."""
+    from gte.tables import add_columns, compact_table, literal
+
+    for title, (header, rows) in ((f"gte compare: {result['n']} samples, mean ± std over seeds (%)",
+                                   method_rows(result)),
+                                  ("paired differences (percentage points; cosine for expl.)", pair_rows(result))):
+        tab = compact_table(title)
+        add_columns(tab, header, numeric=header[1:])
+        for row in rows:
+            tab.add_row(*map(literal, row))
+        console.print(tab)
+        console.print()
+    console.print("CI: paired bootstrap over test samples (and seeds where each method has ≥ 3); McNemar: exact "
+                  "binomial under 25 discordant samples, else chi-square with continuity correction, one p per "
+                  "pair of runs with the same seed.", highlight=False)
