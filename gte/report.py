@@ -55,9 +55,13 @@ def metric_notes(metrics: dict) -> list[str]:
     return [note for k, note in METRIC_NOTES if k in metrics or k in teacher]
 
 
+RELIABILITY_NOTE = ("Reliability diagram: accuracy against mean top-1 softmax confidence in 15 equal-width bins "
+                    "(a calibrated model lies on the diagonal); the bars below show how many samples each bin holds.")
+
+
 def group_note(metrics: dict) -> str:
     """What the group table shows; the Waterbirds ID/OOD rule only for Waterbirds data."""
-    note = "Worst-group accuracy is the lowest of these."
+    note = "Worst-group accuracy is the lowest of these. Error bars: 95 % Wilson intervals over the group's samples."
     if metrics.get("waterbirds"):
         note += " Waterbirds: group = 2·label + place; OOD = the minority groups 1 and 2, ID = groups 0 and 3."
     return note
@@ -151,7 +155,7 @@ def _png(fig: object) -> bytes:
 
 
 def group_figure(metrics: dict) -> Figure:
-    """Bars per group: student accuracy, teacher accuracy, agreement."""
+    """Bars per group: student accuracy, teacher accuracy, agreement, each with its 95 % Wilson interval."""
     from matplotlib.figure import Figure
 
     from gte.render import FONT, LITERAL
@@ -163,8 +167,13 @@ def group_figure(metrics: dict) -> Figure:
     fig = Figure(figsize=(max(5.0, 1.2 + max(0.9 * len(series) / 2, 1.2) * len(groups)), 3.4))  # legend, names
     ax = fig.subplots()
     width = 0.8 / len(series)
-    for i, (name, vals) in enumerate(series):
-        ax.bar([j + i * width for j in range(len(groups))], [100 * vals[g] for g in groups], width, label=name)
+    from gte.report_figures import wilson_errors
+
+    counts = [metrics["group_counts"][g] for g in groups]
+    for i, (name, vals) in enumerate(series):  # 95 % Wilson intervals: each bar is a proportion of its group's n
+        heights = [vals[g] for g in groups]
+        ax.bar([j + i * width for j in range(len(groups))], [100 * v for v in heights], width, label=name,
+               yerr=wilson_errors(heights, counts), capsize=3, error_kw={"elinewidth": 1})
     ax.set_xticks([j + width * (len(series) - 1) / 2 for j in range(len(groups))],
                   [group_label(metrics, g).replace(" ", "\n", 1) for g in groups], fontsize=FONT, **LITERAL)
     ax.set_ylim(0, 100)
@@ -256,6 +265,13 @@ def write_report(out_dir: str | os.PathLike, metrics: dict, *, examples: Sequenc
         images["groups.png"] = _png(group_figure(metrics))
     if metrics.get("shift"):
         images["shift.png"] = _png(shift_figure(metrics))
+    if metrics.get("reliability"):
+        from gte.report_figures import reliability_figure
+
+        series = {"student" if has_teacher(metrics) else "model": metrics["reliability"]}
+        if metrics.get("teacher", {}).get("reliability"):
+            series["teacher"] = metrics["teacher"]["reliability"]
+        images["reliability.png"] = _png(reliability_figure(series))
     if examples and student is not None:
         grid = out / "grid.png"
         from gte.models import info
@@ -263,27 +279,38 @@ def write_report(out_dir: str | os.PathLike, metrics: dict, *, examples: Sequenc
         names = names or [f"class {k}" for k in range(info(student).num_classes)]
         grid_figure(examples, student, teacher, names, grid, metrics.get("group_names"))
         images["grid.png"] = grid.read_bytes()
-    for name, data in images.items():
-        (out / name).write_bytes(data)
-
     paired = teacher is not None and has_teacher(metrics)
-    sections: list[tuple[str, Sequence[str], list[list[str]], str | None, str]] = [
+    sections: list[Section] = [
         ("Metrics", metric_header(metrics), metric_rows(metrics), None, " ".join(metric_notes(metrics))),
         ("Per group", group_header(metrics), group_rows(metrics), "groups.png", group_note(metrics)),
         ("Teacher and student explanations" if paired else "Explanations", [], [], "grid.png",
          "Both models explain the teacher's top-1 class." if paired else "The model explains its own top-1 class."),
         ("Shift test", shift_header(metrics), shift_rows(metrics), "shift.png",
          "Cosine of the explanation of the diagonally shifted image with the unshifted one, over the overlap."),
+        ("Calibration", [], [], "reliability.png", RELIABILITY_NOTE),
     ]
     about = {"samples": str(metrics["n"]), **(about or {})}
-    md = ["# gte eval report", "", *(f"- **{k}**: {markdown(v)}" for k, v in about.items()), ""]
-    body = ["<h1>gte eval report</h1><ul>" + "".join(f"<li><b>{html.escape(k)}</b>: <code>{html.escape(v)}</code>"
-                                                      "</li>" for k, v in about.items()) + "</ul>"]
-    for title, header, rows, image, note in sections:
+    return write_pages(out, "gte eval report", about, sections, images, metrics)
+
+
+# (title, table header, table rows, image name or None, note)
+Section = tuple[str, Sequence[str], list[list[str]], "str | None", str]
+
+
+def write_pages(out: Path, title: str, about: dict[str, str], sections: Sequence[Section], images: dict[str, bytes],
+                data: dict) -> Path:
+    """Write ``report.md`` (linking the PNGs ``images``, written next to it), the self-contained ``report.html`` and
+    ``metrics.json`` (``data``) into ``out``; a section shows where it has rows or its image; returns the HTML path."""
+    for name, png in images.items():
+        (out / name).write_bytes(png)
+    md = [f"# {title}", "", *(f"- **{k}**: {markdown(v)}" for k, v in about.items()), ""]
+    body = [f"<h1>{html.escape(title)}</h1><ul>" + "".join(
+        f"<li><b>{html.escape(k)}</b>: <code>{html.escape(v)}</code></li>" for k, v in about.items()) + "</ul>"]
+    for heading, header, rows, image, note in sections:
         if not rows and image not in images:
             continue
-        md += [f"## {title}", ""]
-        body.append(f"<h2>{html.escape(title)}</h2>")
+        md += [f"## {heading}", ""]
+        body.append(f"<h2>{html.escape(heading)}</h2>")
         if note:
             md += [note, ""]
             body.append(f"<p>{html.escape(note)}</p>")
@@ -291,13 +318,13 @@ def write_report(out_dir: str | os.PathLike, metrics: dict, *, examples: Sequenc
             md += [*_md_table(header, rows), ""]
             body.append(_html_table(header, rows))
         if image in images:
-            md += [f"![{title}]({image})", ""]
+            md += [f"![{heading}]({image})", ""]
             uri = "data:image/png;base64," + base64.b64encode(images[image]).decode("ascii")
-            body.append(f'<img alt="{html.escape(title)}" src="{uri}">')
-    page = ("<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>gte eval report</title>"
+            body.append(f'<img alt="{html.escape(heading)}" src="{uri}">')
+    page = (f"<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
             f"<style>{CSS}</style></head><body>{''.join(body)}</body></html>\n")
     for name, text in (("report.md", "\n".join(md)), ("report.html", page),
-                       ("metrics.json", json.dumps(metrics, indent=2))):
+                       ("metrics.json", json.dumps(data, indent=2))):
         tmp = out / f".{name}.tmp"
         tmp.write_text(text, encoding="utf-8")
         os.replace(tmp, out / name)

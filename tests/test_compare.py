@@ -178,9 +178,13 @@ def test_compare_groups_seeds_by_method_and_matches_each_runs_own_eval(seeded_ru
     assert set(pairs) == {"acc1", "agreement", "explanation_similarity"}
     assert pairs["acc1"]["a"] == "kd" and pairs["acc1"]["lo"] <= pairs["acc1"]["diff"] <= pairs["acc1"]["hi"]
     assert [(t["seed_a"], t["seed_b"]) for t in pairs["acc1"]["mcnemar"]] == [(0, 0), (1, 1)]
-    code, out, err = run_main(["compare", *runs, "--data", seeded_runs["test"], "--bootstrap", "200"], monkeypatch,
-                              capsys)
+    code, out, err = run_main(["compare", *runs, "--data", seeded_runs["test"], "--bootstrap", "200", "--report",
+                               str(tmp_path / "rep"), "--examples", "2"], monkeypatch, capsys)
     assert code == 0 and "kd − e2kd" in out and "McNemar" in out, err
+    page = (tmp_path / "rep" / "report.html").read_text()
+    assert page.count('src="data:image/png;base64,') == 3  # per-group bars, reliability diagram, explanation grid
+    assert {"groups.png", "reliability.png", "grid.png"} <= {p.name for p in (tmp_path / "rep").iterdir()}
+    assert json.loads((tmp_path / "rep" / "metrics.json").read_text())["methods"].keys() == {"kd", "e2kd"}
 
 
 def _teacher(root):

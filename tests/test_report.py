@@ -233,3 +233,18 @@ def test_no_default_shown_beside_a_default_the_help_explains():
         clashes += [" ".join(path) + ": " + " ".join(ln.split()) for ln in text.splitlines()
                     if "(default:" in ln and "[default:" in ln]
     assert not clashes, clashes
+
+
+def test_eval_report_shows_calibration_and_the_new_accuracies(tmp_path):
+    """ECE, balanced and worst-class accuracy in the metric table; the reliability diagram as a figure."""
+    from gte.metrics import calibration_bins, reliability
+    from gte.report import write_report
+
+    bins = calibration_bins([0.95, 0.9, 0.55, 0.6], [1, 0, 1, 1])
+    m = {"n": 4, "acc1": 0.75, "acc5": 1.0, "balanced_acc": 0.8, "worst_class_acc": 0.6, "worst_class": 1,
+         "ece": 0.25, "reliability": reliability(bins)}
+    write_report(tmp_path, m)
+    md = (tmp_path / "report.md").read_text()
+    assert "| ECE (15 bins) | 25.0 % |" in md and "| balanced acc | 80.0 % |" in md
+    assert "| worst-class acc | 60.0 % |" in md and "](reliability.png)" in md
+    assert len(check_html_images(tmp_path / "report.html")) == 1

@@ -12,13 +12,6 @@ from rich.console import Console
 from gte.commands._common import check_sizes, err
 from gte.errors import GteError
 
-# (key, header) of the per-method table; percentages except the cosine and ECE
-COLUMNS = (("acc1", "acc@1"), ("agreement", "agree"), ("explanation_similarity", "expl. cos"),
-           ("worst_group_acc", "worst grp"), ("balanced_acc", "bal. acc"), ("worst_class_acc", "worst cls"),
-           ("weighted_acc", "WB avg"), ("ece", "ECE"))
-NOT_PERCENT = {"explanation_similarity"}
-
-
 def compare_command(
     models: List[str] = typer.Argument(..., help="Run directories (OUT of gte distill) or model files; runs of one "
                                        "recipe that differ in run.seed only are grouped as one method."),
@@ -77,43 +70,22 @@ def compare_command(
             atomic_write_json(json_out, result)
         print_compare(result, Console())
     if report:
+        from gte.commands.eval import _class_names, _group_names
+        from gte.data.index import shard_class_names
         from gte.report_compare import write_compare_report
         from gte.tables import literal
 
+        groups = next(iter(result["methods"].values()))["per_run"][0].get("groups", {})
         page = write_compare_report(report, result, runs=runs, records=records, students=students, teacher=t,
-                                    data=data, examples=examples, seed=seed)
+                                    spec=data, data=data_cfg, names=_class_names(shard_class_names(data), students[0]),
+                                    group_names=_group_names(data, list(groups), "id_acc" in result["methods"][
+                                        runs[0].method]["mean"]), examples=examples, seed=seed)
         err.print("report written to", literal(page))
-
-
-def _cell(mean: dict, std: dict, key: str, seeds: int) -> str:
-    if key not in mean:
-        return "—"
-    scale, fmt = (1, "{:.3f}") if key in NOT_PERCENT else (100, "{:.1f}")
-    text = fmt.format(scale * mean[key])
-    return text + " ± " + fmt.format(scale * std[key]) if seeds > 1 else text
-
-
-def method_rows(result: dict) -> tuple[list[str], list[list[str]]]:
-    """Header and rows of the per-method table: mean ± std over seeds (%; the cosine as a cosine)."""
-    shown = [(k, h) for k, h in COLUMNS if any(k in m["mean"] for m in result["methods"].values())]
-    rows = [[name, str(len(m["runs"])), *(_cell(m["mean"], m["std"], k, len(m["runs"])) for k, _ in shown)]
-            for name, m in result["methods"].items()]
-    return ["method", "runs", *(h for _, h in shown)], rows
-
-
-def pair_rows(result: dict) -> tuple[list[str], list[list[str]]]:
-    """Header and rows of the paired differences: A − B, the 95 % interval, what it resamples, McNemar p."""
-    rows = []
-    for p in result["pairs"]:
-        scale = 1 if p["metric"] in NOT_PERCENT else 100
-        ps = ", ".join(f"{t['p']:.2g}" for t in p.get("mcnemar", [])) or "—"
-        rows.append([f"{p['a']} − {p['b']}", p["metric"], f"{scale * p['diff']:+.2f}",
-                     f"[{scale * p['lo']:+.2f}, {scale * p['hi']:+.2f}]", p["over"], ps])
-    return ["pair", "metric", "diff", "95 % CI", "resampled", "McNemar p"], rows
 
 
 def print_compare(result: dict, console: Console) -> None:
     """The per-method and per-pair tables in the terminal."""
+    from gte.report_compare import CI_NOTE, method_rows, pair_rows
     from gte.tables import add_columns, compact_table, literal
 
     for title, (header, rows) in ((f"gte compare: {result['n']} samples, mean ± std over seeds (%)",
@@ -125,6 +97,4 @@ def print_compare(result: dict, console: Console) -> None:
             tab.add_row(*map(literal, row))
         console.print(tab)
         console.print()
-    console.print("CI: paired bootstrap over test samples (and seeds where each method has ≥ 3); McNemar: exact "
-                  "binomial under 25 discordant samples, else chi-square with continuity correction, one p per "
-                  "pair of runs with the same seed.", highlight=False)
+    console.print(CI_NOTE, highlight=False)
