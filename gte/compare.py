@@ -103,11 +103,13 @@ def _label(runs: list[Run]) -> None:
             label = base if len(group_keys) == 1 else f"{base} ({', '.join(f'{k}={flat[k]}' for k in differ[:3])})"
             for r in groups[key]:
                 r.method = label
-    for key, members in groups.items():
-        seeds = [r.seed for r in members]
-        if len(members) > 1 and len(set(seeds)) < len(seeds):
-            raise GteError(f"{members[0].path} and another run of method '{members[0].method}' have the same seed "
-                           f"{seeds[0]}: the same run given twice?")
+    for members in groups.values():
+        seen: dict[int | None, Run] = {}
+        for r in members:
+            if r.seed in seen:  # a file given twice, or a run copied: its statistics would count twice
+                raise GteError(f"{seen[r.seed].path} and {r.path}: the same model" if r.seed is None else
+                               f"{seen[r.seed].path} and {r.path}: two runs of method '{r.method}' with seed {r.seed}")
+            seen[r.seed] = r
 
 
 @dataclass

@@ -251,15 +251,21 @@ CSS = ("body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;p
        "code{background:#f4f4f4;padding:0 .2em}")
 
 
-def write_report(out_dir: str | os.PathLike, metrics: dict, *, examples: Sequence[Example] = (),
-                 student: nn.Module | None = None, teacher: nn.Module | None = None,
-                 names: Sequence[str] | None = None, about: dict[str, str] | None = None) -> Path:
-    """Write ``report.md``, ``report.html``, ``metrics.json`` and the PNGs into ``out_dir``; return the HTML path."""
+def report_dir(out_dir: str | os.PathLike) -> Path:
+    """``out_dir`` created (one line where it cannot be)."""
     out = Path(out_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise GteError(f"{out}: cannot create the report directory ({e.strerror})") from None
+    return out
+
+
+def write_report(out_dir: str | os.PathLike, metrics: dict, *, examples: Sequence[Example] = (),
+                 student: nn.Module | None = None, teacher: nn.Module | None = None,
+                 names: Sequence[str] | None = None, about: dict[str, str] | None = None) -> Path:
+    """Write ``report.md``, ``report.html``, ``metrics.json`` and the PNGs into ``out_dir``; return the HTML path."""
+    out = report_dir(out_dir)
     images: dict[str, bytes] = {}
     if metrics.get("groups"):
         images["groups.png"] = _png(group_figure(metrics))

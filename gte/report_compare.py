@@ -15,11 +15,13 @@ if TYPE_CHECKING:
     from gte.compare import Records, Run
     from gte.config import DataConfig
 
-# (key, header) of the per-method table; percentages except the cosine
-COLUMNS = (("acc1", "acc@1"), ("agreement", "agree"), ("explanation_similarity", "expl. cos"),
-           ("worst_group_acc", "worst grp"), ("balanced_acc", "bal. acc"), ("worst_class_acc", "worst cls"),
-           ("weighted_acc", "WB avg"), ("ece", "ECE"))
+# (key, label) of the per-method table's rows, as gte eval labels them; percentages except the cosine
+COLUMNS = (("acc1", "acc@1"), ("acc5", "acc@5"), ("agreement", "agreement"), ("explanation_similarity", "expl. cos"),
+           ("worst_group_acc", "worst-group acc"), ("id_acc", "Waterbirds ID acc"), ("ood_acc", "Waterbirds OOD acc"),
+           ("weighted_acc", "Waterbirds weighted acc"), ("balanced_acc", "balanced acc"),
+           ("worst_class_acc", "worst-class acc"), ("ece", "ECE (15 bins)"))
 NOT_PERCENT = {"explanation_similarity"}
+SHORT = {"acc1": "acc@1", "agreement": "agree", "explanation_similarity": "expl. cos"}
 CI_NOTE = ("95 % CI: paired bootstrap of A − B over the test samples (the same resampled samples for both), and over "
            "seeds where each method has ≥ 3. McNemar p: exact binomial under 25 discordant samples, else chi-square "
            "with continuity correction; one p per pair of runs with the same seed.")
@@ -34,11 +36,16 @@ def _cell(mean: dict, std: dict, key: str, seeds: int) -> str:
 
 
 def method_rows(result: dict) -> tuple[list[str], list[list[str]]]:
-    """Header and rows of the per-method table: mean ± std over seeds (%; the cosine as a cosine)."""
-    shown = [(k, h) for k, h in COLUMNS if any(k in m["mean"] for m in result["methods"].values())]
-    rows = [[name, str(len(m["runs"])), *(_cell(m["mean"], m["std"], k, len(m["runs"])) for k, _ in shown)]
-            for name, m in result["methods"].items()]
-    return ["method", "runs", *(h for _, h in shown)], rows
+    """Header (metric, one column per method) and rows of the per-method table: mean ± std over seeds (%; the cosine
+    as a cosine), the number of runs first and the per-group accuracies last."""
+    methods = result["methods"]
+    keys = [(k, label) for k, label in COLUMNS if any(k in m["mean"] for m in methods.values())]
+    groups = sorted({k for m in methods.values() for k in m["mean"] if k.startswith("group/")},
+                    key=lambda k: int(k.split("/")[1]))
+    keys += [(k, f"group {k.split('/')[1]} acc") for k in groups]
+    rows = [["runs (seeds)", *(f"{len(m['runs'])}" for m in methods.values())]]
+    rows += [[label, *(_cell(m["mean"], m["std"], k, len(m["runs"])) for m in methods.values())] for k, label in keys]
+    return ["metric", *methods], rows
 
 
 def pair_rows(result: dict) -> tuple[list[str], list[list[str]]]:
@@ -47,7 +54,7 @@ def pair_rows(result: dict) -> tuple[list[str], list[list[str]]]:
     for p in result["pairs"]:
         scale, fmt = (1, "{:+.3f}") if p["metric"] in NOT_PERCENT else (100, "{:+.2f}")
         ps = ", ".join(f"{t['p']:.2g}" for t in p.get("mcnemar", [])) or "—"
-        rows.append([f"{p['a']} − {p['b']}", p["metric"], fmt.format(scale * p["diff"]),
+        rows.append([f"{p['a']} − {p['b']}", SHORT.get(p["metric"], p["metric"]), fmt.format(scale * p["diff"]),
                      f"[{fmt.format(scale * p['lo'])}, {fmt.format(scale * p['hi'])}]", p["over"], ps])
     return ["pair", "metric", "diff", "95 % CI", "resampled", "McNemar p"], rows
 
@@ -128,16 +135,11 @@ def write_compare_report(out_dir: str | Path, result: dict, *, runs: Sequence[Ru
                          names: Sequence[str], group_names: dict[str, str], examples: int = 6,
                          seed: int = 0) -> Path:
     """Write ``report.md``, ``report.html`` (self-contained), ``metrics.json`` and the PNGs; return the HTML path."""
-    from gte.errors import GteError
     from gte.render import render
-    from gte.report import RELIABILITY_NOTE, _png, write_pages
+    from gte.report import RELIABILITY_NOTE, _png, report_dir, write_pages
     from gte.report_figures import method_group_figure, reliability_figure
 
-    out = Path(out_dir)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise GteError(f"{out}: cannot create the report directory ({e.strerror})") from None
+    out = report_dir(out_dir)
     images: dict[str, bytes] = {}
     methods = result["methods"]
     if all("groups" in r for m in methods.values() for r in m["per_run"]):
@@ -155,8 +157,8 @@ def write_compare_report(out_dir: str | Path, result: dict, *, runs: Sequence[Ru
     header, rows_m = method_rows(result)
     pheader, rows_p = pair_rows(result)
     sections = [
-        ("Methods: mean ± std over seeds (%)", header, rows_m, None,
-         "Cosine for expl. cos; the other columns in %. ECE: 15 equal-width bins of the top-1 softmax probability."),
+        ("Methods", header, rows_m, None, "Mean ± std over each method's seeds, in % (expl. cos: a cosine). ECE: "
+         "15 equal-width bins of the top-1 softmax probability."),
         ("Paired differences", pheader, rows_p, None, CI_NOTE),
         ("Per group", [], [], "groups.png", "Accuracy per group pooled over each method's seeds; error bars: 95 % "
          "Wilson intervals over those samples (test-sample noise only, not seed-to-seed variation)."),

@@ -157,9 +157,10 @@ def test_demo_seeds_share_data_and_teacher():
 def test_compare_groups_seeds_by_method_and_matches_each_runs_own_eval(seeded_runs, monkeypatch, capsys, tmp_path):
     root = seeded_runs["root"]
     runs = [str(root / m / f"seed-{s}") for m in ("kd", "e2kd") for s in (0, 1)]
-    code, out, err = run_main(["compare", *runs, "--data", seeded_runs["test"], "--teacher", _teacher(root), "--json", "-",
-                               "--bootstrap", "200"], monkeypatch, capsys)
+    # the test shards and the teacher: the runs' own data.test and teacher.weights
+    code, out, err = run_main(["compare", *runs, "--json", "-", "--bootstrap", "200"], monkeypatch, capsys)
     assert code == 0, err
+    assert f"--data: {seeded_runs['test']}" in err and f"--teacher: {_teacher(root)}" in err
     r = json.loads(out)
     assert r["n"] == 24 and list(r["methods"]) == ["kd", "e2kd"]
     for method in ("kd", "e2kd"):
@@ -200,6 +201,11 @@ def test_compare_bad_inputs_are_one_line(tmp_path, teacher_path, monkeypatch, ca
     one_line_exit_2(["compare", str(teacher_path), "--data", "x.tar"], monkeypatch, capsys, "at least 2 models")
     one_line_exit_2(["compare", str(teacher_path), str(tmp_path / "empty"), "--data", "x.tar"], monkeypatch, capsys,
                     "empty: no model.safetensors")
+    one_line_exit_2(["compare", str(teacher_path), str(teacher_path), "--data", "x.tar"], monkeypatch, capsys,
+                    "the same model")
+    (tmp_path / "copy.safetensors").write_bytes(teacher_path.read_bytes())
+    one_line_exit_2(["compare", str(teacher_path), str(tmp_path / "copy.safetensors")], monkeypatch, capsys,
+                    "--data is needed: the runs' recipes do not share one data.test")
     torch.manual_seed(0)
     save_model(build_model("bcos_cifar_resnet20", 3), tmp_path / "three.safetensors")
     from gte.data.synthetic import write_synthetic_split

@@ -15,8 +15,10 @@ from gte.errors import GteError
 def compare_command(
     models: List[str] = typer.Argument(..., help="Run directories (OUT of gte distill) or model files; runs of one "
                                        "recipe that differ in run.seed only are grouped as one method."),
-    data: str = typer.Option(..., "--data", help="Shard spec of the common test set."),
-    teacher: Optional[str] = typer.Option(None, "--teacher", help="Teacher for agreement and explanation cosine."),
+    data: Optional[str] = typer.Option(None, "--data", help="Shard spec of the common test set (default: the runs' "
+                                       "data.test, where their recipes share one)."),
+    teacher: Optional[str] = typer.Option(None, "--teacher", help="Teacher for agreement and explanation cosine "
+                                          "(default: the runs' teacher.weights, where their recipes share one)."),
     json_out: Optional[str] = typer.Option(None, "--json", help="Write the results as JSON (- = stdout, no table)."),
     report: Optional[Path] = typer.Option(None, "--report", help="Write report.md + self-contained report.html here."),
     image_size: Optional[int] = typer.Option(None, "--image-size", help="Centre-crop size (default: the first "
@@ -49,6 +51,8 @@ def compare_command(
     if dist.launched_world_size() > 1:
         raise GteError("gte compare runs in one process (start it without torchrun)")
     runs = find_runs(models)
+    data = data or shared_value(runs, "data", "test", "--data")
+    teacher = teacher or shared_value(runs, "teacher", "weights", "") or None
     device = dist.device()
     students = [load_model(r.model).to(device) for r in runs]
     t = freeze(load_model(teacher)).to(device) if teacher else None
@@ -83,18 +87,33 @@ def compare_command(
         err.print("report written to", literal(page))
 
 
+def shared_value(runs, section: str, key: str, flag: str) -> str:
+    """``section.key`` where every run's recipe names the same one ("" otherwise; a one-line error naming ``flag``
+    where a value is required)."""
+    values = {str(r.recipe.get(section, {}).get(key, "")) for r in runs}
+    if len(values) == 1 and "" not in values:
+        value = values.pop()
+        err.print(f"{flag or '--teacher'}: {value} (the runs' {section}.{key})", markup=False, highlight=False)
+        return value
+    if flag:
+        raise GteError(f"{flag} is needed: the runs' recipes do not share one {section}.{key}")
+    return ""
+
+
 def print_compare(result: dict, console: Console) -> None:
     """The per-method and per-pair tables in the terminal."""
     from gte.report_compare import CI_NOTE, method_rows, pair_rows
     from gte.tables import add_columns, compact_table, literal
 
-    for title, (header, rows) in ((f"gte compare: {result['n']} samples, mean ± std over seeds (%)",
-                                   method_rows(result)),
-                                  ("paired differences (percentage points; cosine for expl.)", pair_rows(result))):
+    tables = ((f"gte compare: {result['n']} samples", method_rows(result),
+               "Mean ± std over each method's seeds, in % (expl. cos: a cosine)."),
+              ("paired differences", pair_rows(result), "Percentage points (expl. cos: cosine)."))
+    for title, (header, rows), note in tables:
         tab = compact_table(title)
         add_columns(tab, header, numeric=header[1:])
         for row in rows:
             tab.add_row(*map(literal, row))
         console.print(tab)
+        console.print(note, highlight=False)
         console.print()
     console.print(CI_NOTE, highlight=False)

@@ -79,8 +79,7 @@ def _run_seeds(r, seeds: list[int]) -> None:
 
     if dist.is_main():
         runs = f"'{base}'/seed-*/*/" if r.demo.enabled else f"'{base}'/seed-*/"
-        err.print(f"compare the seeds: gte compare {runs} --data <test shards> --teacher <teacher> "
-                  "(the runs' recipe.toml name both: data.test, teacher.weights)", markup=False, highlight=False,
+        err.print(f"compare the seeds: gte compare {runs} --report '{base}'/compare", markup=False, highlight=False,
                   soft_wrap=True)
 
 
