@@ -155,14 +155,14 @@ def calibration_bins(confidence: np.ndarray, correct: np.ndarray, bins: int = EC
 
 def reliability(sums: np.ndarray) -> list[dict]:
     """The reliability diagram's bins from :func:`calibration_bins` sums: lo, hi, count, mean confidence, accuracy
-    (confidence and accuracy NaN for an empty bin)."""
+    (confidence and accuracy None for an empty bin: JSON's null)."""
     bins = sums.shape[1]
     rows = []
     for k in range(bins):
         n = float(sums[0, k])
         rows.append({"lo": k / bins, "hi": (k + 1) / bins, "count": int(n),
-                     "confidence": float(sums[1, k] / n) if n else float("nan"),
-                     "accuracy": float(sums[2, k] / n) if n else float("nan")})
+                     "confidence": float(sums[1, k] / n) if n else None,
+                     "accuracy": float(sums[2, k] / n) if n else None})
     return rows
 
 

@@ -65,7 +65,7 @@ def pooled_reliability(rows_per_run: Sequence[list[dict]]) -> list[dict]:
     for bins in zip(*rows_per_run):
         n = sum(b["count"] for b in bins)
         out.append({"lo": bins[0]["lo"], "hi": bins[0]["hi"], "count": n,
-                    **{k: sum(b[k] * b["count"] for b in bins if b["count"]) / n if n else float("nan")
+                    **{k: sum(b[k] * b["count"] for b in bins if b["count"]) / n if n else None
                        for k in ("confidence", "accuracy")}})
     return out
 

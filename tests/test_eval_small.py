@@ -109,6 +109,7 @@ def test_multilabel_f1_map_through_evaluate(tmp_path):
     assert m["f1"] == pytest.approx(f1_score(targets, scores > 0, average="micro"))
     assert m["map"] == pytest.approx(average_precision_score(targets[:, keep], scores[:, keep]), abs=1e-6)
     assert m["multilabel_n"] == n
+    assert "ece" not in m and "reliability" not in m  # softmax confidence of a multi-label model: no ECE
 
 
 def test_boxes_follow_resize_and_centre_crop(tmp_path):
@@ -176,7 +177,8 @@ def test_ece_balanced_and_worst_class_by_hand(tmp_path):
     assert len(m["reliability"]) == 15 and sorted(rel) == pytest.approx([9 / 15, 10 / 15, 13 / 15])
     top = m["reliability"][13]
     assert top["count"] == 3 and top["accuracy"] == pytest.approx(2 / 3) and top["hi"] == pytest.approx(14 / 15)
-    assert top["confidence"] == pytest.approx(2.72 / 3, abs=1e-6) and m["reliability"][12]["count"] == 0
+    assert top["confidence"] == pytest.approx(2.72 / 3, abs=1e-6)
+    assert m["reliability"][12] == {"lo": 12 / 15, "hi": 13 / 15, "count": 0, "confidence": None, "accuracy": None}
     # class 0: samples 0, 3, 4 -> 2/3 right ; class 1: samples 1, 2, 5, 6 -> 2/4 right
     assert m["acc1"] == pytest.approx(4 / 7)
     assert m["balanced_acc"] == pytest.approx((2 / 3 + 1 / 2) / 2)
