@@ -42,7 +42,8 @@ def method_rows(result: dict) -> tuple[list[str], list[list[str]]]:
     keys = [(k, label) for k, label in COLUMNS if any(k in m["mean"] for m in methods.values())]
     groups = sorted({k for m in methods.values() for k in m["mean"] if k.startswith("group/")},
                     key=lambda k: int(k.split("/")[1]))
-    keys += [(k, f"group {k.split('/')[1]} acc") for k in groups]
+    named = result.get("group_names", {})
+    keys += [(k, f"group {k.split('/')[1]} {named.get(k.split('/')[1], '')} acc".replace("  ", " ")) for k in groups]
     rows = [["runs (seeds)", *(f"{len(m['runs'])}" for m in methods.values())]]
     rows += [[label, *(_cell(m["mean"], m["std"], k, len(m["runs"])) for m in methods.values())] for k, label in keys]
     return ["metric", *methods], rows

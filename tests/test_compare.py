@@ -182,6 +182,7 @@ def test_compare_groups_seeds_by_method_and_matches_each_runs_own_eval(seeded_ru
     code, out, err = run_main(["compare", *runs, "--data", seeded_runs["test"], "--bootstrap", "200", "--report",
                                str(tmp_path / "rep"), "--examples", "2"], monkeypatch, capsys)
     assert code == 0 and "kd − e2kd" in out and "McNemar" in out, err
+    assert "group 1 conflicting acc" in out  # the shards' groups.json names the groups
     page = (tmp_path / "rep" / "report.html").read_text()
     assert page.count('src="data:image/png;base64,') == 3  # per-group bars, reliability diagram, explanation grid
     assert {"groups.png", "reliability.png", "grid.png"} <= {p.name for p in (tmp_path / "rep").iterdir()}

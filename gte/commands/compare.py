@@ -63,6 +63,11 @@ def compare_command(
     result = summarise(runs, records, num_classes=info(students[0]).num_classes, waterbirds=waterbirds,
                        train_sizes=train_group_sizes(data), reps=reps, seed=seed)
     result.update(data=data, teacher=teacher, image_size=size)
+    per_run = next(iter(result["methods"].values()))["per_run"][0]
+    if per_run.get("groups"):
+        from gte.commands.eval import _group_names
+
+        result["group_names"] = _group_names(data, list(per_run["groups"]), bool(per_run.get("waterbirds")))
     if json_out == "-":
         import json
 
@@ -74,16 +79,14 @@ def compare_command(
             atomic_write_json(json_out, result)
         print_compare(result, Console())
     if report:
-        from gte.commands.eval import _class_names, _group_names
+        from gte.commands.eval import _class_names
         from gte.data.index import shard_class_names
         from gte.report_compare import write_compare_report
         from gte.tables import literal
 
-        groups = next(iter(result["methods"].values()))["per_run"][0].get("groups", {})
         page = write_compare_report(report, result, runs=runs, records=records, students=students, teacher=t,
                                     spec=data, data=data_cfg, names=_class_names(shard_class_names(data), students[0]),
-                                    group_names=_group_names(data, list(groups), "id_acc" in result["methods"][
-                                        runs[0].method]["mean"]), examples=examples, seed=seed)
+                                    group_names=result.get("group_names", {}), examples=examples, seed=seed)
         err.print("report written to", literal(page))
 
 
