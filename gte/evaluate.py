@@ -40,6 +40,7 @@ class EvalOptions:
     examples: int = 0  # images kept (rank 0) for the report grid
     teacher_size: int = 0  # the side the teacher sees each image at (0: the eval size, or its fixed size)
     explainer: str = "auto"  # how both models' explanations are compared (auto: see pair_explainer)
+    shortcuts: tuple = ()  # gte.shortcuts.Shortcut tests (gte.shortcut_eval)
 
 
 @dataclass
@@ -237,6 +238,12 @@ def run_eval(model: nn.Module, spec: str, *, data: DataConfig, teacher: nn.Modul
                 for p, m, _ in runs:
                     _shift(sums, p, m, images[:k], explained[:k], o.shift_max)
 
+            if o.shortcuts:
+                from gte.shortcut_eval import shortcut_batch
+
+                shortcut_batch(sums, o.shortcuts, [(p, m, teacher_size if p == "t" else 0) for p, m, _ in runs],
+                               images, batch, labels, explained, method)
+
             if rank == 0 and o.examples:
                 for j, g in enumerate(groups):
                     if len(kept[g]) < o.examples:
@@ -251,6 +258,10 @@ def run_eval(model: nn.Module, spec: str, *, data: DataConfig, teacher: nn.Modul
     scores = {p: np.concatenate([a for part in dist.gather_object(ml.get(p, [])) for a in part] or [np.zeros((0, 1))])
               for p in ("s", "t", "targets")} if total.get("ml_n") else {}
     metrics = _finalise(total, scores, teacher is not None, mi.num_classes, o)
+    if o.shortcuts:
+        from gte.shortcut_eval import shortcut_metrics
+
+        metrics["shortcuts"] = shortcut_metrics(total, o.shortcuts, teacher is not None, mi.num_classes, spec)
     if teacher_size:
         metrics["teacher_image_size"] = teacher_size
     metrics["explainer"] = method

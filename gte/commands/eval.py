@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import typer
 from rich.console import Console
@@ -38,12 +38,18 @@ def eval_command(
     teacher_size: int = typer.Option(0, "--teacher-image-size", show_default=False, help="The side the teacher sees "
                                      "each image at, as in training with teacher.image_size (default: the eval size, "
                                      "or the teacher's fixed size)."),
+    shortcut: List[str] = typer.Option([], "--shortcut", help="Shortcut test, repeatable: watermark, patch or "
+                                       "background, with options as NAME:key=value,… (docs/data.md, 'Shortcut tests')."),
+    shortcut_seed: int = typer.Option(0, "--shortcut-seed", help="Seed of the shortcut tests' random places."),
 ) -> None:
     """acc@1/5, agreement, explanation similarity, groups, F1/mAP, EPG/IoU, shift test (torchrun for many processes)."""
     if batch_size < 1 or shift_max < 0 or shift_samples < 1 or examples < 0 or teacher_size < 0:
         raise GteError("--batch-size and --shift-samples must be positive, --shift-max, --examples and "
                        "--teacher-image-size not negative")
     check_sizes(image_size, eval_resize, teacher_size)
+    from gte.shortcuts import parse_shortcuts
+
+    shortcuts = parse_shortcuts(shortcut, shortcut_seed)  # before any model is loaded: a typo costs nothing
     if json_out and json_out != "-" and not Path(json_out).resolve().parent.is_dir():  # before, not after, the work
         raise GteError(f"--json {json_out}: the directory {Path(json_out).resolve().parent} does not exist")
     from gte.io import check_writable
@@ -57,7 +63,7 @@ def eval_command(
 
     opts = EvalOptions(batch_size=batch_size, waterbirds=waterbirds, shift=shift, shift_max=shift_max,
                        shift_samples=shift_samples, examples=examples if report else 0, teacher_size=teacher_size,
-                       explainer=explainer)
+                       explainer=explainer, shortcuts=shortcuts)
     started = not dist.initialized() and dist.launched_world_size() > 1
     if started:  # torchrun: the collectives here are a few small tensors
         dist.init_process_group()
