@@ -119,8 +119,10 @@ def _evaluate(model_path: str, spec: str, teacher_path: str | None, arch: str | 
         names = _class_names(data_names, student)
         about = {"model": model_path, "data": spec, **({"teacher": teacher_path} if teacher_path else {}),
                  "explainer": m["explainer"], "processes": str(m["world_size"])}
+        from gte.report_shortcuts import training_log
+
         page = write_report(report, m, examples=out.examples, student=student, teacher=teacher, names=names,
-                            about=about)
+                            about=about, training=training_log(model_path))
         err.print("report written to", literal(page))
 
 
