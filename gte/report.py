@@ -285,7 +285,8 @@ def write_report(out_dir: str | os.PathLike, metrics: dict, *, examples: Sequenc
          "Cosine of the explanation of the diagonally shifted image with the unshifted one, over the overlap."),
         ("Shortcut tests", rs.shortcut_header(metrics), rs.shortcut_rows(metrics), "shortcuts.png", rs.SHORTCUT_NOTE),
         ("Shortcut examples", [], [], "shortcut-examples.png", "One test image with each pattern, explained "
-         + ("by the teacher and the student (the teacher's top-1 class)." if paired else "by the model.")),
+         + ("by the teacher and the student (the teacher's top-1 class)" if paired else "by the model")
+         + "; background, which takes a second image, is in the table only."),
         ("Training curves", [], [], "curves.png", "From the run's metrics.jsonl beside the model file."),
     ]
     about = {"samples": str(metrics["n"]), **(about or {})}

@@ -63,8 +63,10 @@ def curves_figure(records: Sequence[dict]) -> Figure | None:
     for ax, (xs, keys, rows, scale, title) in zip(axes, panels):
         for k in keys:  # epochs counted from 1, as training prints them
             pts = [(r[xs] + (1 if xs == "epoch" else 0), scale * r[k]) for r in rows if _finite(r.get(k))]
-            if pts:
-                ax.plot(*zip(*pts), "o-" if len(pts) < 30 else "-", ms=3, label=k.removeprefix("val_"))
+            if pts:  # the total under its terms, wide and pale: with one term (KD) they coincide
+                style = {"lw": 4, "alpha": 0.35, "color": "0.3", "zorder": 1} if k == "loss" else {"ms": 3}
+                ax.plot(*zip(*pts), "-" if k == "loss" or len(pts) >= 30 else "o-", label=k.removeprefix("val_"),
+                        **style)
         ax.set_xlabel(xs, fontsize=FONT)
         ax.set_title(title, fontsize=FONT)
         ax.tick_params(labelsize=FONT)
