@@ -48,6 +48,7 @@ def shortcut_batch(sums: dict[str, float], shortcuts: Sequence[Shortcut], runs: 
         k = f"sc/{sc.label}"
         sums[f"{k}/n"] += int(used.sum())
         sums[f"{k}/skipped"] += int((~used).sum())
+        sums[f"{k}/boxed"] += sum(1 for b in (batch.get("boxes") or []) if b)
         if not used.any():
             continue
         mask = shifted.mask[used]
@@ -91,8 +92,12 @@ def shortcut_metrics(t: dict[str, float], shortcuts: Sequence[Shortcut], has_tea
         k = f"sc/{sc.label}"
         n = t.get(f"{k}/n", 0)
         if not n:
-            why = ("no sample has json.boxes (it puts each object, inside its boxes, on another sample's background)"
-                   if sc.name == "background" else "no sample was read")
+            why = "no sample was read"
+            if sc.name == "background" and t.get(f"{k}/boxed"):
+                why = (f"{int(t[f'{k}/boxed'])} samples have json.boxes but none found a partner: each object goes "
+                       "on the background of another sample with boxes in its batch (--batch-size 2 or more)")
+            elif sc.name == "background":
+                why = "no sample has json.boxes (it puts each object, inside its boxes, on another sample's background)"
             raise GteError(f"--shortcut {sc.label}: {why} in {spec}; {int(t.get(f'{k}/skipped', 0))} samples skipped")
         r: dict = {"name": sc.name, "options": dict(sc.options), "seed": sc.seed, "n": int(n),
                    "skipped": int(t.get(f"{k}/skipped", 0)), "pattern_area": t.get(f"{k}/area", 0) / n,

@@ -107,6 +107,8 @@ def watermark(images: torch.Tensor, keys: Sequence[str], seed: int = 0, *, text:
     ImageNet-W's (0.01·W, 0.4·H) with ``place=imagenet-w``)."""
     n, _, h, w = images.shape
     glyphs = _text_alpha(text, max(4, round(scale * min(h, w)))).to(images.device)
+    if not glyphs.any():
+        raise GteError(f"watermark text {text!r}: PIL's default font draws nothing for it")
     th, tw = glyphs.shape
     alpha = torch.zeros(n, h, w, device=images.device)
     for i, key in enumerate(keys):
@@ -241,8 +243,8 @@ def parse_shortcut(text: str, seed: int = 0) -> Shortcut:
             options[key] = value
         if key == "color":
             _color(value)
-        if key == "text" and not value:
-            raise GteError(f"--shortcut {text}: text must not be empty")
+        if key == "text":  # refused now, not after the models are loaded
+            watermark(torch.zeros(1, 3, 64, 64), ["check"], text=value)
     return Shortcut(text.strip(), name, {**spec.options, **options}, seed)
 
 

@@ -156,6 +156,8 @@ def test_eval_shortcut_patch_and_watermark_cli(tmp_path, teacher_path, monkeypat
     (["--shortcut", "patch:sise=0.2"], "has no option 'sise'"),
     (["--shortcut", "patch:size=2"], "size must be in (0, 1]"),
     (["--shortcut", "patch:color=nocolour"], "'nocolour' is not a colour"),
+    (["--shortcut", "patch", "--shortcut", "patch"], "--shortcut patch is given twice"),
+    (["--shortcut", "watermark:text= "], "PIL's default font draws nothing for it"),
 ])
 def test_bad_shortcut_is_one_line_exit_2(argv, needle, tmp_path, teacher_path, monkeypatch, capsys):
     one_line_exit_2(["eval", str(teacher_path), "--data", str(tmp_path / "none.tar"), *argv], monkeypatch, capsys,
@@ -189,6 +191,8 @@ def test_eval_shortcut_background_on_shards_with_boxes(tmp_path, teacher_path, m
     s = r["student"]
     assert s["background_gap"] == pytest.approx(s["acc_clean"] - s["acc_shifted"])
     assert r["pattern_area"] == pytest.approx(1 - 16 * 20 / 32 / 32)
+    one_line_exit_2(["eval", str(teacher_path), "--data", spec, "--shortcut", "background", "--batch-size", "1"],
+                    monkeypatch, capsys, "5 samples have json.boxes but none found a partner", "--batch-size 2")
     bare = _box_shards(tmp_path / "bare", lambda i: None)
     one_line_exit_2(["eval", str(teacher_path), "--data", bare, "--shortcut", "background"], monkeypatch, capsys,
                     "--shortcut background: no sample has json.boxes", "6 samples skipped")
