@@ -15,16 +15,14 @@ has them) and ``OUT/shortcut.json`` (arguments, rule, counts, the patched keys).
 from __future__ import annotations
 
 import io
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from gte.data.index import copy_names
-from gte.data.spec import expand_spec, is_local, local_path
 from gte.data.tar import IMAGE_EXTS, iter_index, read_members
-from gte.data.writers.core import Item, SplitSummary, write_split
+from gte.data.writers.core import Item, SplitSummary, local_sources, write_split
 from gte.errors import GteError
-from gte.io import atomic_write_json, check_writable
+from gte.io import atomic_write_json
 from gte.shortcuts import Shortcut, unit
 
 PER_IMAGE = ("patch", "watermark")  # background needs a second image: not a per-sample pattern
@@ -90,15 +88,8 @@ def shortcut_split(src: str, out: Path, shortcut: Shortcut, *, cls: int, share: 
         raise GteError(f"--share must be in (0, 1], got {share}")
     if cls < 0:
         raise GteError(f"--class must be a class index (>= 0), got {cls}")
-    urls = expand_spec(src)
-    remote = [u for u in urls if not is_local(u)]
-    if remote:
-        raise GteError(f"gte data shortcut needs local shards (got {remote[0]}): download them first")
-    paths = [os.path.abspath(local_path(u)) for u in urls]
     out = Path(out)
-    if any(Path(p).parent == out.resolve() for p in paths):
-        raise GteError("--out must not be the source directory")
-    check_writable(out, "--out")
+    paths = local_sources(src, out, "shortcut splits")
     # the settings are part of each item, so a different marking into the same --out is a different conversion
     mark = {"shortcut": shortcut.label, "options": shortcut.options, "seed": shortcut.seed, "class": cls, "share": share}
     items, keys, without_cls, seen = [], [], 0, set()
