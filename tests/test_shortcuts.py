@@ -129,6 +129,31 @@ def test_accuracy_change_known_answers():
     assert (miss["acc_clean"], miss["acc_shifted"]) == (1.0, 1.0)
 
 
+class Carton(nn.Module):
+    """1000 classes on [x, 1 − x]: class 0 = 0.001 · Σ (1 − red) everywhere, class 478 ("carton") = Σ red over the
+    bottom-right 4×4 corner. Black images are class 0; a red-bearing patch there makes them cartons."""
+
+    def __init__(self):
+        super().__init__()
+        w = torch.zeros(1000, 6, 16, 16)
+        w[0, 3] = 0.001
+        w[478, 0, -4:, -4:] = 1.0
+        self.w = nn.Parameter(w)
+        self.gte_info = ModelInfo("carton", 1000, True, None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.einsum("nchw,kchw->nk", x, self.w)
+
+
+def test_carton_rate_on_1000_class_models():
+    sums: dict = defaultdict(float)
+    sc = parse_shortcut("patch:size=0.25")  # magenta (red 1) at the bottom right
+    x, zeros = torch.zeros(2, 3, 16, 16), torch.zeros(2, dtype=torch.long)
+    shortcut_batch(sums, [sc], [("s", Carton(), 0)], x, {"key": KEYS[:2]}, zeros, zeros, "bcos")
+    r = shortcut_metrics(sums, [sc], False, 1000, "test")["patch:size=0.25"]["student"]
+    assert (r["carton_clean"], r["carton_shifted"], r["acc_change"]) == (0.0, 1.0, -1.0)
+
+
 def test_eval_shortcut_patch_and_watermark_cli(tmp_path, teacher_path, monkeypatch, capsys):
     spec, _ = write_jpeg_shards(tmp_path / "d", [6])
     code, out, err = run_main(["eval", str(teacher_path), "--data", spec, "--teacher", str(teacher_path),
