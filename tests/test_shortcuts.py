@@ -245,6 +245,7 @@ def test_data_shortcut_patch_marks_only_the_class(tmp_path, monkeypatch, capsys)
     marked = [k for i, k in enumerate(keys) if i % 4 == 1 and unit(7, "select", k) < 0.5]
     assert 0 < len(marked) < 3  # of the 3 samples of class 1: some, not all
     assert json.loads((out / "shortcut.json").read_text())["patched"] == marked
+    assert json.loads((out / "shards.json").read_text())["shards"]["train-000000.tar"]["groups"] == {"0": 6, "1": 6}
     assert sorted(dst) == sorted(keys)
     for i, k in enumerate(keys):
         if k in marked:

@@ -15,6 +15,7 @@ has them) and ``OUT/shortcut.json`` (arguments, rule, counts, the patched keys).
 from __future__ import annotations
 
 import io
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +39,16 @@ class ShortcutSplit:
 def selected(seed: int, key: str, share: float) -> bool:
     """Whether a sample of the chosen class gets the pattern."""
     return unit(seed, "select", key) < share
+
+
+def _group(raw: bytes | None) -> int | None:
+    """``json.group`` of a sample's json member, when it has one."""
+    try:
+        meta = json.loads(raw) if raw else None
+    except ValueError:
+        return None
+    group = meta.get("group") if isinstance(meta, dict) else None
+    return group if isinstance(group, int) and not isinstance(group, bool) else None
 
 
 def _patched(data: bytes, shortcut: Shortcut, key: str) -> bytes:
@@ -94,7 +105,7 @@ def shortcut_split(src: str, out: Path, shortcut: Shortcut, *, cls: int, share: 
     mark = {"shortcut": shortcut.label, "options": shortcut.options, "seed": shortcut.seed, "class": cls, "share": share}
     items, keys, without_cls, seen = [], [], 0, set()
     for path in paths:
-        for s in iter_index(path, read=("cls",)):
+        for s in iter_index(path, read=("cls", "json")):
             try:
                 label = int(s["cls"])
             except (KeyError, ValueError):
@@ -103,7 +114,9 @@ def shortcut_split(src: str, out: Path, shortcut: Shortcut, *, cls: int, share: 
             if s["__key__"] in seen:
                 raise GteError(f"key '{s['__key__']}' occurs twice in {src}: patched samples are chosen by key")
             seen.add(s["__key__"])
-            items.append(Item(s["__key__"], Path(path), label, {"members": s["members"], "mark": mark},
+            group = _group(s.get("json"))  # counted in shards.json, as the source's
+            items.append(Item(s["__key__"], Path(path), label, {"members": s["members"], "mark": mark,
+                                                                **({"group": group} if group is not None else {})},
                               sum(size for _, size in s["members"].values())))
             if label == cls and selected(shortcut.seed, s["__key__"], share):
                 keys.append(s["__key__"])
