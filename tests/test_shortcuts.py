@@ -256,5 +256,8 @@ def test_data_shortcut_patch_marks_only_the_class(tmp_path, monkeypatch, capsys)
             assert np.array_equal(image[:-6], original[:-6]) and np.array_equal(image[:, :-6], original[:, :-6])
         else:  # every other sample copied byte for byte
             assert dst[k]["jpg"] == src[f"{k}.jpg"] and dst[k]["cls"] == src[f"{k}.cls"]
-    one_line_exit_2(["data", "shortcut", "background", spec, "--out", str(tmp_path / "x"), "--class", "1"],
-                    monkeypatch, capsys, "gte data shortcut makes patch or watermark splits")
+    for argv, needle in ((["background", spec, "--class", "1"], "gte data shortcut makes patch or watermark splits"),
+                         (["patch", spec, "--class", "9"], "no sample of class 9 in"),
+                         (["patch", spec, "--class", "1", "--share", "0"], "--share must be in (0, 1], got 0.0"),
+                         (["patch", spec, "--class", "1", "--seed", "8"], "already holds 'train' shards of a different")):
+        one_line_exit_2(["data", "shortcut", *argv, "--out", str(out)], monkeypatch, capsys, needle)
