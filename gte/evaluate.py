@@ -41,6 +41,7 @@ class EvalOptions:
     teacher_size: int = 0  # the side the teacher sees each image at (0: the eval size, or its fixed size)
     explainer: str = "auto"  # how both models' explanations are compared (auto: see pair_explainer)
     shortcuts: tuple = ()  # gte.shortcuts.Shortcut tests (gte.shortcut_eval)
+    shortcut_samples: int = 0  # samples per run the shortcut tests use (split evenly over ranks); 0: all
 
 
 @dataclass
@@ -175,6 +176,7 @@ def run_eval(model: nn.Module, spec: str, *, data: DataConfig, teacher: nn.Modul
     ml: dict[str, list[np.ndarray]] = defaultdict(list)  # multi-label scores/targets for mAP
     kept: dict[int, list[Example]] = defaultdict(list)
     shift_left = -(-o.shift_samples // world) if o.shift else 0
+    shortcut_left = -(-o.shortcut_samples // world) if o.shortcut_samples else -1  # -1: every sample
     loader = make_loader(spec, train=False, image_size=data.image_size, eval_resize=data.eval_resize,
                          interpolation=data.interpolation,
                          batch_size=o.batch_size, num_workers=min(data.num_workers, 2), world_size=world, rank=rank)
@@ -238,11 +240,13 @@ def run_eval(model: nn.Module, spec: str, *, data: DataConfig, teacher: nn.Modul
                 for p, m, _ in runs:
                     _shift(sums, p, m, images[:k], explained[:k], o.shift_max)
 
-            if o.shortcuts:
+            if o.shortcuts and shortcut_left:
                 from gte.shortcut_eval import shortcut_batch
 
+                k = labels.numel() if shortcut_left < 0 else min(shortcut_left, labels.numel())
+                shortcut_left = shortcut_left - k if shortcut_left > 0 else -1
                 shortcut_batch(sums, o.shortcuts, [(p, m, teacher_size if p == "t" else 0) for p, m, _ in runs],
-                               images, batch, labels, explained, method)
+                               images[:k], batch, labels[:k], explained[:k], method)
 
             if rank == 0 and o.examples:
                 for j, g in enumerate(groups):

@@ -40,15 +40,18 @@ def _explained(model: nn.Module, images: torch.Tensor, size: int, classes: torch
 
 def shortcut_batch(sums: dict[str, float], shortcuts: Sequence[Shortcut], runs: Sequence[Run], images: torch.Tensor,
                    batch: dict, labels: torch.Tensor, classes: torch.Tensor, method: str) -> None:
-    """Add one batch's sums for every shortcut test (keys ``sc/<label>/…``)."""
+    """Add one batch's sums for every shortcut test (keys ``sc/<label>/…``); ``images`` may be the batch's first
+    samples only."""
+    n = len(images)
+    keys, boxes = batch["key"][:n], (batch.get("boxes") or [])[:n]
     clean = {p: _explained(m, images, size, classes, method) for p, m, size in runs}
     for sc in shortcuts:
-        shifted = sc(images, batch["key"], batch.get("boxes"))
+        shifted = sc(images, keys, boxes)
         used = shifted.used
         k = f"sc/{sc.label}"
         sums[f"{k}/n"] += int(used.sum())
         sums[f"{k}/skipped"] += int((~used).sum())
-        sums[f"{k}/boxed"] += sum(1 for b in (batch.get("boxes") or []) if b)
+        sums[f"{k}/boxed"] += sum(1 for b in boxes if b)
         if not used.any():
             continue
         mask = shifted.mask[used]

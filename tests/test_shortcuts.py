@@ -172,6 +172,10 @@ def test_eval_shortcut_patch_and_watermark_cli(tmp_path, teacher_path, monkeypat
         assert r["agreement_clean"] == r["agreement_shifted"] == 1.0
         assert "carton_clean" not in s  # a 4-class model: ImageNet's carton rate makes no sense
     assert m["watermark:opacity=0.7"]["options"]["opacity"] == 0.7
+    code, out, err = run_main(["eval", str(teacher_path), "--data", spec, "--shortcut", "patch", "--json", "-",
+                               "--shortcut-samples", "4", "--batch-size", "3"], monkeypatch, capsys)
+    assert code == 0, err
+    assert json.loads(out)["shortcuts"]["patch"]["n"] == 4  # 3 + the first of the second batch
 
 
 @pytest.mark.parametrize("argv,needle", [

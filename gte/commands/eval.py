@@ -41,11 +41,13 @@ def eval_command(
     shortcut: List[str] = typer.Option([], "--shortcut", help="Shortcut test, repeatable: watermark, patch or "
                                        "background, with options as NAME:key=value,… (docs/data.md, 'Shortcut tests')."),
     shortcut_seed: int = typer.Option(0, "--shortcut-seed", help="Seed of the shortcut tests' random places."),
+    shortcut_samples: int = typer.Option(0, "--shortcut-samples", show_default=False, help="Samples the shortcut "
+                                         "tests use (default: all)."),
 ) -> None:
     """acc@1/5, agreement, explanation similarity, groups, F1/mAP, EPG/IoU, shift test (torchrun for many processes)."""
-    if batch_size < 1 or shift_max < 0 or shift_samples < 1 or examples < 0 or teacher_size < 0:
-        raise GteError("--batch-size and --shift-samples must be positive, --shift-max, --examples and "
-                       "--teacher-image-size not negative")
+    if batch_size < 1 or shift_max < 0 or shift_samples < 1 or min(examples, teacher_size, shortcut_samples) < 0:
+        raise GteError("--batch-size and --shift-samples must be positive, --shift-max, --examples, "
+                       "--teacher-image-size and --shortcut-samples not negative")
     check_sizes(image_size, eval_resize, teacher_size)
     from gte.shortcuts import parse_shortcuts
 
@@ -63,7 +65,7 @@ def eval_command(
 
     opts = EvalOptions(batch_size=batch_size, waterbirds=waterbirds, shift=shift, shift_max=shift_max,
                        shift_samples=shift_samples, examples=examples if report else 0, teacher_size=teacher_size,
-                       explainer=explainer, shortcuts=shortcuts)
+                       explainer=explainer, shortcuts=shortcuts, shortcut_samples=shortcut_samples)
     started = not dist.initialized() and dist.launched_world_size() > 1
     if started:  # torchrun: the collectives here are a few small tensors
         dist.init_process_group()
