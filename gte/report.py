@@ -269,9 +269,10 @@ def write_report(out_dir: str | os.PathLike, metrics: dict, *, examples: Sequenc
         images["curves.png"] = _png(curves)
     if metrics.get("shortcuts"):
         images["shortcuts.png"] = _png(rs.shortcut_figure(metrics))
+        picture = out / "shortcut-examples.png"
         if examples and student is not None and rs.shortcut_examples(
-                examples[0].image, examples[0].key, metrics, student, teacher, names or [], out / "shortcut-examples.png"):
-            images["shortcut-examples.png"] = (out / "shortcut-examples.png").read_bytes()
+                examples[0].image, examples[0].key, metrics, student, teacher, names or [], picture):
+            images["shortcut-examples.png"] = picture.read_bytes()
     for name, data in images.items():
         (out / name).write_bytes(data)
 

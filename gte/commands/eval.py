@@ -39,7 +39,8 @@ def eval_command(
                                      "each image at, as in training with teacher.image_size (default: the eval size, "
                                      "or the teacher's fixed size)."),
     shortcut: List[str] = typer.Option([], "--shortcut", help="Shortcut test, repeatable: watermark, patch or "
-                                       "background, with options as NAME:key=value,… (docs/data.md, 'Shortcut tests')."),
+                                       "background, with options as NAME:key=value,… (docs/data.md, 'Shortcut "
+                                       "tests')."),
     shortcut_seed: int = typer.Option(0, "--shortcut-seed", help="Seed of the shortcut tests' random places."),
     shortcut_samples: int = typer.Option(0, "--shortcut-samples", show_default=False, help="Samples the shortcut "
                                          "tests use (default: all)."),

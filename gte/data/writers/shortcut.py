@@ -102,7 +102,8 @@ def shortcut_split(src: str, out: Path, shortcut: Shortcut, *, cls: int, share: 
     out = Path(out)
     paths = local_sources(src, out, "shortcut splits")
     # the settings are part of each item, so a different marking into the same --out is a different conversion
-    mark = {"shortcut": shortcut.label, "options": shortcut.options, "seed": shortcut.seed, "class": cls, "share": share}
+    mark = {"shortcut": shortcut.label, "options": shortcut.options, "seed": shortcut.seed, "class": cls,
+            "share": share}
     items, keys, without_cls, seen = [], [], 0, set()
     for path in paths:
         for s in iter_index(path, read=("cls", "json")):
