@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import re
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Callable, Sequence
@@ -243,8 +244,10 @@ def parse_shortcut(text: str, seed: int = 0) -> Shortcut:
             options[key] = value
         if key == "color":
             _color(value)
-        if key == "text":  # refused now, not after the models are loaded
-            watermark(torch.zeros(1, 3, 64, 64), ["check"], text=value)
+        if key == "text":  # the label heads tables (terminal markup, Markdown cells): plain text only
+            if re.search(r"[\[\]|\\`<>\x00-\x1f\x7f]", value):
+                raise GteError(f"--shortcut {text!r}: text may not contain [ ] | \\ ` < > or control characters")
+            watermark(torch.zeros(1, 3, 64, 64), ["check"], text=value)  # refused now, not after the models load
     return Shortcut(text.strip(), name, {**spec.options, **options}, seed)
 
 

@@ -187,6 +187,7 @@ def test_eval_shortcut_patch_and_watermark_cli(tmp_path, teacher_path, monkeypat
     (["--shortcut", "patch:color=nocolour"], "'nocolour' is not a colour"),
     (["--shortcut", "patch", "--shortcut", "patch"], "--shortcut patch is given twice"),
     (["--shortcut", "watermark:text= "], "PIL's default font draws nothing for it"),
+    (["--shortcut", "watermark:text=[/]"], "text may not contain"),
 ])
 def test_bad_shortcut_is_one_line_exit_2(argv, needle, tmp_path, teacher_path, monkeypatch, capsys):
     one_line_exit_2(["eval", str(teacher_path), "--data", str(tmp_path / "none.tar"), *argv], monkeypatch, capsys,
