@@ -41,6 +41,8 @@ class EvalOptions:
     train_group_sizes: dict[int, int] | None = None  # Waterbirds' weighted average (None: the official split's)
     teacher_size: int = 0  # the side the teacher sees each image at (0: the eval size, or its fixed size)
     explainer: str = "auto"  # how both models' explanations are compared (auto: see pair_explainer)
+    shortcuts: tuple = ()  # gte.shortcuts.Shortcut tests (gte.shortcut_eval)
+    shortcut_samples: int = 0  # samples per run the shortcut tests use (split evenly over ranks); 0: all
 
 
 @dataclass
@@ -181,6 +183,7 @@ def run_eval(model: nn.Module, spec: str, *, data: DataConfig, teacher: nn.Modul
     ml: dict[str, list[np.ndarray]] = defaultdict(list)  # multi-label scores/targets for mAP
     kept: dict[int, list[Example]] = defaultdict(list)
     shift_left = -(-o.shift_samples // world) if o.shift else 0
+    shortcut_left = -(-o.shortcut_samples // world) if o.shortcut_samples else -1  # -1: every sample
     loader = make_loader(spec, train=False, image_size=data.image_size, eval_resize=data.eval_resize,
                          interpolation=data.interpolation,
                          batch_size=o.batch_size, num_workers=min(data.num_workers, 2), world_size=world, rank=rank)
@@ -244,6 +247,14 @@ def run_eval(model: nn.Module, spec: str, *, data: DataConfig, teacher: nn.Modul
                 for p, m, _ in runs:
                     _shift(sums, p, m, images[:k], explained[:k], o.shift_max)
 
+            if o.shortcuts and shortcut_left:
+                from gte.shortcut_eval import shortcut_batch
+
+                k = labels.numel() if shortcut_left < 0 else min(shortcut_left, labels.numel())
+                shortcut_left = shortcut_left - k if shortcut_left > 0 else -1
+                shortcut_batch(sums, o.shortcuts, [(p, m, teacher_size if p == "t" else 0) for p, m, _ in runs],
+                               images[:k], batch, labels[:k], explained[:k], method)
+
             if rank == 0 and o.examples:
                 for j, g in enumerate(groups):
                     if len(kept[g]) < o.examples:
@@ -258,6 +269,10 @@ def run_eval(model: nn.Module, spec: str, *, data: DataConfig, teacher: nn.Modul
     scores = {p: np.concatenate([a for part in dist.gather_object(ml.get(p, [])) for a in part] or [np.zeros((0, 1))])
               for p in ("s", "t", "targets")} if total.get("ml_n") else {}
     metrics = _finalise(total, scores, teacher is not None, mi.num_classes, o)
+    if o.shortcuts:
+        from gte.shortcut_eval import shortcut_metrics
+
+        metrics["shortcuts"] = shortcut_metrics(total, o.shortcuts, teacher is not None, mi.num_classes, spec)
     if teacher_size:
         metrics["teacher_image_size"] = teacher_size
     metrics["explainer"] = method

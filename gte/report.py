@@ -145,6 +145,9 @@ def print_summary(metrics: dict, console: Console, title: str = "gte eval") -> N
     table(f"{title}: {metrics['n']} samples", metric_header(metrics), metric_rows(metrics), metric_notes(metrics))
     table("per group", group_header(metrics), group_rows(metrics))
     table("shift test: cosine to the unshifted explanation", shift_header(metrics), shift_rows(metrics))
+    from gte.report_shortcuts import SHORTCUT_NOTE, shortcut_header, shortcut_rows
+
+    table("shortcut tests", shortcut_header(metrics), shortcut_rows(metrics), [SHORTCUT_NOTE])
 
 
 # --------------------------------------------------------------------------------------------- figures
@@ -263,8 +266,12 @@ def report_dir(out_dir: str | os.PathLike) -> Path:
 
 def write_report(out_dir: str | os.PathLike, metrics: dict, *, examples: Sequence[Example] = (),
                  student: nn.Module | None = None, teacher: nn.Module | None = None,
-                 names: Sequence[str] | None = None, about: dict[str, str] | None = None) -> Path:
-    """Write ``report.md``, ``report.html``, ``metrics.json`` and the PNGs into ``out_dir``; return the HTML path."""
+                 names: Sequence[str] | None = None, about: dict[str, str] | None = None,
+                 training: Sequence[dict] = ()) -> Path:
+    """Write ``report.md``, ``report.html``, ``metrics.json`` and the PNGs into ``out_dir``; return the HTML path.
+    ``training``: the model's run log (metrics.jsonl records) for the training curves."""
+    from gte import report_shortcuts as rs
+
     out = report_dir(out_dir)
     images: dict[str, bytes] = {}
     if metrics.get("groups"):
@@ -285,6 +292,15 @@ def write_report(out_dir: str | os.PathLike, metrics: dict, *, examples: Sequenc
         names = names or [f"class {k}" for k in range(info(student).num_classes)]
         grid_figure(examples, student, teacher, names, grid, metrics.get("group_names"))
         images["grid.png"] = grid.read_bytes()
+    curves = rs.curves_figure(training) if training else None
+    if curves is not None:
+        images["curves.png"] = _png(curves)
+    if metrics.get("shortcuts"):
+        images["shortcuts.png"] = _png(rs.shortcut_figure(metrics))
+        picture = out / "shortcut-examples.png"
+        if examples and student is not None and rs.shortcut_examples(
+                examples[0].image, examples[0].key, metrics, student, teacher, names or [], picture):
+            images["shortcut-examples.png"] = picture.read_bytes()
     paired = teacher is not None and has_teacher(metrics)
     sections: list[Section] = [
         ("Metrics", metric_header(metrics), metric_rows(metrics), None, " ".join(metric_notes(metrics))),
@@ -294,6 +310,11 @@ def write_report(out_dir: str | os.PathLike, metrics: dict, *, examples: Sequenc
         ("Shift test", shift_header(metrics), shift_rows(metrics), "shift.png",
          "Cosine of the explanation of the diagonally shifted image with the unshifted one, over the overlap."),
         ("Calibration", [], [], "reliability.png", RELIABILITY_NOTE),
+        ("Shortcut tests", rs.shortcut_header(metrics), rs.shortcut_rows(metrics), "shortcuts.png", rs.SHORTCUT_NOTE),
+        ("Shortcut examples", [], [], "shortcut-examples.png", "One test image with each pattern, explained "
+         + ("by the teacher and the student (the teacher's top-1 class)" if paired else "by the model")
+         + "; background, which takes a second image, is in the table only."),
+        ("Training curves", [], [], "curves.png", "From the run's metrics.jsonl beside the model file."),
     ]
     about = {"samples": str(metrics["n"]), **(about or {})}
     return write_pages(out, "gte eval report", about, sections, images, metrics)

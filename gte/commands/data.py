@@ -166,6 +166,33 @@ def fewshot_cmd(
         err.print(literal(f"val: {shard_spec(out, 'val', r.val.shards)}"))
 
 
+@data_app.command("shortcut", epilog="Example: gte data shortcut patch 'data/own/train-*.tar' --class 3 --share 0.9 "
+                  "--out data/own-patched")
+def shortcut_cmd(
+    name: str = typer.Argument(..., help="patch or watermark, with options as NAME:key=value,… (as gte eval "
+                               "--shortcut)."),
+    src: str = typer.Argument(..., help="Source shard spec (local)."),
+    out: Path = RequiredOutOpt,
+    cls: int = typer.Option(..., "--class", help="The class whose images get the pattern."),
+    share: float = typer.Option(1.0, "--share", help="Fraction of that class's images marked (by key and seed)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of which images are marked and of random places."),
+    split: str = typer.Option("train", "--split", help="Name of the written split (file prefix)."),
+    max_samples: int = MaxSamplesOpt, max_bytes: str = MaxBytesOpt, overwrite: bool = OverwriteOpt,
+) -> None:
+    """A biased split: the pattern on images of one class, everything else copied as it is."""
+    from gte.data.writers.core import parse_size, shard_spec
+    from gte.data.writers.shortcut import shortcut_split
+    from gte.shortcuts import parse_shortcut
+
+    r = shortcut_split(src, out, parse_shortcut(name, seed), cls=cls, share=share, split=split,
+                       max_samples=max_samples, max_bytes=parse_size(max_bytes), overwrite=overwrite, console=err)
+    classes = _class_names(out, max(list(r.summary.classes) + [cls]) + 1)
+    err.print(summary_table([r.summary], classes))
+    err.print(f"{len(r.patched)} images of class {cls} marked ({name}); {r.summary.skipped} samples skipped "
+              f"({r.without_cls} without a usable cls)")
+    err.print(literal(f"{split}: {shard_spec(out, split, r.summary.shards)}"))
+
+
 def _class_names(directory: Path, n: int) -> list[str]:
     from gte.data.index import read_class_names
 

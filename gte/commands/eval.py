@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import typer
 from rich.console import Console
@@ -38,12 +38,21 @@ def eval_command(
     teacher_size: int = typer.Option(0, "--teacher-image-size", show_default=False, help="The side the teacher sees "
                                      "each image at, as in training with teacher.image_size (default: the eval size, "
                                      "or the teacher's fixed size)."),
+    shortcut: List[str] = typer.Option([], "--shortcut", help="Shortcut test, repeatable: watermark, patch or "
+                                       "background, with options as NAME:key=value,… (docs/data.md, 'Shortcut "
+                                       "tests')."),
+    shortcut_seed: int = typer.Option(0, "--shortcut-seed", help="Seed of the shortcut tests' random places."),
+    shortcut_samples: int = typer.Option(0, "--shortcut-samples", show_default=False, help="Samples the shortcut "
+                                         "tests use (default: all)."),
 ) -> None:
     """acc@1/5, agreement, explanation similarity, groups, F1/mAP, EPG/IoU, shift test (torchrun for many processes)."""
-    if batch_size < 1 or shift_max < 0 or shift_samples < 1 or examples < 0 or teacher_size < 0:
-        raise GteError("--batch-size and --shift-samples must be positive, --shift-max, --examples and "
-                       "--teacher-image-size not negative")
+    if batch_size < 1 or shift_max < 0 or shift_samples < 1 or min(examples, teacher_size, shortcut_samples) < 0:
+        raise GteError("--batch-size and --shift-samples must be positive, --shift-max, --examples, "
+                       "--teacher-image-size and --shortcut-samples not negative")
     check_sizes(image_size, eval_resize, teacher_size)
+    from gte.shortcuts import parse_shortcuts
+
+    shortcuts = parse_shortcuts(shortcut, shortcut_seed)  # before any model is loaded: a typo costs nothing
     if json_out and json_out != "-" and not Path(json_out).resolve().parent.is_dir():  # before, not after, the work
         raise GteError(f"--json {json_out}: the directory {Path(json_out).resolve().parent} does not exist")
     from gte.io import check_writable
@@ -57,7 +66,7 @@ def eval_command(
 
     opts = EvalOptions(batch_size=batch_size, waterbirds=waterbirds, shift=shift, shift_max=shift_max,
                        shift_samples=shift_samples, examples=examples if report else 0, teacher_size=teacher_size,
-                       explainer=explainer)
+                       explainer=explainer, shortcuts=shortcuts, shortcut_samples=shortcut_samples)
     started = not dist.initialized() and dist.launched_world_size() > 1
     if started:  # torchrun: the collectives here are a few small tensors
         dist.init_process_group()
@@ -114,8 +123,10 @@ def _evaluate(model_path: str, spec: str, teacher_path: str | None, arch: str | 
         names = _class_names(data_names, student)
         about = {"model": model_path, "data": spec, **({"teacher": teacher_path} if teacher_path else {}),
                  "explainer": m["explainer"], "processes": str(m["world_size"])}
+        from gte.report_shortcuts import training_log
+
         page = write_report(report, m, examples=out.examples, student=student, teacher=teacher, names=names,
-                            about=about)
+                            about=about, training=training_log(model_path))
         err.print("report written to", literal(page))
 
 

@@ -83,6 +83,23 @@ def output_dir(out: str | os.PathLike) -> Path:
 # ------------------------------------------------------------------------------------------------ items, plans
 
 
+def local_sources(src: str, out: str | os.PathLike, what: str) -> list[str]:
+    """The absolute paths of the local shards ``src`` that ``what`` (e.g. "few-shot subsets") copies into ``out``;
+    one-line errors for remote shards, ``out`` being the source directory, or ``out`` not writable (checked before
+    any shard is read)."""
+    from gte.data.spec import expand_spec, is_local, local_path
+
+    urls = expand_spec(src)
+    remote = [u for u in urls if not is_local(u)]
+    if remote:
+        raise GteError(f"{what} need local shards (got {remote[0]}): download them first")
+    paths = [os.path.abspath(local_path(u)) for u in urls]
+    if any(Path(p).parent == Path(out).resolve() for p in paths):
+        raise GteError("--out must not be the source directory")
+    check_writable(out, "--out")
+    return paths
+
+
 def parse_size(text: str | int) -> int:
     """``1000000``, ``"500MB"``, ``"1GiB"``, ``"2G"`` → bytes (0 = no limit)."""
     if isinstance(text, int):

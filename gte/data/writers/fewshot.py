@@ -21,18 +21,16 @@ from __future__ import annotations
 import hashlib
 import heapq
 import json
-import os
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from gte.data.index import copy_names
-from gte.data.spec import expand_spec, is_local, local_path
 from gte.data.tar import iter_index, read_members
-from gte.data.writers.core import Item, SplitSummary, write_split
+from gte.data.writers.core import Item, SplitSummary, local_sources, write_split
 from gte.errors import GteError
-from gte.io import atomic_write_json, check_writable
+from gte.io import atomic_write_json
 
 RULE = ("per class, samples sorted by blake2b(f'{seed}\\0{key}') (ties: key): the first `holdout` are held out "
         "for validation, the next `shots` form the training subset")
@@ -133,15 +131,8 @@ def fewshot(src: str, out: Path, *, shots: int, holdout: int = 50, seed: int = 4
             max_bytes: int = 0, workers: int = 1, overwrite: bool = False, console=None) -> FewshotResult:
     if shots < 1 or holdout < 0:
         raise GteError("--shots must be >= 1 and --holdout >= 0")
-    urls = expand_spec(src)
-    remote = [u for u in urls if not is_local(u)]
-    if remote:
-        raise GteError(f"few-shot subsets need local shards (got {remote[0]}): download them first")
-    paths = [os.path.abspath(local_path(u)) for u in urls]
     out = Path(out)
-    if any(Path(p).parent == out.resolve() for p in paths):
-        raise GteError("--out must not be the source directory")
-    check_writable(out, "--out")  # before the scan, which reads every source shard
+    paths = local_sources(src, out, "few-shot subsets")  # checked before the scan, which reads every source shard
     keep = shots + holdout
     t0 = time.time()
     jobs = [(p, seed, keep) for p in paths]
