@@ -1,0 +1,89 @@
+"""`gte bench --suite gpu`: its CPU dry run writes every section, compares something, and says what it skipped."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from _fixtures import one_line_exit_2, run_main
+
+
+def test_gpu_suite_dry_run_on_cpu_writes_every_section(tmp_path, monkeypatch, capsys, one_thread):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    out = tmp_path / "suite"
+    code, stdout, err = run_main(["bench", "--suite", "gpu", "--device", "cpu", "--out", str(out)], monkeypatch,
+                                 capsys)
+    assert code == 0, err[-3000:]
+    res = json.loads((out / "gpu_suite.json").read_text())
+    md = (out / "gpu_suite.md").read_text()
+    assert md in stdout
+    sections = res["sections"]
+    assert set(sections) == {"correctness", "ddp", "figures", "loader", "loader_vs_device"}
+    command = "gte bench --suite gpu --device cpu --out " + str(out)
+    for s in sections.values():  # every section says where and how it ran
+        assert s["command"] == command and s["machine"]["cpu_count"] >= 1 and s["machine"]["torch"]
+        assert "gpu" in s["machine"] and s["status"] in ("ran", "pass"), s
+    assert res["passed"] and res["failures"] == [] and res["device"] == "cpu"
+
+    checks = {c["name"].split(",")[0]: c for c in sections["correctness"]["checks"]}
+    steps = [c for c in checks.values() if "rel" in c]
+    assert {c["explainer"] for c in steps} == {"bcos", "gradcam"}
+    for c in steps:  # the comparison sees a difference where there is one: its control fails it
+        assert c["status"] == "pass" and c["rel"] <= 1e-4 and c["parameters_compared"] > 10
+        assert c["control"]["detected"] and c["control"]["rel"] > 1e-3
+    bf16 = checks["bf16 training bcos_cifar_resnet20 ← bcos_cifar_resnet20"]
+    assert bf16["status"] == "pass" and bf16["explanation_loss"][-1] < bf16["explanation_loss"][0]
+    fp16 = checks["fp16 training bcos_cifar_resnet20 ← bcos_cifar_resnet20"]
+    assert fp16["status"] == "skipped" and "needs CUDA" in fp16["reason"]
+
+    ddp = sections["ddp"]
+    assert ddp["status"] == "pass" and ddp["backend"] == "gloo (CPU)" and ddp["rel"] <= 1e-4
+    assert ddp["control"]["detected"] and ddp["control"]["rel"] > 1e-3  # half the batch: other weights
+    assert "gte.launch" in ddp["commands"]["two"] and ddp["nccl"]["status"] == "skipped"
+
+    figures = sections["figures"]
+    assert [(r["precision"], r["channels_last"]) for r in figures["runs"]] == [("fp32", False), ("bf16", True)]
+    for run in figures["runs"]:
+        keys = {r["key"] for r in run["rows"]}
+        assert keys == {"ce", "kd", "e2kd_k1", "e2kd_k16", "e2kd_frozen", "e2kd_frozen_k16", "reference",
+                        "teacher_fwd", "teacher_explain"}
+        assert all(r["img_per_s"] > 0 for r in run["rows"])
+    assert "compile_teacher" in figures["not_in_dry_run"] and figures["skipped_runs"] == []
+
+    loader = sections["loader"]
+    assert {r["workers"] for r in loader["loader"]} == {1, loader["cpus_usable"]} | {max(1, loader["cpus_usable"] // 2)}
+    assert all(r["img_per_s"] > 0 for r in loader["loader"])
+    cmp_ = sections["loader_vs_device"]
+    assert len(cmp_["rows"]) == 2 * 5 and all(r["ratio"] > 0 for r in cmp_["rows"])
+
+    for heading in ("## Checks", "## Step cost", "## Loader on the host", "÷ loader img/s", "Not in the CPU dry run"):
+        assert heading in md, heading
+    assert md.count("| correctness |") == 4 and "| skipped |" in md and "detected" in md
+
+
+def test_figures_past_the_time_budget_are_skipped_and_listed():
+    from rich.console import Console
+
+    from gte.bench_suite.figures import figure_runs, run_figures
+
+    runs = figure_runs((("bcos_resnet34", "bcos_resnet18"),), ("fp32", "bf16"))
+    assert [(r.precision, r.channels_last, r.compile_teacher) for r in runs] == [
+        ("fp32", False, False), ("bf16", False, False), ("fp32", True, True), ("bf16", True, True)]
+    res = run_figures(tuple(runs), size=224, batch=64, classes=1000, steps=5, deadline=time.monotonic() - 1,
+                      memory=False, compile_s=90, console=Console(quiet=True))
+    assert res["status"] == "skipped" and res["runs"] == [] and len(res["skipped_runs"]) == 4
+    assert all(s["reason"].startswith("time budget: 0 s left") for s in res["skipped_runs"])
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--suite", "gpu"], "no CUDA device here"),
+    (["--suite", "gpu", "--device", "cpu", "--steps", "3"], "takes --device, --out and --budget only"),
+    (["--suite", "cpu"], "--suite must be one of gpu"),
+    (["--out", "x"], "go with --suite gpu"),
+])
+def test_suite_refusals_are_one_line(argv, needle, monkeypatch, capsys, tmp_path):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    monkeypatch.chdir(tmp_path)
+    one_line_exit_2(["bench", *argv], monkeypatch, capsys, needle)
