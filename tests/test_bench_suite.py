@@ -63,6 +63,36 @@ def test_gpu_suite_dry_run_on_cpu_writes_every_section(tmp_path, monkeypatch, ca
     assert md.count("| correctness |") == 4 and "| skipped |" in md and "detected" in md
 
 
+def test_relative_error_per_tensor_and_over_all():
+    import math
+
+    import torch
+
+    from gte.bench_suite.checks import relative_error
+
+    want = {"a": torch.tensor([3.0, 4.0]), "b": torch.tensor([0.0, 12.0]), "z": torch.zeros(2)}
+    got = {"a": torch.tensor([3.0, 4.5]), "b": torch.tensor([0.0, 12.0]), "z": torch.zeros(2)}
+    r = relative_error(got, want)
+    assert r["worst_parameter"] == "a" and math.isclose(r["rel"], 0.5 / 5) and math.isclose(r["rel_all"], 0.5 / 13)
+    assert relative_error({"a": want["a"]}, want)["rel"] == math.inf  # a tensor left out is not "equal"
+    assert relative_error({**want, "a": torch.zeros(3)}, want)["rel"] == math.inf
+    assert relative_error({**want, "z": torch.ones(2)}, want)["rel"] == math.inf  # 1/0
+
+
+def test_a_step_check_whose_control_changes_nothing_fails(monkeypatch, one_thread):
+    """The device-vs-CPU check passes only when its control (a moved weight) is caught: with a control that moves
+    nothing it cannot tell a wrong step from a right one, and reports a failure."""
+    import copy
+
+    import torch
+
+    from gte.bench_suite import checks
+
+    monkeypatch.setattr(checks, "perturbed", copy.deepcopy)
+    r = checks.device_step("cifar_resnet20", "cifar_resnet20", size=16, batch=2, classes=4, device=torch.device("cpu"))
+    assert r["rel"] == 0 and r["control"]["rel"] == 0 and not r["control"]["detected"] and r["status"] == "fail"
+
+
 def test_figures_past_the_time_budget_are_skipped_and_listed():
     from rich.console import Console
 

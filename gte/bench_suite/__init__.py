@@ -204,7 +204,8 @@ def run_suite(device_name: str = "auto", *, budget_s: float = 0.0, command: str 
     failures += [f"{name}: {sections[name]['error']}" for name in sections if sections[name]["status"] == "error"]
     failures += [f"figures: {f['run']}: {f['error']}" for f in sections["figures"].get("failed_runs", [])]
     if sections["ddp"]["status"] == "fail":
-        failures.append(f"ddp: 2 ranks vs 1 rank with accumulation{': ' + sections['ddp']['error'] if 'error' in sections['ddp'] else ''}")
+        failures.append("ddp: 2 ranks vs 1 rank with accumulation" + (f": {sections['ddp']['error']}"
+                                                                     if "error" in sections["ddp"] else ""))
     return {"suite": "gpu", "device": device.type, "sizes": sizes.name, "budget_s": budget,
             "seconds": round(time.monotonic() - start, 1), **common, "passed": not failures, "failures": failures,
             "sections": sections}

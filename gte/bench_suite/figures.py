@@ -6,7 +6,8 @@ frozen K=1 / K=16, the reference e2KD step and the teacher rows of the floor, fo
 precision (fp32, bf16 autocast) and variant (eager NCHW; ``run.channels_last`` + ``run.compile_teacher``), in that
 order of priority: the plain runs first. A run starts only if the time left in the suite's budget covers the longest
 earlier run of the same kind (same pair, teacher compiled or not; a first compiled run is assumed to take a plain run's
-time + ``compile_s``); the others are reported as skipped, with the time left. fp32 runs with PyTorch's defaults (cuDNN convolutions in TF32).
+time + ``compile_s``); the others are reported as skipped, with the time left. fp32 runs with PyTorch's defaults
+(cuDNN convolutions in TF32).
 
 **loader**: ``gte data bench``'s pieces (:mod:`gte.data.bench`): ``distinct`` synthetic 500×375 JPEGs in 4 shards,
 the shard files copied so that every worker decodes several batches (the same bytes, so the same decode cost),

@@ -46,6 +46,13 @@ def _e(x: float) -> str:
     return f"{x:.1e}"
 
 
+def _comparison(c: dict[str, Any], control: str) -> list[str]:
+    """Status, measured, bound and control cells of an equality check."""
+    return [c["status"], f"rel {_e(c['rel'])} ({c['worst_parameter']}), all parameters {_e(c['rel_all'])}",
+            f"≤ {_e(c['tolerance'])}", f"{control}: rel {_e(c['control']['rel'])}, "
+            f"{'detected' if c['control']['detected'] else 'NOT detected'}"]
+
+
 def _check_rows(result: dict[str, Any]) -> list[list[str]]:
     sections = result["sections"]
     rows = []
@@ -53,9 +60,7 @@ def _check_rows(result: dict[str, Any]) -> list[list[str]]:
         if c["status"] == "skipped":
             rows.append(["correctness", c["name"], "skipped", c["reason"], "", ""])
         elif "rel" in c:
-            rows.append(["correctness", c["name"], c["status"], f"rel {_e(c['rel'])} ({c['worst_parameter']})",
-                         f"≤ {_e(c['tolerance'])}", f"perturbed weight: rel {_e(c['control']['rel'])}, "
-                         f"{'detected' if c['control']['detected'] else 'NOT detected'}"])
+            rows.append(["correctness", c["name"], *_comparison(c, "perturbed weight")])
         else:
             exp = c["explanation_loss"]
             measured = (f"explanation loss {exp[0]:.4f} → {exp[-1]:.4f}" if exp else "no step") + \
@@ -70,9 +75,7 @@ def _check_rows(result: dict[str, Any]) -> list[list[str]]:
     d = sections["ddp"]
     what = f"2 ranks ({d.get('backend', '')}) vs 1 rank accumulating, {d.get('steps', 3)} steps"
     if "rel" in d:
-        rows.append(["ddp", what, d["status"], f"rel {_e(d['rel'])} ({d['worst_parameter']})", f"≤ {_e(d['tolerance'])}",
-                     f"half batch: rel {_e(d['control']['rel'])}, "
-                     f"{'detected' if d['control']['detected'] else 'NOT detected'}"])
+        rows.append(["ddp", what, *_comparison(d, "half batch")])
     else:
         rows.append(["ddp", what, d["status"], d.get("error") or d.get("reason", ""), "", ""])
     if "nccl" in d:
@@ -107,8 +110,9 @@ def suite_markdown(result: dict[str, Any]) -> str:
                                     f"{f['rounds']} interleaved rounds"), ""]
         md += _table(["run", "method", "ms/step", "img/s", "peak MiB", "× CE", "× KD", "speed-up vs reference"],
                      [[run["run"], r["name"], f"{1000 * r['step_s']:.1f}", f"{r['img_per_s']:.0f}",
-                       f"{r['peak_mem_mib']:.0f}" if "peak_mem_mib" in r else "–", f"{r['x_ce']:.2f}", f"{r['x_kd']:.2f}",
-                       f"{r['speedup_vs_reference']:.2f}"] for run in f["runs"] for r in run["rows"]])
+                       f"{r['peak_mem_mib']:.0f}" if "peak_mem_mib" in r else "–", f"{r['x_ce']:.2f}",
+                       f"{r['x_kd']:.2f}", f"{r['speedup_vs_reference']:.2f}"]
+                      for run in f["runs"] for r in run["rows"]])
         md += ["", markdown(f"Memory: {f['runs'][0]['memory']}.")]
     for s in f.get("skipped_runs", []) + f.get("failed_runs", []):
         md += ["", markdown(f"Not run: {s['run']}: {s.get('reason') or s.get('error')}.")]
