@@ -32,7 +32,7 @@ from typing import Any, Callable
 import torch
 from rich.console import Console
 
-from gte.bench_suite.figures import FigureRun, figure_runs
+from gte.bench_suite.figures import FigureRun, compare, figure_runs, run_figures, run_loader, usable_cpus
 from gte.errors import GteError
 
 BCOS_TINY = ("bcos_cifar_resnet20", "bcos_cifar_resnet20")
@@ -93,7 +93,6 @@ def cpu_name() -> str:
 def machine() -> dict[str, Any]:
     """The facts a figure needs beside it: GPU, versions, CPUs."""
     from gte import __version__
-    from gte.bench_suite.figures import usable_cpus
 
     cuda = torch.cuda.is_available()
     gpus = torch.cuda.device_count() if cuda else 0
@@ -141,13 +140,13 @@ def correctness(sizes: Sizes, device: torch.device, progress: Callable[[str], No
     return {"status": "ran", "checks": checks}
 
 
-def ddp(sizes: Sizes, device: torch.device, directory: Path) -> dict[str, Any]:
+def ddp(sizes: Sizes, device: torch.device, directory: Path, progress: Callable[[str], None]) -> dict[str, Any]:
     """Section "ddp" (:mod:`gte.bench_suite.ddp`): NCCL with ≥ 2 GPUs, else 2 gloo processes on the CPU."""
     from gte.bench_suite.ddp import run_ddp_check
-    from gte.bench_suite.figures import usable_cpus
 
     gpus = torch.cuda.device_count() if device.type == "cuda" else 0
     nccl = gpus >= 2
+    progress(f"suite: ddp, 2 ranks ({'NCCL' if nccl else 'gloo, CPU'}) vs 1 rank accumulating …")
     out = run_ddp_check(sizes.ddp if nccl else DDP_CPU, directory, nccl=nccl, threads=max(1, usable_cpus() // 2))
     if not nccl:
         out["nccl"] = {"status": "skipped", "reason": f"{gpus} GPU{'' if gpus == 1 else 's'}: NCCL needs 2; "
@@ -159,8 +158,6 @@ def run_suite(device_name: str = "auto", *, budget_s: float = 0.0, command: str 
               console: Console | None = None) -> dict[str, Any]:
     """Every section (see the module docstring); ``budget_s`` 0 = the sizes' own (on CUDA 420 s: a minute's margin
     under 8 for a run that takes longer than the guard estimated)."""
-    from gte.bench_suite import figures as fig
-
     console = console or Console(stderr=True)
     device = suite_device(device_name)
     sizes = GPU if device.type == "cuda" else TINY
@@ -185,21 +182,18 @@ def run_suite(device_name: str = "auto", *, budget_s: float = 0.0, command: str 
 
     with tempfile.TemporaryDirectory(prefix="gte-suite-") as tmp:
         section("correctness", lambda: correctness(sizes, device, console.print))
-        console.print("suite: ddp, 2 ranks vs 1 rank with accumulation …")
-        section("ddp", lambda: ddp(sizes, device, Path(tmp) / "ddp"))
-    section("loader", lambda: fig.run_loader(distinct=sizes.loader_distinct, image_size=sizes.bench_size,
-                                             batch=sizes.bench_batch,
-                                             batches_per_worker=sizes.loader_batches_per_worker,
-                                             progress=console.print))
-    section("figures", lambda: fig.run_figures(sizes.bench_runs, size=sizes.bench_size, batch=sizes.bench_batch,
-                                               classes=sizes.classes, steps=sizes.bench_rounds, deadline=deadline,
-                                               memory=sizes.bench_memory, compile_s=sizes.compile_s,
-                                               console=console))
+        section("ddp", lambda: ddp(sizes, device, Path(tmp) / "ddp", console.print))
+    section("loader", lambda: run_loader(distinct=sizes.loader_distinct, image_size=sizes.bench_size,
+                                         batch=sizes.bench_batch, batches_per_worker=sizes.loader_batches_per_worker,
+                                         progress=console.print))
+    section("figures", lambda: run_figures(sizes.bench_runs, size=sizes.bench_size, batch=sizes.bench_batch,
+                                           classes=sizes.classes, steps=sizes.bench_rounds, deadline=deadline,
+                                           memory=sizes.bench_memory, compile_s=sizes.compile_s, console=console))
     if device.type == "cpu":
         sections["figures"]["not_in_dry_run"] = (
             "run.compile_teacher (inductor's C++ build of even a tiny teacher takes tens of seconds on a CPU), peak "
             "memory (on a CPU a second process per run), the fp32/bf16 × channels_last cross product")
-    sections["loader_vs_device"] = {**fig.compare(sections["figures"], sections["loader"]), **common}
+    sections["loader_vs_device"] = {**compare(sections["figures"], sections["loader"]), **common}
     failures = [c["name"] for c in sections["correctness"].get("checks", []) if c["status"] == "fail"]
     failures += [f"{name}: {sections[name]['error']}" for name in sections if sections[name]["status"] == "error"]
     failures += [f"figures: {f['run']}: {f['error']}" for f in sections["figures"].get("failed_runs", [])]

@@ -55,9 +55,9 @@ def exact_fp32() -> Iterator[None]:
 
 
 def relative_error(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> dict[str, Any]:
-    """``rel``: the worst ``‖got − want‖ / ‖want‖`` over the tensors of ``want`` (``worst_parameter``: which);
-    ``rel_all``: the same over all tensors as one vector. A tensor missing from ``got`` or of another shape counts as
-    infinitely wrong, 0/0 as equal."""
+    """``rel``: the worst ``‖got − want‖ / ‖want‖`` over the tensors of ``want`` (``worst_parameter``: which, "" if
+    all are equal); ``rel_all``: the same over all tensors as one vector. A tensor missing from ``got`` or of another
+    shape counts as infinitely wrong, 0/0 as equal."""
     worst, where, diff2, norm2 = 0.0, "", 0.0, 0.0
     for name, w in want.items():
         g = got.get(name)
@@ -66,7 +66,7 @@ def relative_error(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) 
         diff, norm = float((g.double() - w.double()).norm()), float(w.double().norm())
         diff2, norm2 = diff2 + diff**2, norm2 + norm**2
         rel = diff / norm if norm > 0 else (0.0 if diff == 0 else math.inf)
-        if rel > worst or not where:
+        if rel > worst:
             worst, where = rel, name
     rel_all = math.sqrt(diff2 / norm2) if norm2 > 0 else (0.0 if diff2 == 0 else math.inf)
     return {"rel": worst, "worst_parameter": where, "rel_all": rel_all}

@@ -90,7 +90,7 @@ def run_ddp_check(job: dict[str, Any], directory: Path, *, nccl: bool, threads: 
     launches = {"one": [*python, "gte.bench_suite.ddp", job_file, "--one"],
                 "two": [*python, "gte.launch", "--standalone", "--nproc_per_node", "2", "-m", "gte.bench_suite.ddp",
                         job_file]}
-    out: dict[str, Any] = {"backend": "nccl" if nccl else "gloo (CPU)",
+    out: dict[str, Any] = {"backend": "nccl" if nccl else "gloo, CPU",
                            **{k: job[k] for k in ("teacher", "student", "image_size", "batch")}, "steps": STEPS,
                            "threads_per_process": threads,
                            "commands": {k: shlex.join(v) for k, v in launches.items()}, "tolerance": TOLERANCE,

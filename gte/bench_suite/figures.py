@@ -105,11 +105,11 @@ def run_figures(runs: tuple[FigureRun, ...], *, size: int, batch: int, classes: 
                                    "speedup_vs_reference") if k in r} for r in result["rows"]]
         done.append({"run": run.label, "teacher": run.teacher, "student": run.student, "precision": run.precision,
                      "channels_last": run.channels_last, "compile_teacher": run.compile_teacher,
-                     "seconds": round(seconds, 1),
-                     "device": result["device"], "memory": result["memory"], "floor": result["floor"], "rows": rows})
-    return {"status": "ran" if done else "skipped", "image_size": size, "batch": batch, "classes": classes,
-            "rounds": steps, "rows": list(ROWS), "runs": done, "skipped_runs": skipped, "failed_runs": failed,
-            **({"reason": "no run fitted the time budget"} if not done else {})}
+                     "seconds": round(seconds, 1), "device": result["device"], "memory": result["memory"],
+                     "floor": result["floor"], "rows": rows})
+    return {"status": "ran" if done or failed else "skipped", "image_size": size, "batch": batch,
+            "classes": classes, "rounds": steps, "rows": list(ROWS), "runs": done, "skipped_runs": skipped,
+            "failed_runs": failed, **({} if done or failed else {"reason": "no run fitted the time budget"})}
 
 
 def empty_cache() -> None:

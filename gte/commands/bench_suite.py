@@ -48,7 +48,8 @@ def _e(x: float) -> str:
 
 def _comparison(c: dict[str, Any], control: str) -> list[str]:
     """Status, measured, bound and control cells of an equality check."""
-    return [c["status"], f"rel {_e(c['rel'])} ({c['worst_parameter']}), all parameters {_e(c['rel_all'])}",
+    where = f" ({c['worst_parameter']})" if c["worst_parameter"] else ""
+    return [c["status"], f"rel {_e(c['rel'])}{where}, all parameters {_e(c['rel_all'])}",
             f"≤ {_e(c['tolerance'])}", f"{control}: rel {_e(c['control']['rel'])}, "
             f"{'detected' if c['control']['detected'] else 'NOT detected'}"]
 
