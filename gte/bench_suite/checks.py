@@ -76,7 +76,7 @@ def step_gradients(student: nn.Module, teacher: nn.Module, recipe: Recipe, image
                    labels: torch.Tensor) -> tuple[float, dict[str, torch.Tensor]]:
     """(loss, the student's parameter gradients on the CPU) of one e2KD step of ``recipe``'s method."""
     method = build_method(recipe.distill, student, teacher, Context(n_data=len(images), image_size=images.shape[-1]))
-    loss, _ = method.loss(Batch(images, labels, 0, indices=torch.arange(len(images), device=images.device)))
+    loss, _ = method.loss(Batch(images, labels, 0, indices=torch.arange(len(images))))  # indices stay on the host
     loss.backward()
     grads = {n: p.grad.detach().cpu() for n, p in student.named_parameters() if p.grad is not None}
     student.zero_grad(set_to_none=True)
