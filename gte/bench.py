@@ -36,7 +36,7 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Collection
 
 import torch
 import torch.nn as nn
@@ -130,6 +130,8 @@ def peak_memory(step: Callable[[], None], device: torch.device) -> int:
 BenchRow = tuple[str, str, Callable[[int], None], int]  # key, label, step(index), steps per timed unit (K)
 # the other registered methods get one row each (paper defaults; CRD with at most 4096 negatives), and CRD + e2KD
 OTHER_METHODS = [m for m in METHODS if m not in ("ce", "kd", "e2kd")] + ["crd+e2kd"]
+# the rows run_bench always times: the floor's, and the first three (its warm-up runs the third, e2KD live K=1)
+FLOOR_ROWS = ("ce", "kd", "e2kd_k1", "e2kd_frozen", "reference", "teacher_fwd", "teacher_explain")
 
 
 def build_rows(recipe: Recipe, batch: int, precision: str, device: torch.device) -> tuple[list[BenchRow], dict[str, Any]]:
@@ -281,11 +283,16 @@ def cpu_memory_in_child(recipe: Recipe, batch: int, precision: str) -> dict[str,
 
 
 def run_bench(recipe: Recipe, *, steps: int = 10, batch: int = 0, warmup: int = 1, precision: str = "fp32",
-              console: Console | None = None) -> dict[str, Any]:
-    """Time every row, then measure its memory (see the module docstring); returns the JSON-able result."""
+              console: Console | None = None, only: Collection[str] | None = None,
+              measure_memory: bool = True) -> dict[str, Any]:
+    """Time every row (``only``: these rows and those of the floor), then (``measure_memory``) measure its memory
+    (see the module docstring); returns the JSON-able result."""
     console = console or Console(stderr=True)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     rows_spec, meta = build_rows(recipe, batch, precision, device)
+    if only is not None:
+        keep = {*only, *FLOOR_ROWS}
+        rows_spec = [r for r in rows_spec if r[0] in keep]
     b = meta["batch"]
     results: dict[str, dict[str, Any]] = {}
     for i in range(2):  # first steps pay one-off costs (allocator, kernels, compilation): not any row's
@@ -307,13 +314,16 @@ def run_bench(recipe: Recipe, *, steps: int = 10, batch: int = 0, warmup: int = 
             console.print(f"bench: {label} …")
             t = time_steps(lambda: [step(i) for i in range(cycle)], 1, 0, device)[0] / cycle  # noqa: B023
             results[key] = {"name": label, "step_s": t, "img_per_s": b / t, "times_s": [t]}
-    if device.type == "cuda":
+    if not measure_memory:
+        memory = {}
+    elif device.type == "cuda":
         memory = memory_rows(rows_spec, device, console)
     else:
         del rows_spec  # the child builds its own models
         memory = cpu_memory_in_child(recipe, b, precision)
     for key, mib in memory.items():
-        results[key]["peak_mem_mib"] = mib
+        if key in results:  # the CPU memory process measures every row
+            results[key]["peak_mem_mib"] = mib
     ce_t, kd_t, ref_t = (results[x]["step_s"] for x in ("ce", "kd", "reference"))
     rows = [{"key": key, **r, "x_ce": r["step_s"] / ce_t, "x_kd": r["step_s"] / kd_t,
              "speedup_vs_reference": ref_t / r["step_s"]} for key, r in results.items()]
@@ -324,7 +334,8 @@ def run_bench(recipe: Recipe, *, steps: int = 10, batch: int = 0, warmup: int = 
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else
         f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads",
         **meta, "steps": steps, "warmup": warmup,
-        "memory": ("torch.cuda.max_memory_allocated during one step minus allocated before it" if device.type == "cuda"
+        "memory": ("not measured" if not measure_memory else
+                   "torch.cuda.max_memory_allocated during one step minus allocated before it" if device.type == "cuda"
                    else "peak RSS (/proc/PID/statm sampled every 1 ms by a helper process) during one step minus RSS "
                         "before it, in a process started with glibc's mmap threshold fixed at 64 KiB"),
         "torch": torch.__version__, "rows": rows,

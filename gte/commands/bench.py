@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, List, Optional
 
 import typer
@@ -19,8 +20,23 @@ def bench_command(recipe_name: str = RecipeOpt, set_: Optional[List[str]] = SetO
           batch: int = typer.Option(0, "--batch-size", "--batch", help="Batch size (0 = optim.batch_size)."),
           warmup: int = typer.Option(1, "--warmup", help="Untimed steps per row first."),
           precision: str = typer.Option("fp32", "--precision", help="fp32 or bf16 (autocast)."),
-          json_out: Optional[str] = typer.Option(None, "--json", help="Also write the results as JSON.")) -> None:
+          json_out: Optional[str] = typer.Option(None, "--json", help="Also write the results as JSON."),
+          suite: Optional[str] = typer.Option(None, "--suite", help="gpu: the GPU checks and figures in one run, "
+                                              "written to --out (benchmarks/README.md); its own models and sizes."),
+          device: str = typer.Option("auto", "--device", help="--suite: cuda, or cpu for a dry run at tiny sizes."),
+          out_dir: Optional[Path] = typer.Option(None, "--out", help="--suite: directory for gpu_suite.json and "
+                                                 "gpu_suite.md (default runs/gpu-suite)."),
+          budget: float = typer.Option(0.0, "--budget", help="--suite: seconds; figures runs that would pass it are "
+                                       "skipped and listed (0 = 420 on CUDA).")) -> None:
     """Time one training step of CE, KD, e2KD live and frozen (K=1, K=16) and a reference e2KD step."""
+    if suite is not None:
+        if recipe_name != "demo" or set_ or json_out or (steps, batch, warmup, precision) != (10, 0, 1, "fp32"):
+            raise GteError("--suite runs its own models and sizes: it takes --device, --out and --budget only")
+        from gte.commands.bench_suite import suite_command
+
+        return suite_command(suite, device, out_dir or Path("runs/gpu-suite"), budget)
+    if device != "auto" or out_dir is not None or budget:
+        raise GteError("--device, --out and --budget go with --suite gpu")
     if steps < 1 or batch < 0 or warmup < 0:
         raise GteError("--steps must be positive, --batch and --warmup not negative")
     from gte.bench import run_bench
