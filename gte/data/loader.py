@@ -64,6 +64,7 @@ class LoaderConfig:
     train_size: int = 0
     max_bad_fraction: float = 0.01
     decoder: str = "pil"
+    reduced_decode: bool = True
     members: tuple[str, ...] = ()
     maps: tuple[str, ...] = ()
     float_images: bool = True
@@ -178,7 +179,7 @@ def make_loader(data: str | ShardSet, config: LoaderConfig | None = None, *, tra
         _warn_truncated(shards)
     transform = SampleTransform(train, c.image_size, c.eval_resize, tuple(c.crop_scale), seed=c.seed, epoch=epoch,
                                 decoder=c.decoder, members=tuple(c.members), maps=tuple(c.maps),
-                                interpolation=c.interpolation)
+                                interpolation=c.interpolation, reduced_decode=c.reduced_decode)
     sizes = shards.sizes
     quotas = None
     if train:
