@@ -50,7 +50,8 @@ class LoaderConfig:
     tensors. ``maps``: members among ``members`` holding maps of the eval view (frozen e2KD) that follow the image's
     crop and flip (C×S×S float32). ``float_images=False`` returns uint8 images (4× less inter-process traffic;
     convert on the device). ``indices``: each batch carries ``index``, every sample's position in the whole shard set
-    (0..N-1, shards in spec order; methods with a per-sample memory, e.g. CRD).
+    (0..N-1, shards in spec order; methods with a per-sample memory, e.g. CRD). ``reduced_decode``: decode JPEGs at
+    the smallest DCT scale the sample's crop allows (gte.data.transforms; False = always full size).
     """
 
     image_size: int
