@@ -31,6 +31,8 @@ class DataConfig:
     num_workers: int = 4
     shuffle_buffer: int = 2000
     max_bad_fraction: float = 0.01  # stop when more of an epoch's share is unreadable (corrupt data, wrong path)
+    reduced_decode: bool = True   # decode JPEGs at the smallest DCT scale (1/2, 1/4, 1/8) that keeps ≥ 2 decoded
+                                  # pixels per output pixel of the crop (train and eval); false = always full size
 
 
 @dataclass

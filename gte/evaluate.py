@@ -185,7 +185,7 @@ def run_eval(model: nn.Module, spec: str, *, data: DataConfig, teacher: nn.Modul
     shift_left = -(-o.shift_samples // world) if o.shift else 0
     shortcut_left = -(-o.shortcut_samples // world) if o.shortcut_samples else -1  # -1: every sample
     loader = make_loader(spec, train=False, image_size=data.image_size, eval_resize=data.eval_resize,
-                         interpolation=data.interpolation,
+                         interpolation=data.interpolation, reduced_decode=data.reduced_decode,
                          batch_size=o.batch_size, num_workers=min(data.num_workers, 2), world_size=world, rank=rank)
     try:
         for batch in loader:

@@ -18,6 +18,17 @@ from gte.data.writers.core import atomic_tar, shard_name, shard_spec
 from gte.io import atomic_path
 
 
+def photo(name: str) -> Image.Image:
+    """A bundled photo: scikit-image's ``data.<name>()`` or scikit-learn's ``<name>.jpg``."""
+    if name in ("china", "flower"):
+        from sklearn.datasets import load_sample_image
+
+        return Image.fromarray(load_sample_image(f"{name}.jpg"))
+    import skimage.data
+
+    return Image.fromarray(getattr(skimage.data, name)()).convert("RGB")
+
+
 def jpeg_bytes(rng: np.random.Generator, width: int = 24, height: int = 20, quality: int = 90) -> bytes:
     a = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
     buf = io.BytesIO()

@@ -121,6 +121,8 @@ def test_an_existing_file_as_output_directory_is_one_line(tmp_path, monkeypatch,
 
 def test_worker_counts_that_are_not_numbers(monkeypatch, capsys):
     one_line_exit_2(["data", "bench", "--workers", "a,b"], monkeypatch, capsys, "--workers")
+    one_line_exit_2(["data", "bench", "--sizes", "500x"], monkeypatch, capsys, "--sizes")
+    one_line_exit_2(["data", "bench", "--transform", "test"], monkeypatch, capsys, "--transform")
 
 
 def _sample(**over) -> dict:

@@ -14,6 +14,7 @@ import warnings
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -22,10 +23,10 @@ from gte.data.guard import DataWarning
 from gte.data.index import scan_shard, shard_counts
 from gte.data.loader import make_loader, steps_per_epoch
 from gte.data.spec import expand_spec
-from gte.data.transforms import SampleTransform
+from gte.data.transforms import SampleTransform, rrc_params, sample_rng
 from gte.errors import GteError
 
-from _fixtures import corrupt_images, truncate_tar, write_jpeg_shards
+from _fixtures import corrupt_images, photo, truncate_tar, write_jpeg_shards
 
 SIZES = [23, 7, 31, 0, 12]  # uneven, one empty tar
 
@@ -38,7 +39,7 @@ def _home(tmp_path, monkeypatch):
 @pytest.fixture(scope="module")
 def uneven(tmp_path_factory):
     d = tmp_path_factory.mktemp("uneven")
-    return write_jpeg_shards(d, SIZES)
+    return write_jpeg_shards(d, SIZES, width=96, height=72)  # crops of ≥ 32 px: decoded at 1/2 or 1/4 for 8² outputs
 
 
 def _keys(loader) -> list[str]:
@@ -118,33 +119,47 @@ def test_eval_reads_everything_once_in_simulated_ranks(uneven, world, workers):
     assert sorted(seen) == sorted(keys) and len(seen) == len(set(seen))
 
 
+def _pixels(batches) -> dict[str, torch.Tensor]:
+    return {k: img for x in batches for k, img in zip(x["key"], x["image"])}
+
+
 def test_train_epoch_is_exact_seeded_and_changes_per_epoch(uneven):
+    """Same keys and the same pixels — reduced-scale decoding on — for a rerun, for other worker counts and ranks:
+    a sample's crop is drawn from its own seed and the full-size dimensions, so the decode scale never moves it."""
     spec, keys = uneven
     n, b = len(keys), 8
 
-    def epoch(e, workers=2, rank=0, world=1):
-        loader = make_loader(spec, train=True, image_size=16, batch_size=b, num_workers=workers, seed=3, epoch=e,
-                             shuffle_buffer=20, world_size=world, rank=rank)
+    def epoch(e, workers=2, rank=0, world=1, reduced=True):
+        loader = make_loader(spec, train=True, image_size=8, batch_size=b, num_workers=workers, seed=3, epoch=e,
+                             shuffle_buffer=20, world_size=world, rank=rank, reduced_decode=reduced)
         batches = list(loader)
         assert len(batches) == len(loader) == n // (b * world)
-        assert all(x["image"].shape == (b, 3, 16, 16) for x in batches)
-        return [k for x in batches for k in x["key"]]
+        assert all(x["image"].shape == (b, 3, 8, 8) for x in batches)
+        return _pixels(batches)
 
     e0, e1 = epoch(0), epoch(1)
-    assert len(set(e0)) == len(e0) == (n // b) * b  # distinct samples: all but the < batch remainder
-    assert e0 == epoch(0)  # seeded
-    assert e0 != e1  # and reshuffled per epoch
+    assert len(e0) == (n // b) * b  # distinct samples: all but the < batch remainder
+    again = epoch(0)
+    assert list(again) == list(e0) and all(torch.equal(again[k], e0[k]) for k in e0)  # seeded, pixels too
+    assert list(e0) != list(e1)  # and reshuffled per epoch
     two = [epoch(0, rank=r, world=2) for r in range(2)]
     assert len(two[0]) == len(two[1])  # same number of steps per rank
     assert not set(two[0]) & set(two[1])
+    one_worker = epoch(0, workers=0)
+    for other in (one_worker, *two):  # re-ranked, other worker counts: a shared key has the same pixels
+        shared = set(other) & set(e0)
+        assert shared and all(torch.equal(other[k], e0[k]) for k in shared)
+    full = epoch(0, reduced=False)  # the switch off: same samples, and some pixels do move (reduction happened)
+    assert list(full) == list(e0) and any(not torch.equal(full[k], e0[k]) for k in e0)
 
 
 def test_resume_mid_epoch_continues_the_same_stream(uneven):
     spec, _ = uneven
-    kw = dict(train=True, image_size=16, batch_size=4, num_workers=2, seed=5, epoch=2, shuffle_buffer=10)
-    full = [b["key"] for b in make_loader(spec, **kw)]
-    tail = [b["key"] for b in make_loader(spec, start_batch=5, **kw)]
-    assert tail == full[5:]
+    kw = dict(train=True, image_size=8, batch_size=4, num_workers=2, seed=5, epoch=2, shuffle_buffer=10)
+    full = list(make_loader(spec, **kw))
+    tail = list(make_loader(spec, start_batch=5, **kw))
+    assert [b["key"] for b in tail] == [b["key"] for b in full[5:]]
+    assert all(torch.equal(t["image"], f["image"]) for t, f in zip(tail, full[5:]))  # reduced-scale decode on
 
 
 def test_images_boxes_and_groups(tmp_path):
@@ -162,6 +177,68 @@ def test_images_boxes_and_groups(tmp_path):
     tr = SampleTransform(True, 8, crop_scale=(1.0, 1.0), ratio=(2.0, 2.0), seed=0)(sample)
     x0, y0, x1, y1 = tr["boxes"][0]
     assert (y0, y1) == (0.0, 8.0) and x1 - x0 == pytest.approx(4.0)  # whole image kept, half of it is the box
+
+
+def _encoded(image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+def _encoded_npy(a: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, a)
+    return buf.getvalue()
+
+
+def test_reduced_decode_moves_pixels_less_than_jpeg_encoding():
+    """Real photos as quality-90 JPEGs, crops to 64² (those of ≥ 256 px decoded at 1/2 or 1/4): over the photos, the
+    reduced-scale pixels are closer to the full-scale ones than the full-scale ones are to the photo's (lossless PNG)
+    pixels, in max and in mean — reducing moves less than JPEG encoding already did (the figures:
+    benchmarks/reduced_decode.py). Boxes and maps, defined on the full-size image, do not move."""
+    reduced_err, jpeg_err = [], []
+    for name in ("chelsea", "coffee", "astronaut", "rocket"):  # scikit-image's: importing scikit-learn takes seconds
+        img = photo(name)
+        w, h = img.size
+        box = [[w / 4, h / 4, w / 2, h]]
+        jpg = {"jpg": _encoded(img, "JPEG", quality=90), "cls": b"0", "json": json.dumps({"boxes": box}).encode(),
+               "map.npy": _encoded_npy(np.random.default_rng(0).random((1, 7, 7), dtype=np.float32))}
+        png = {**jpg, "png": _encoded(img, "PNG", compress_level=0)}
+        del png["jpg"]
+        for train in (True, False):
+            for key in map(str, range(6 if train else 1)):
+                kw = dict(eval_resize=73, members=("map.npy",), maps=("map.npy",))
+                full, reduced, lossless = (SampleTransform(train, 64, reduced_decode=r, **kw)({**d, "__key__": key})
+                                           for d, r in ((jpg, False), (jpg, True), (png, False)))
+                assert reduced["boxes"] == full["boxes"] and torch.equal(reduced["map.npy"], full["map.npy"])
+                reduced_err.append((reduced["image"].int() - full["image"].int()).abs())
+                jpeg_err.append((lossless["image"].int() - full["image"].int()).abs())
+    reduced_err, jpeg_err = torch.stack(reduced_err).float(), torch.stack(jpeg_err).float()
+    assert reduced_err.max() > 0  # the reduced scale was used
+    assert reduced_err.max() <= jpeg_err.max() and reduced_err.mean() <= jpeg_err.mean()
+
+
+def test_reduced_decode_off_gives_the_full_size_pixels():
+    """``reduced_decode=False``: exactly torchvision's reference pipeline on the fully decoded image, written here
+    with PIL — RandomResizedCrop(box drawn from the sample's generator) + flip, and Resize + CenterCrop."""
+    from PIL import Image
+
+    data = _encoded(photo("coffee"), "JPEG", quality=90)
+    source = Image.open(io.BytesIO(data)).convert("RGB")
+    w, h = source.size
+    for key in ("a", "b", "c"):
+        rng = sample_rng(0, 0, 0, key)
+        l, t, cw, ch = rrc_params(w, h, (0.08, 1.0), (3 / 4, 4 / 3), rng)
+        expected = source.resize((24, 24), Image.BILINEAR, box=(l, t, l + cw, t + ch))
+        if rng.random() < 0.5:
+            expected = expected.transpose(Image.FLIP_LEFT_RIGHT)
+        got = SampleTransform(True, 24, reduced_decode=False)({"__key__": key, "jpg": data, "cls": b"0"})["image"]
+        assert torch.equal(got, torch.from_numpy(np.asarray(expected).copy()).permute(2, 0, 1))
+    rw, rh = int(27 * w / h), 27  # short side (height) to 27, long side truncated; then the centre 24²
+    dx, dy = round((rw - 24) / 2), round((rh - 24) / 2)
+    expected = source.resize((rw, rh), Image.BILINEAR).crop((dx, dy, dx + 24, dy + 24))
+    got = SampleTransform(False, 24, eval_resize=27, reduced_decode=False)({"__key__": "k", "jpg": data, "cls": b"0"})
+    assert torch.equal(got["image"], torch.from_numpy(np.asarray(expected).copy()).permute(2, 0, 1))
 
 
 # --------------------------------------------------------------------------------------------------- bad data
@@ -275,5 +352,9 @@ def test_torchrun_two_ranks_two_workers_exact_eval_and_equal_train_steps(tmp_pat
 def test_bench_smoke(tmp_path):
     from gte.data.bench import bench_loader
 
-    r = bench_loader(workers=[1], images=12, image_size=32, batch_size=4, decoders=["pil"], model=None)
-    assert r["jpeg"]["width"] == 500 and r["loader"][0]["img_per_s"] > 0
+    r = bench_loader(workers=[0], images=12, image_size=16, batch_size=4, decoders=["pil"], model=None,
+                     sizes=[(96, 72), (160, 120)])
+    assert r["jpeg"]["width"] == 96 and [j["width"] for j in r["jpegs"]] == [96, 160]
+    rows = [(x["jpeg"], x["transform"], x["reduced_decode"]) for x in r["loader"]]
+    assert rows == [(j, t, red) for j in ("96x72", "160x120") for t in ("train", "eval") for red in (False, True)]
+    assert all(x["img_per_s"] > 0 for x in r["loader"]) and all(x["vs_full"] > 0 for x in r["loader"][1::2])

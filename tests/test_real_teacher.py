@@ -16,21 +16,11 @@ import pytest
 import torch
 from PIL import Image
 
+from _fixtures import photo
 from test_readme_flows import gte, readme_command
 
 CATS, ESPRESSO = (281, 282, 285), 967
 LITE0 = "teachers/lite0.safetensors"
-
-
-def photo(name: str) -> Image.Image:
-    """A bundled photo: scikit-image's ``data.<name>()`` or scikit-learn's ``<name>.jpg``."""
-    if name in ("china", "flower"):
-        from sklearn.datasets import load_sample_image
-
-        return Image.fromarray(load_sample_image(f"{name}.jpg"))
-    import skimage.data
-
-    return Image.fromarray(getattr(skimage.data, name)()).convert("RGB")
 
 
 @pytest.fixture(scope="module")

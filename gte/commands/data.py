@@ -223,7 +223,9 @@ def info_cmd(
 @data_app.command("bench", epilog="Example: gte data bench 'data/imagenet/train-*.tar' --workers 4")
 def bench_cmd(
     workers: str = typer.Option("1,2", "--workers", help="Comma-separated DataLoader worker counts."),
-    images: int = typer.Option(256, "--images", help="Synthetic JPEGs to write (500×375, quality 90)."),
+    images: int = typer.Option(256, "--images", help="Synthetic JPEGs to write per size (quality 90)."),
+    sizes: str = typer.Option("500x375,1600x1200", "--sizes", help="Comma-separated JPEG sizes WxH."),
+    transform: str = typer.Option("train,eval", "--transform", help="Comma-separated: train, eval."),
     image_size: int = typer.Option(224, "--image-size"),
     batch_size: int = typer.Option(32, "--batch-size"),
     decoder: str = typer.Option("pil,torchvision", "--decoder", help="Comma-separated: pil, torchvision."),
@@ -239,8 +241,18 @@ def bench_cmd(
         counts = [int(w) for w in workers.split(",") if w.strip()]
     except ValueError:
         raise GteError(f"--workers expects comma-separated worker counts such as 1,2,4, got '{workers}'") from None
+    try:
+        dims = [tuple(int(v) for v in s.lower().split("x")) for s in sizes.split(",") if s.strip()]
+    except ValueError:
+        dims = []
+    if not dims or any(len(d) != 2 or min(d) < 1 for d in dims):
+        raise GteError(f"--sizes expects comma-separated sizes such as 500x375,1600x1200, got '{sizes}'")
+    transforms = [t.strip() for t in transform.split(",") if t.strip()]
+    if not transforms or set(transforms) - {"train", "eval"}:
+        raise GteError(f"--transform expects train, eval or train,eval, got '{transform}'")
     result = bench_loader(workers=counts, images=images, image_size=image_size, batch_size=batch_size,
-                          decoders=[d.strip() for d in decoder.split(",") if d.strip()], model=train_model or None)
+                          decoders=[d.strip() for d in decoder.split(",") if d.strip()], model=train_model or None,
+                          sizes=dims, transforms=transforms)
     print_bench(result)
     if json_out:
         atomic_write_json(json_out, result)
@@ -311,16 +323,22 @@ def print_bench(result: dict) -> None:
     """The loader table and the decode-only and training rates of ``gte data bench`` (on stderr)."""
     from rich.table import Table
 
-    jpeg = result["jpeg"]
-    t = Table(title=f"loader: {jpeg['images']} JPEGs 500×375 q90 ({jpeg['mean_kB']:.0f} kB) → RandomResizedCrop "
-                    f"{result['image_size']}², {result['cpu_count']} CPUs")
-    for c in ("decoder", "workers", "img/s", "img/s per worker", "worker start-up s"):
+    jpegs = ", ".join(f"{j['width']}×{j['height']} ({j['mean_kB']:.0f} kB)" for j in result["jpegs"])
+    t = Table(title=f"loader: {result['jpeg']['images']} JPEGs q90 per size, {jpegs} → {result['image_size']}², "
+                    f"{result['cpu_count']} CPUs; img/s per worker, full-size vs reduced-scale decode")
+    for c in ("JPEG", "transform", "decoder", "workers", "full", "reduced", "× full", "worker start-up s"):
         t.add_column(c, justify="right")
-    for r in result["loader"]:
-        t.add_row(r["decoder"], str(r["workers"]), str(r["img_per_s"]), str(r["img_per_s_per_worker"]),
+    rows = result["loader"]
+    for i, r in enumerate(rows):
+        if r["reduced_decode"]:
+            continue  # shown beside its full-size row
+        red = rows[i + 1] if i + 1 < len(rows) and rows[i + 1]["reduced_decode"] else None
+        t.add_row(r["jpeg"], r["transform"], r["decoder"], str(r["workers"]), str(r["img_per_s_per_worker"]),
+                  str(red["img_per_s_per_worker"]) if red else "—", f"{red['vs_full']:.2f}" if red else "—",
                   str(r["startup_s"]))
     err.print(t)
-    err.print("decode only, 1 thread (img/s): " + ", ".join(
+    first = result["jpeg"]
+    err.print(f"decode only, {first['width']}×{first['height']}, 1 thread (img/s): " + ", ".join(
         f"{k} {v}" for k, v in result["decode_only_img_per_s_1_thread"].items()))
     if "training" in result:
         tr = result["training"]

@@ -2,7 +2,7 @@
 
 Train: RandomResizedCrop (torchvision's sampling rule: 10 tries of area ∈ ``crop_scale``, log-uniform aspect ratio in
 [3/4, 4/3], else the central crop of clamped ratio) + horizontal flip p = 0.5, done as one PIL ``resize(box=…)``
-(crop and antialiased bilinear resize from the full-resolution image). The random numbers of a sample come from its
+(crop and antialiased bilinear resize, reading only the crop's region). The random numbers of a sample come from its
 own generator seeded by (seed, epoch, pass, key): a sample's augmentation does not depend on ranks, workers or the
 order it is read in, and the training process's global RNGs are never touched.
 Eval: Resize the short side to ``eval_resize`` (PIL bilinear, antialiased) + CenterCrop ``image_size`` — the
@@ -10,6 +10,14 @@ torchvision reference pipeline.
 
 Boxes (``json.boxes``, ``[x0, y0, x1, y1]`` image pixels, x1/y1 exclusive) follow the same geometry and are clamped
 to the output; a box that ends up outside has zero area and is kept (its index matches ``box_labels``).
+
+Reduced-scale decoding (``reduced_decode``, on by default): the geometry is drawn from the image's full-size
+dimensions, read from its header, before any pixel is decoded; then a JPEG is decoded at the smallest libjpeg DCT
+scale (1/2, 1/4, 1/8, ``Image.draft``) that keeps ≥ 2 decoded pixels per output pixel of the crop, and the same
+region, in decoded pixels, is resized (eval: only the centre crop's region — the same sample positions and filter
+as resizing the whole image and cropping). The crop box, flip, boxes and maps are those of the full-size image, whatever
+the scale; only pixel values move, by less than encoding the photo as a quality-90 JPEG does
+(tests/test_data_loader.py, benchmarks/README.md).
 
 Decoder: PIL (libjpeg-turbo) by default; ``decoder="torchvision"`` decodes JPEGs with ``torchvision.io.decode_jpeg``
 (about 1.4× faster decode on its own, deprecated by torchvision 0.29 in favour of TorchCodec); see the README's loader
@@ -106,6 +114,8 @@ def _map_boxes(boxes: list, sx: float, sy: float, dx: float, dy: float, out: int
     return mapped
 
 
+_MARGIN = 2  # a reduced decode keeps ≥ 2 decoded pixels per output pixel (SampleTransform.decode)
+
 _PIL_FILTERS = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST}
 
 
@@ -131,6 +141,7 @@ class SampleTransform:
     maps: tuple[str, ...] = ()      # members among ``members`` that are C×h×w maps of the EVAL view (frozen e2KD):
                                     # they follow the sample's geometry and come out C×S×S float32
     interpolation: str = "bilinear"  # of the crop's resize ("bilinear" | "bicubic" | "nearest")
+    reduced_decode: bool = True     # JPEGs decoded at the smallest DCT scale the crop allows (PIL decoder; decode)
     _resize: int = field(init=False, default=0)
     _max_pixels: int = field(init=False, default=0)
 
@@ -143,11 +154,33 @@ class SampleTransform:
             raise ValueError(f"decoder must be 'pil' or 'torchvision', got {self.decoder!r}")
 
     # -- decoding -------------------------------------------------------------------------------------------------
-    def decode(self, sample: dict[str, Any]) -> tuple[Image.Image | torch.Tensor, str]:
+    def source(self, sample: dict[str, Any]) -> tuple[str, int, int]:
+        """(image member, width, height) from the image's header alone: the sample's geometry is drawn from the
+        full-size dimensions before any pixel is decoded (and a decompression bomb costs nothing)."""
         ext = next((e for e in IMAGE_EXTS if e in sample), None)
         if ext is None:
             raise BadSample("no image member (jpg/jpeg/png/webp)")
-        data = sample[ext]
+        try:
+            with Image.open(io.BytesIO(sample[ext])) as im:
+                width, height = im.size
+        except (OSError, ValueError, SyntaxError, RuntimeError, Image.DecompressionBombError) as e:
+            raise BadSample(f"undecodable {ext} ({e})") from None
+        if width * height > self._max_pixels:
+            raise BadSample(f"{width}×{height} {ext} has more than {self._max_pixels} pixels (GTE_MAX_IMAGE_PIXELS)")
+        return ext, width, height
+
+    def decode(self, data: bytes, ext: str, shrink: float = 1.0) -> tuple[Image.Image | torch.Tensor, float]:
+        """(decoded image, scale) of the ``ext`` member's bytes (checked by :meth:`source` first); ``scale`` =
+        decoded pixels per source pixel.
+
+        ``shrink``: by how much the caller's resampling shrinks the source at least (source region ÷ output size,
+        the smaller of the two sides). With ``reduced_decode`` the PIL decoder decodes a JPEG at libjpeg's DCT scale
+        1/a (``Image.draft``), a ∈ {8, 4, 2, 1} the largest ≤ ``shrink`` / 2: the region, decoded, still has at
+        least twice the output's pixels per side, so the antialiased resize after it still shrinks by ≥ 2× and its
+        filter, not the DCT's, shapes the result (at ≥ 1× the pixels moved up to 5× further; benchmarks/README.md,
+        "Reduced-scale decoding"). Other formats, and the torchvision decoder (it has no DCT scaling), decode at full
+        size (scale 1).
+        """
         try:
             if self.decoder == "torchvision" and ext in ("jpg", "jpeg"):
                 import warnings
@@ -157,13 +190,19 @@ class SampleTransform:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
                     return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8),
-                                       mode=ImageReadMode.RGB), ext
+                                       mode=ImageReadMode.RGB), 1.0
             with Image.open(io.BytesIO(data)) as im:
-                if im.width * im.height > self._max_pixels:  # before decoding: a bomb costs nothing
-                    raise BadSample(f"{im.width}×{im.height} {ext} has more than {self._max_pixels} pixels "
-                                    "(GTE_MAX_IMAGE_PIXELS)")
+                scale = 1.0
+                a = next(a for a in (8, 4, 2, 1) if a <= max(shrink / _MARGIN, 1.0))
+                if self.reduced_decode and a > 1 and im.format == "JPEG":
+                    # Pillow picks the largest a' ≤ min(W // w, H // h), which for these sizes is a; its answer gives
+                    # the full image's extent in decoded pixels (W / a' — the decoded size is rounded up)
+                    width = im.width
+                    drafted = im.draft(None, (width // a, im.height // a))
+                    if drafted is not None:
+                        scale = drafted[1][2] / width
                 im.load()  # decodes fully: a truncated or corrupt image fails here, not later
-                return to_rgb(im), ext
+                return to_rgb(im), scale
         except (OSError, ValueError, SyntaxError, RuntimeError, Image.DecompressionBombError) as e:
             raise BadSample(f"undecodable {ext} ({e})") from None
 
@@ -197,17 +236,15 @@ class SampleTransform:
         except (ValueError, UnicodeDecodeError, RecursionError):
             raise BadSample("json member is not valid JSON") from None
         check_metadata(meta)
-        img, _ = self.decode(sample)
+        ext, width, height = self.source(sample)  # full-size: the geometry never depends on the decode scale
         s = self.image_size
-        if isinstance(img, Image.Image):
-            width, height = img.size
-        else:
-            height, width = img.shape[-2:]
         boxes = meta.get("boxes")
         if self.train:
             (l, t, r, b), flip = self._geometry(width, height, key, repeat)
+            img, k = self.decode(sample[ext], ext, min(r - l, b - t) / s)
             if isinstance(img, Image.Image):
-                out = img.resize((s, s), _PIL_FILTERS[self.interpolation], box=(l, t, r, b))
+                box = (l, t, r, b) if k == 1 else (l * k, t * k, r * k, b * k)  # the same region, decoded pixels
+                out = img.resize((s, s), _PIL_FILTERS[self.interpolation], box=box)
                 if flip:
                     out = out.transpose(Image.FLIP_LEFT_RIGHT)
                 pixels = torch.from_numpy(np.array(out, dtype=np.uint8)).permute(2, 0, 1)
@@ -224,8 +261,17 @@ class SampleTransform:
         else:
             rw, rh = self._eval_size(width, height)
             dx, dy = int(round((rw - s) / 2.0)), int(round((rh - s) / 2.0))
+            img, k = self.decode(sample[ext], ext, min(width / rw, height / rh))
             if isinstance(img, Image.Image):
-                out = img.resize((rw, rh), _PIL_FILTERS[self.interpolation]).crop((dx, dy, dx + s, dy + s))  # PIL pads outside
+                if self.reduced_decode and min(rw, rh) >= s:
+                    # only the centre crop's region, in decoded pixels: the same sample positions and filter as
+                    # resizing the whole image and cropping (PIL's box resize reads outside the box), less work
+                    fx, fy = width / rw * k, height / rh * k
+                    out = img.resize((s, s), _PIL_FILTERS[self.interpolation],
+                                     box=(dx * fx, dy * fy, (dx + s) * fx, (dy + s) * fy))
+                else:
+                    out = img.resize((rw, rh), _PIL_FILTERS[self.interpolation])
+                    out = out.crop((dx, dy, dx + s, dy + s))  # PIL pads outside
                 pixels = torch.from_numpy(np.array(out, dtype=np.uint8)).permute(2, 0, 1)
             else:
                 from torchvision.transforms.v2 import functional as TF
