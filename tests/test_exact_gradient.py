@@ -54,8 +54,9 @@ def _terms(model, x, t_logits, t_maps, classes, exp_grad="exact"):
     return kd_loss(logits, t_logits, 2.0), explanation_loss(maps, t_maps)
 
 
-def _fd_errors(model, x, t_logits, t_maps, classes, grads, term: int, n_dirs: int = 2) -> list[float]:
-    """Per direction: min over h of |<grad, v> − FD| / |FD|."""
+def _fd_errors(model, x, t_logits, t_maps, classes, grads, term: int, n_dirs: int = 2,
+               hs: tuple[float, ...] = (1e-7, 1e-8, 1e-9)) -> list[float]:
+    """Per direction: min over h in ``hs`` of |<grad, v> − FD| / |FD|."""
     params = [p for p in model.parameters()]
     base = [p.detach().clone() for p in params]
     gen = torch.Generator().manual_seed(123)
@@ -64,7 +65,7 @@ def _fd_errors(model, x, t_logits, t_maps, classes, grads, term: int, n_dirs: in
         v = [torch.randn(p.shape, generator=gen, dtype=p.dtype) for p in params]
         analytic = sum((g * d).sum() for g, d in zip(grads, v)).item()
         best = float("inf")
-        for h in (1e-7, 1e-8, 1e-9):
+        for h in hs:
             values = []
             for sign in (1, -1):
                 with torch.no_grad():
