@@ -284,6 +284,33 @@ def test_model_file_round_trip_and_cli(tmp_path, monkeypatch, capsys):
     assert code
 
 
+def test_recipe_fine_tunes_with_the_paper_optimiser_and_the_original_as_kd_teacher(tmp_path, monkeypatch, capsys):
+    import tomllib
+
+    from gte.data.synthetic import write_synthetic_split
+    from test_readme_flows import gte
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("GTE_HOME", str(tmp_path / "home"))
+    spec = write_synthetic_split(tmp_path, "test", 16, image_size=32, num_classes=4)
+    torch.manual_seed(0)
+    save_model(build_model("cifar_resnet20", 4), tmp_path / "std.safetensors")
+    (tmp_path / "r.toml").write_text(f'[data]\ntrain = "{spec}"\nnum_classes = 4\nimage_size = 32\nnum_workers = 0\n'
+                                     '[student]\narch = "cifar_resnet20"\n[optim]\nlr = 0.1\nepochs = 1\n'
+                                     'batch_size = 8\n[run]\nout = "run"\n')
+    one_line_exit_2(["bcosify", "std.safetensors", "--out", "b.safetensors", "--set", "distill.method=kd"],
+                    monkeypatch, capsys, "--set changes the fine-tuning recipe: give --recipe as well")
+    gte(["bcosify", "std.safetensors", "--out", "b.safetensors", "--recipe", "r.toml", "--set", "distill.method=kd"])
+    r = tomllib.loads((tmp_path / "run" / "recipe.toml").read_text())
+    assert (r["student"]["arch"], r["student"]["weights"]) == ("bcosify/cifar_resnet20", "b.safetensors")
+    assert (r["teacher"]["arch"], r["teacher"]["weights"], r["distill"]["method"]) == (
+        "cifar_resnet20", "std.safetensors", "kd")
+    assert (r["optim"]["name"], r["optim"]["lr"], r["optim"]["warmup_epochs"], r["optim"]["clip"]) == (
+        "adam", 1e-4, 0.0, "agc")
+    mi = info(load_model("run/model.safetensors"))
+    assert (mi.arch, mi.bcos, mi.bcosified) == ("bcosify/cifar_resnet20", True, True)
+
+
 def test_eval_compares_bcosified_explanations(tmp_path):
     from gte.config import DataConfig
     from gte.data.synthetic import write_synthetic_split
