@@ -32,7 +32,7 @@ from gte.models.registry import external_info
 from gte.onepass import OnePass, supports_one_pass
 from tests._fixtures import one_line_exit_2
 from tests.test_exact_gradient import (_assert_close_to_scale, _fd_errors, _grads, _setup, _terms,
-                                       official_e2kd_backward)
+                                       assert_one_pass_equals_official, official_e2kd_backward)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -227,20 +227,7 @@ def test_kd_and_explanation_gradients_equal_finite_differences(arch, size):
 def test_one_pass_equals_the_official_formulation(arch, size):
     """To float64 round-off, which these deep ReLU networks amplify more than B-cos networks from scratch (measured:
     parameter gradients 1.1e-9 of their scale on the DenseNet, running variances 1.5e-12 on the EfficientNet)."""
-    from gte.onepass import logits_and_explanation
-    from tests.test_exact_gradient import explanation_loss, kd_loss
-
-    model, x, t_logits, t_maps, classes = _setup(arch, size, seed=1)
-    ref = copy.deepcopy(model)
-    logits, maps = official_e2kd_backward(ref, x, classes, t_logits, t_maps, 3.0)
-    f_logits, f_maps = logits_and_explanation(model, x, classes)
-    (kd_loss(f_logits, t_logits, 2.0) + 3.0 * explanation_loss(f_maps, t_maps)).backward()
-    torch.testing.assert_close(f_logits, logits, rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(f_maps, maps, rtol=1e-9, atol=1e-13)
-    for (name, p), q in zip(ref.named_parameters(), model.parameters()):
-        _assert_close_to_scale(q.grad, p.grad, 1e-8, name)
-    for (name, b), c in zip(ref.named_buffers(), model.buffers()):
-        torch.testing.assert_close(c, b, rtol=1e-10, atol=1e-15, msg=name)
+    assert_one_pass_equals_official(*_setup(arch, size, seed=1), grad_rel=1e-8, buffer_rtol=1e-10)
 
 
 def test_e2kd_step_between_bcosified_models_equals_the_official_formulation():

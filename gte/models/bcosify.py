@@ -143,7 +143,7 @@ def _convert_head(net: nn.Module, family: Family, b: float, arch: str) -> tuple[
         if kind(m) in KEEP:
             continue
         if kind(m) != "torch.nn.modules.linear.Linear":
-            raise refuse(arch, where, m, "a classifier layer type gte cannot B-cosify")
+            raise refuse(arch, where, m, ", a classifier layer type gte cannot B-cosify")
         counts["bias"] += m.bias is not None
         w = m.weight.detach()
         k = side if not last else 1
@@ -179,8 +179,8 @@ def convert(model: nn.Module, *, b: float = 2.0) -> tuple[BcosifiedNet, list[str
     inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None) or model
     family = FAMILIES.get(kind(inner))
     if family is None:
-        raise refuse(mi.arch, "the model", inner, "a model type gte cannot B-cosify (it knows ResNets, DenseNets, "
-                     "VGGs, MobileNetV2 and EfficientNet-Lite, from torchvision, timm and gte)")
+        raise refuse(mi.arch, "the model", inner, ", a model type gte cannot B-cosify", "ResNets, DenseNets, VGGs, "
+                     "MobileNetV2 and EfficientNet-Lite (torchvision, timm, gte's cifar_resnet*)")
     net = copy.deepcopy(inner)
     net.__dict__.pop("gte_info", None)
     six_channel_input(net, mi.arch)

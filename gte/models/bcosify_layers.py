@@ -14,7 +14,8 @@ de03a03; cited by file and line):
   :mod:`gte.onepass`'s gated forward, whose ``BcosScale2`` computes exactly ``a·|a|/n`` from ``a = linear(x)``.
 - **Linear classifier** → the same with a 1×1 kernel (``bcosifyconv2d.py`` L150–182), run *before* global average
   pooling (``bcos/models/standard_models.py`` L36–63); a VGG's first classifier layer, which reads a flattened k×k
-  map, becomes the equivalent k×k convolution.
+  map, becomes the equivalent k×k convolution (the official code has no VGG; its ``BcosifyLinear`` would take the
+  norm as ``‖x‖ + 1e-12``, a convolution's is ``√(‖x‖² + 1e-6)``).
 - **BatchNorm** → bcos' ``BatchNormUncentered2d`` (``batchnorm_uncentered.py`` L21–60: ``γ·x/√(var + ε)`` with no mean
   subtraction — the batch variance in training, ``running_var`` in eval) with the pretrained ``γ``, ``running_var``,
   ``eps`` and momentum; ``β`` and the running mean's shift are dropped (``from_standard_module`` L117–141 folds them
@@ -69,9 +70,10 @@ CONV_SAME = "timm.layers.conv2d_same.Conv2dSame"
 WHAT_GTE_CONVERTS = ("Conv2d, Linear classifiers, BatchNorm2d, ReLU/ReLU6, max/average pooling, dropout")
 
 
-def refuse(arch: str, where: str, m: nn.Module, why: str = "a layer type gte cannot B-cosify") -> GteError:
-    return GteError(f"cannot B-cosify {arch}: {where} is a {type(m).__name__}, {why} (gte converts "
-                    f"{WHAT_GTE_CONVERTS})")
+def refuse(arch: str, where: str, m: nn.Module, why: str = ", a layer type gte cannot B-cosify",
+           known: str = WHAT_GTE_CONVERTS) -> GteError:
+    """The one-line refusal: which layer (``where``), its type, why, and what gte converts."""
+    return GteError(f"cannot B-cosify {arch}: {where} is a {type(m).__name__}{why}; it converts {known}")
 
 
 def bcos_conv(weight: torch.Tensor, b: float, stride=1, padding=0, dilation=1, groups: int = 1) -> nn.Module:
@@ -105,14 +107,14 @@ class SamePad(nn.Module):
 
 def _conv(m: nn.Conv2d, b: float, where: str, arch: str) -> nn.Module:
     if m.padding_mode != "zeros":
-        raise refuse(arch, where, m, f"with padding_mode {m.padding_mode!r} (B-cos patch norms assume zero padding)")
+        raise refuse(arch, where, m, f" with padding_mode {m.padding_mode!r} (B-cos patch norms assume zero padding)")
     padding = m.padding
     if len(set(m.dilation)) > 1:
-        raise refuse(arch, where, m, f"with dilation {m.dilation} (bcos convolutions take one dilation)")
+        raise refuse(arch, where, m, f" with dilation {m.dilation} (bcos convolutions take one dilation)")
     if isinstance(padding, str):  # torch's "same"/"valid": symmetric for stride 1, which is all torch allows
         padding = tuple(0 if padding == "valid" else d * (k - 1) // 2 for k, d in zip(m.kernel_size, m.dilation))
         if m.padding == "same" and any(d * (k - 1) % 2 for k, d in zip(m.kernel_size, m.dilation)):
-            raise refuse(arch, where, m, "with asymmetric 'same' padding")
+            raise refuse(arch, where, m, " with asymmetric 'same' padding")
     return bcos_conv(m.weight, b, m.stride, padding, m.dilation, m.groups)
 
 
@@ -142,7 +144,7 @@ def activation(m: nn.Module, where: str, arch: str) -> nn.Module:
     """ReLU and Identity as they are, ReLU6 → ReLU; anything else refused."""
     k = kind(m)
     if k == "torch.nn.modules.activation.ReLU6":
-        return _relu6(m, 2.0, where, arch)
+        return nn.ReLU(inplace=m.inplace)
     if k in ("torch.nn.modules.activation.ReLU", "torch.nn.modules.linear.Identity"):
         return m
     raise refuse(arch, where, m)
@@ -157,7 +159,7 @@ def _bn_act(m: nn.Module, b: float, where: str, arch: str) -> nn.Module:
 
 def _max_pool(m: nn.MaxPool2d, b: float, where: str, arch: str) -> nn.Module:
     if m.return_indices or any(d != 1 for d in ((m.dilation,) if isinstance(m.dilation, int) else m.dilation)):
-        raise refuse(arch, where, m, "with dilation or returned indices")
+        raise refuse(arch, where, m, " with dilation or returned indices")
     return nn.AvgPool2d(m.kernel_size, m.stride, m.padding, ceil_mode=m.ceil_mode)
 
 
