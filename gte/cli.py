@@ -13,7 +13,7 @@ from typing import NoReturn
 
 import typer
 
-from gte.commands import bench, compare, convert, distill, explain, precompute, recipes, teachers
+from gte.commands import bcosify, bench, compare, convert, distill, explain, precompute, recipes, teachers
 from gte.commands import eval as evaluate
 from gte.commands.data import data_app
 from gte.errors import GteError, Interrupted
@@ -56,6 +56,8 @@ COMMANDS = (
     ("bench", bench.bench_command, "gte bench --recipe imagenet-fewshot --batch-size 16 --steps 5"),
     ("convert", convert.convert_command, "gte convert efficientnet-lite0.pth --arch timm/tf_efficientnet_lite0 "
      "--from lukemelas-efficientnet --classes imagenet --out teacher.safetensors"),
+    ("bcosify", bcosify.bcosify_command, "gte bcosify teachers/lite0.safetensors --out teachers/lite0-bcos.safetensors "
+     "--recipe own-teacher --set distill.method=kd"),
     ("fetch-teachers", teachers.fetch_teachers_command, "gte fetch-teachers --list  ·  gte fetch-teachers "
      "bcos_densenet169 --mirror /shared/release-files"),
 )

@@ -55,6 +55,17 @@ def _normed_conv_forward(module: NormedConv2d, gate: Gate, in_tensor: torch.Tens
     return Conv2d.apply(in_tensor, w, (module.stride, module.padding, module.dilation, module.groups), gate)
 
 
+def _plain_conv_forward(module: nn.Conv2d, gate: Gate, in_tensor: torch.Tensor) -> torch.Tensor:
+    """A B-cosified layer's convolution (:mod:`gte.models.bcosify`: the pretrained weight as it is, not unit-norm)
+    through :class:`~gte.bcos_kernels.Conv2d`, as :func:`_normed_conv_forward` without the normalisation."""
+    w = module.weight
+    device = in_tensor.device.type
+    if torch.is_autocast_enabled(device):
+        dtype = torch.get_autocast_dtype(device)
+        in_tensor, w = in_tensor.to(dtype), w.to(dtype)
+    return Conv2d.apply(in_tensor, w, (module.stride, module.padding, module.dilation, module.groups), gate)
+
+
 def _bcos_forward(module: BcosConv2d | BcosLinear, gate: Gate, norms: Callable[[torch.Tensor], torch.Tensor],
                   in_tensor: torch.Tensor) -> torch.Tensor:
     """``BcosConv2d.forward_impl`` / ``BcosLinear.forward`` (bcos 0.1.3) with the dynamic scaling as an explanation
@@ -114,6 +125,11 @@ def _plain_normed_conv(m: nn.Module) -> bool:
             and not isinstance(m.padding, str))
 
 
+def _plain_conv(m: nn.Module) -> bool:
+    """A B-cosified layer's ``linear``: a plain bias-free convolution with zero padding."""
+    return type(m) is nn.Conv2d and m.bias is None and m.padding_mode == "zeros" and not isinstance(m.padding, str)
+
+
 def _gated_forward(m: nn.Module, gate: Gate) -> tuple[str, Callable] | None:
     """The attribute to patch on ``m`` and its gated replacement (None: ``m`` has no dynamic factor)."""
     if type(m) is BcosConv2d:
@@ -152,6 +168,9 @@ def _gated(model: nn.Module, gate: Gate) -> Iterator[None]:
                 patched.append((m, found[0]))
             if isinstance(m, BcosConv2d) and _plain_normed_conv(m.linear):
                 m.linear.forward = functools.partial(_normed_conv_forward, m.linear, gate)
+                patched.append((m.linear, "forward"))
+            elif isinstance(m, BcosConv2d) and _plain_conv(m.linear):
+                m.linear.forward = functools.partial(_plain_conv_forward, m.linear, gate)
                 patched.append((m.linear, "forward"))
         yield
     finally:

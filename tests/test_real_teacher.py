@@ -97,6 +97,29 @@ def test_gradcam_of_a_cat_class_lies_on_the_cat(workdir):
     assert on_cat[1] <= 0.2, on_cat
 
 
+def test_bcosify_readme_line_converts_the_real_teacher(workdir):
+    """The README's ``gte bcosify`` line on the real Lite0: a B-cos model file keeping the class names and mean/std,
+    its ReLU6 reported as ReLU; on two photos (float64, batch statistics, the one-pass W(x) a student gets in e2KD)
+    each explained logit is exactly Σ W(x)·x plus the logit bias."""
+    from gte.models import info, load_model, to_model_input
+    from gte.onepass import OnePass
+    from gte.render import preprocess
+
+    out = gte(readme_command("gte bcosify"))
+    assert "bcosify/timm/tf_efficientnet_lite0" in out and "ReLU6 → ReLU ×33" in out
+    model = load_model("teachers/lite0-bcos.safetensors").double().train()
+    mi = info(model)
+    assert (mi.bcos, mi.explainer, mi.mean, mi.std, mi.class_names[ESPRESSO]) == (True, "bcos", (0.5,) * 3, (0.5,) * 3,
+                                                                                 "espresso")
+    images = torch.stack([preprocess(photo(n), 224, 256, mi.interpolation) for n in ("chelsea", "coffee")]).double()
+    x = to_model_input(mi, images)
+    one = OnePass(model, x)
+    classes = torch.tensor([282, ESPRESSO])
+    explained = one.logits.gather(1, classes[:, None])[:, 0] - model.logit_bias
+    torch.testing.assert_close((one.explain(classes) * x).sum((1, 2, 3)), explained, rtol=1e-9, atol=0)
+    assert explained.abs().min() > 0
+
+
 def write_photos(root: Path) -> None:
     """The README's photos/ folders: ImageNet-named class folders (a --classes list imposes ImageNet's indices)."""
     for name, cls in (("chelsea", "tiger cat"), ("coffee", "espresso"), ("rocket", "missile"), ("china", "palace")):

@@ -51,6 +51,8 @@ class ModelInfo:
     fixed_input_size: bool = False  # runs at input_size only (ViT position embeddings)
     class_names: tuple[str, ...] = ()  # when known: the training data's, or the release's
     trained_explainer: str = ""  # the explainer e2KD trained it with ("" = none): what `gte eval` compares by default
+    # a B-cosified standard network (gte.models.bcosify): its [x, 1-x] input normalised by (mean, 1-mean) / (std, std)
+    bcosified: bool = False
 
     def __post_init__(self) -> None:
         # names come from files (metadata, --classes, a Hub repo): kept as shown, bounded and without controls
@@ -81,14 +83,19 @@ def info(model: nn.Module) -> ModelInfo:
 
 
 def to_model_input(model_info: ModelInfo, x: torch.Tensor, size: int = 0) -> torch.Tensor:
-    """Images in [0, 1] (N×3×H×W) → the model's input: ``[x, 1-x]`` for B-cos, mean/std-normalised otherwise;
+    """Images in [0, 1] (N×3×H×W) → the model's input: ``[x, 1-x]`` for B-cos (a B-cosified network's normalised by
+    ``(mean, 1-mean) / (std, std)``), mean/std-normalised otherwise;
     ``size``: first resized to size² with the model's own interpolation (a teacher at its own side, :func:`run_size`)."""
     x = resized(x, size, model_info.interpolation)
+    mean, std = model_info.mean, model_info.std
     if model_info.bcos:
-        return torch.cat([x, 1.0 - x], dim=1)
-    mean = torch.tensor(model_info.mean, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-    std = torch.tensor(model_info.std, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-    return (x - mean) / std
+        x = torch.cat([x, 1.0 - x], dim=1)
+        if not model_info.bcosified:
+            return x
+        mean, std = mean + tuple(1.0 - m for m in mean), std + std
+    c = x.shape[1]
+    return (x - torch.tensor(mean, device=x.device, dtype=x.dtype).view(1, c, 1, 1)) / \
+        torch.tensor(std, device=x.device, dtype=x.dtype).view(1, c, 1, 1)
 
 
 def resized(images: torch.Tensor, size: int, interpolation: str = "bilinear") -> torch.Tensor:
@@ -180,6 +187,24 @@ REGISTRY: dict[str, Arch] = {
 }
 
 
+class Derived(NamedTuple):
+    """Architectures built from another one by name, ``<prefix>/<arch>`` (``bcosify/resnet18``, registered in
+    :data:`DERIVED` by their module: :mod:`gte.models.bcosify`)."""
+
+    inner: Callable[[str], str]  # the architecture a name is built from (a one-line error for a malformed name)
+    build: Callable[[str, int], nn.Module]  # (name, num_classes) → the model, carrying its gte_info
+    bcos: bool
+
+
+DERIVED: dict[str, Derived] = {}
+
+
+def derived(name: str) -> Derived | None:
+    """The :class:`Derived` entry ``name`` is built by (its prefix before ``/``, up to a ``-`` option), or None."""
+    prefix, sep, _ = name.partition("/")
+    return DERIVED.get(prefix.partition("-")[0]) if sep else None
+
+
 def external_info(arch: str, num_classes: int, facts: external.Facts) -> ModelInfo:
     """The :class:`ModelInfo` of a timm / torchvision model from what :mod:`gte.models.external` read off it."""
     names = facts.class_names if len(facts.class_names) == num_classes else ()
@@ -191,6 +216,10 @@ def external_info(arch: str, num_classes: int, facts: external.Facts) -> ModelIn
 def check_arch(name: str) -> None:
     """Raise a one-line error naming close matches (gte's names, ``timm/…``, ``torchvision/…``) if ``name`` is not
     a known architecture."""
+    d = derived(name)
+    if d is not None:
+        check_arch(d.inner(name))
+        return
     if external.is_external(name):
         if not external.known(name):
             close = external.close_matches(name)
@@ -205,7 +234,8 @@ def check_arch(name: str) -> None:
 
 def is_bcos(name: str) -> bool:
     """Whether architecture ``name`` is a B-cos network (without building it; external models never are)."""
-    return name in REGISTRY and REGISTRY[name].bcos
+    d = derived(name)
+    return d.bcos if d is not None else name in REGISTRY and REGISTRY[name].bcos
 
 
 def create(name: str, num_classes: int) -> nn.Module:
@@ -213,6 +243,9 @@ def create(name: str, num_classes: int) -> nn.Module:
     check_arch(name)
     if num_classes < 2:
         raise GteError(f"num_classes must be at least 2, got {num_classes}")
+    d = derived(name)
+    if d is not None:
+        return d.build(name, num_classes)
     if external.is_external(name):
         model, facts = external.build(name, num_classes)
         model.gte_info = external_info(name, num_classes, facts)
