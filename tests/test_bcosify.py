@@ -226,8 +226,9 @@ def test_kd_and_explanation_gradients_equal_finite_differences(arch, size):
 @pytest.mark.parametrize("arch,size", STUDENTS)
 def test_one_pass_equals_the_official_formulation(arch, size):
     """To float64 round-off, which these deep ReLU networks amplify more than B-cos networks from scratch (measured:
-    parameter gradients 1.1e-9 of their scale on the DenseNet, running variances 1.5e-12 on the EfficientNet)."""
-    assert_one_pass_equals_official(*_setup(arch, size, seed=1), grad_rel=1e-8, buffer_rtol=1e-10)
+    parameter gradients 1.1e-9 of their scale on the DenseNet, running variances 1.5e-12 and logits 1.5e-10 on the
+    EfficientNet, whose batch variances gte computes in two passes and the official modules with ``Tensor.var``)."""
+    assert_one_pass_equals_official(*_setup(arch, size, seed=1), grad_rel=1e-8, buffer_rtol=1e-10, value_rtol=1e-9)
 
 
 def test_e2kd_step_between_bcosified_models_equals_the_official_formulation():

@@ -221,15 +221,16 @@ def test_one_pass_equals_the_official_formulation(arch, size):
 
 
 def assert_one_pass_equals_official(model, x, t_logits, t_maps, classes, grad_rel: float = 1e-9,
-                                    buffer_rtol: float = 1e-12) -> None:
+                                    buffer_rtol: float = 1e-12, value_rtol: float = 1e-10) -> None:
     """One e2KD backward (λ = 3, T = 2) through the one pass and through the official formulation on a copy: the same
-    logits, maps, parameter gradients (to ``grad_rel`` of their scale) and running statistics."""
+    logits and maps (to ``value_rtol``), parameter gradients (to ``grad_rel`` of their scale) and running
+    statistics."""
     ref = copy.deepcopy(model)
     logits, maps = official_e2kd_backward(ref, x, classes, t_logits, t_maps, 3.0)
     f_logits, f_maps = logits_and_explanation(model, x, classes)
     (kd_loss(f_logits, t_logits, 2.0) + 3.0 * explanation_loss(f_maps, t_maps)).backward()
-    torch.testing.assert_close(f_logits, logits, rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(f_maps, maps, rtol=1e-9, atol=1e-13)
+    torch.testing.assert_close(f_logits, logits, rtol=value_rtol, atol=1e-12 * value_rtol / 1e-10)
+    torch.testing.assert_close(f_maps, maps, rtol=10 * value_rtol, atol=1e-13 * value_rtol / 1e-10)
     for (name, p), q in zip(ref.named_parameters(), model.parameters()):
         _assert_close_to_scale(q.grad, p.grad, grad_rel, name)
     for (name, b), c in zip(ref.named_buffers(), model.buffers()):
