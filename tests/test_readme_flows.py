@@ -173,3 +173,34 @@ def test_frozen_teaching_flow(workdir):
     assert "data.train: 1 shard(s), 16 samples" in out
     epochs = [json.loads(x) for x in Path("runs/frozen/metrics.jsonl").read_text().splitlines() if '"time_s"' in x]
     assert len(epochs) == 1 and epochs[0]["step"] == 4 and Path("runs/frozen/model.safetensors").is_file()
+
+
+def test_demo_seeds_compare_and_shortcut_flow(workdir):
+    """The demo section's lines as written: `gte distill --seeds` (2 seeds here, the demo at miniature size), the
+    `gte compare` line over its runs, and the `gte eval --shortcut background` line on seed 0's student, with the
+    shell's work (the cache variable, the globs) done here."""
+    import glob
+    import os
+
+    tiny = ["--set", "demo.n_teacher=64", "--set", "demo.n_distill=32", "--set", "demo.n_test=32",
+            "--set", "demo.teacher_epochs=1", "--set", "optim.epochs=1", "--set", "optim.batch_size=16"]
+    gte(readme_command("gte distill --seeds", **{"--seeds": "0,1"}) + tiny)
+    runs = sorted(glob.glob("runs/demo3/seed-*/*/"))
+    assert len(runs) == 4  # kd and e2kd for each seed
+    argv = readme_command("gte compare runs/demo3/seed-*/*/")
+    at = argv.index("runs/demo3/seed-*/*/")
+    out = gte(argv[:at] + runs + argv[at + 1:] + ["--json", "compare.json"])
+    assert "e2kd" in out and "McNemar" in out
+    result = json.loads(Path("compare.json").read_text())
+    assert sorted(result["methods"]) == ["e2kd", "kd"]
+    assert all(m["seeds"] == [0, 1] for m in result["methods"].values())
+    assert (Path("runs/demo3/compare") / "report.html").is_file()
+
+    cache = os.environ["GTE_HOME"] + "/demo"  # H="${GTE_HOME:-$HOME/.cache/gte}"/demo
+    readme_command('H="${GTE_HOME:-$HOME/.cache/gte}"/demo')
+    argv = readme_command("gte eval runs/demo3/seed-0/e2kd/model.safetensors")
+    argv = [a.replace("$H", cache) for a in argv]
+    argv = [(glob.glob(a) or [a])[0] if "teacher.safetensors" in a else a for a in argv]
+    out = gte(argv + ["--json", "shortcut.json"])
+    shortcut = json.loads(Path("shortcut.json").read_text())["shortcuts"]
+    assert "background" in json.dumps(shortcut) and "shortcut" in out
