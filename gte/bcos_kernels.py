@@ -82,6 +82,27 @@ def sum_to(t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     return t.sum(dims, keepdim=True) if dims else t
 
 
+_SLICES = 8  # the double backward's elementwise temporaries are built an eighth of the batch at a time
+
+
+def _slices(*ts: torch.Tensor) -> zip:
+    """Views of ``ts`` over the same ≤ 8 slices of the batch (dimension 0)."""
+    return zip(*(t.chunk(_SLICES) for t in ts))
+
+
+def _sum_prod_to(u: torch.Tensor, v: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """``sum_to(u · v, shape)``, the product formed one slice of the batch at a time (where ``shape`` keeps the batch
+    dimension): a temporary of an eighth of an activation instead of a whole one."""
+    if shape[0] != u.shape[0] or u.shape[0] == 1:
+        return sum_to(u * v, shape)
+    return torch.cat([sum_to(ui * vi, (len(ui), *shape[1:])) for ui, vi in _slices(u, v)])
+
+
+def _channel_dot(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``Σ_{n,h,w} u · v`` per channel, one slice of the batch at a time."""
+    return sum((ui * vi).sum((0, 2, 3)) for ui, vi in _slices(u, v))
+
+
 class ExplainConstant(torch.autograd.Function):
     """``a · s`` with ``s`` a dynamic factor (any broadcastable shape; generic ``b``, norms, the ViT)."""
 
@@ -181,13 +202,19 @@ class _ScaleGrad(torch.autograd.Function):
     @staticmethod
     def backward(ctx, gh: torch.Tensor):
         src, a, n, scale = ctx.saved_tensors
-        g = _rebuild(src, scale)
         first_order_only()
+        # two activation-sized buffers besides gh (was five): grad_a = gh·g·sign(a)/n is built in one buffer, g rebuilt
+        # into it in place; ∂h/∂n then is −Σ_c grad_a·a / n (sign(a)·a = |a|)
+        grad_a = grad_n = None
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            grad_a = a.sign().mul_(src)  # sign(a)·g·gh: the same bits as sign(a)·(g·gh), ±1 products being exact
+            if scale is not None:
+                grad_a.mul_(_c(scale))
+            grad_a.mul_(gh).div_(n)
+            if ctx.needs_input_grad[2]:
+                grad_n = _sum_prod_to(grad_a, a, n.shape).div_(n).neg_()
         grad_g = a.abs().div_(n).mul_(gh) if ctx.needs_input_grad[0] else None
-        t = gh * g
-        grad_a = a.sign().mul_(t).div_(n) if ctx.needs_input_grad[1] else None
-        grad_n = sum_to(t.mul_(a.abs()), n.shape).div_(n * n).neg_() if ctx.needs_input_grad[2] else None
-        return grad_g, grad_a, grad_n, None, None
+        return grad_g, grad_a if ctx.needs_input_grad[1] else None, grad_n, None, None
 
 
 def _c(t: torch.Tensor) -> torch.Tensor:
@@ -273,15 +300,18 @@ class _BNGrad(torch.autograd.Function):
         g, x, weight, r, mean, a, n = ctx.saved_tensors
         first_order_only()
         w = 1.0 if weight is None else weight
-        grad_g = gh * _c(w * r) if ctx.needs_input_grad[0] else None
-        t = (gh * g).sum((0, 2, 3))
+        t = _channel_dot(gh, g)
         grad_w = t * r if weight is not None and ctx.needs_input_grad[2] else None
         grad_x = grad_a = grad_n = None
         if ctx.needs_input_grad[1] or a is not None:
             grad_x = _var_grad(x, mean, -(w * t * r.pow(3)) / (x.numel() // x.shape[1]))
-        if a is not None:  # through x = a·|a|/n
-            grad_n = sum_to(grad_x * x, n.shape).div_(n).neg_()
-            grad_a, grad_x = grad_x.mul_(a.abs().div_(n)).mul_(2.0), None
+        if a is not None:  # through x = a·|a|/n, in grad_x's buffer
+            grad_n = _sum_prod_to(grad_x, x, n.shape).div_(n).neg_()
+            for gi, ai, ni in _slices(grad_x, a, n):
+                gi.mul_(ai.abs().div_(ni))
+            grad_a, grad_x = grad_x.mul_(2.0), None
+        # last: while grad_x / grad_a is built, gh is the only other activation-sized tensor alive
+        grad_g = gh * _c(w * r) if ctx.needs_input_grad[0] else None
         return grad_g, grad_x, grad_w, None, None, grad_a, grad_n
 
 
@@ -326,12 +356,13 @@ class _ConvInputGrad(torch.autograd.Function):
     @staticmethod
     def backward(ctx, gg: torch.Tensor):
         w, src, scale, a, n = ctx.saved_tensors
-        g = _rebuild(src, scale, *((None, None) if a is None else (a.detach(), n.detach())))
         first_order_only()
         stride, padding, dilation, groups = ctx.conv
-        grad_g = F.conv2d(gg, w, None, *ctx.conv) if ctx.needs_input_grad[0] else None
         grad_w = None
         if ctx.needs_input_grad[2]:  # <g, conv(gg, w)> is linear in w: the weight gradient of conv(gg, ·) at g
+            g = _rebuild(src, scale, *((None, None) if a is None else (a.detach(), n.detach())))
             grad_w = torch.ops.aten.convolution_backward(g, gg, w, None, stride, padding, dilation, False, [0, 0],
                                                          groups, [False, True, False])[1]
+            del g  # before grad_g is allocated
+        grad_g = F.conv2d(gg, w, None, *ctx.conv) if ctx.needs_input_grad[0] else None
         return grad_g, None, grad_w, None, None, None, None, None
