@@ -12,11 +12,12 @@ linear map, is the input gradient with every ``s`` held constant. Each function 
   official code. With ``exact=False`` (``distill.exp_grad = "detached"``, an ablation) ``s`` is detached there too:
   the gradient of the pip ``bcos`` package's explanation mode, which detaches the factors in the forward pass.
 
-The closed-gate results of the b = 2 scaling and of the batch norm are themselves functions (:class:`_ScaleGrad`,
-:class:`_BNGrad`) with hand-written derivatives in ``g``, ``a``/``x`` and the weight: the double backward recomputes
-``|a|/n`` or uses the saved ``1/σ`` instead of keeping autograd's chain of abs/div/var. The unit-norm convolution's
-input gradient (:class:`_ConvInputGrad`) takes its weight gradient from the native backward-weights kernel (autograd's
-own conv double backward computes it as a convolution of batch/channel-transposed tensors, ≈2× slower on CPU here).
+The closed-gate results are themselves differentiable functions with hand-written derivatives
+(:mod:`gte.bcos_grads`: the double-backward nodes and what they keep in memory). The unit-norm convolution's input
+gradient takes its weight gradient from the native backward-weights kernel (autograd's own conv double backward
+computes it as a convolution of batch/channel-transposed tensors, ≈2× slower on CPU here). Average pools
+(:class:`AvgPool`) keep their input's shape only: autograd's ``avg_pool2d`` saved the whole input, which its backward
+never reads (49 MiB for a B-cos ResNet's first pool at 224², batch 16).
 """
 
 from __future__ import annotations
@@ -26,6 +27,9 @@ from typing import Iterator
 
 import torch
 import torch.nn.functional as F
+
+from gte.bcos_grads import (BNGrad, ConvInputGrad, PoolGrad, Recipe, ScaleBNGrad, ScaleGrad, _c, _var_grad,
+                            first_order_only, pool_input_grad, sum_to)
 
 
 class Gate:
@@ -37,16 +41,16 @@ class Gate:
         self.exact = exact
         # the leaf W(x) is taken at: the final backward never needs its gradient, so it is not computed
         self.input = input
-        self._noted: tuple[torch.Tensor, tuple] | None = None
+        self._noted: tuple[torch.Tensor, Recipe] | None = None
         self.scaled: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # last b = 2 layer: (y, a, n)
 
-    def note(self, out: torch.Tensor, recipe: tuple) -> None:
+    def note(self, out: torch.Tensor, recipe: Recipe) -> None:
         """``out``, a closed-gate gradient just produced, can be rebuilt from ``recipe`` (tensors the double-backward
         graph keeps anyway). Its consumer, the next closed backward in the same layer, may then keep the recipe
         instead of ``out``, which is freed once W(x) is taken: one activation-sized tensor less per link."""
         self._noted = (out, recipe)
 
-    def recipe_for(self, g: torch.Tensor) -> tuple | None:
+    def recipe_for(self, g: torch.Tensor) -> Recipe | None:
         """The recipe of ``g`` if ``g`` is the tensor noted last (held alive until now, so equal memory means the
         same tensor), else None. Consumes the note."""
         noted, self._noted = self._noted, None
@@ -68,18 +72,6 @@ class Gate:
     def factor(self, s: torch.Tensor) -> torch.Tensor:
         """A dynamic factor as the closed-gate backward uses it."""
         return s if self.exact else s.detach()
-
-
-def first_order_only() -> None:
-    if torch.is_grad_enabled():
-        raise RuntimeError("gte.onepass: second-order gradients of the training logits are not supported "
-                           "(only W(x) is differentiable twice)")
-
-
-def sum_to(t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-    """Reduce ``t`` over the dimensions it was broadcast along to reach ``shape``."""
-    dims = [i for i, (n, m) in enumerate(zip(t.shape, shape)) if m == 1 and n != 1]
-    return t.sum(dims, keepdim=True) if dims else t
 
 
 class ExplainConstant(torch.autograd.Function):
@@ -124,7 +116,8 @@ class BcosScale2(torch.autograd.Function):
     """B-cos ``b = 2`` scaling, fused: ``y = a · s`` with ``s = |a| / n`` (``a`` = ŵ·x, ``n`` = patch norm ‖x‖).
 
     Saves ``a`` and ``n`` only (``s`` and ``y`` are recomputed: one pass each). Open gate:
-    ``∂y/∂a = 2s``, ``∂y/∂n = −a·s/n``; closed: ``g · s`` through :class:`_ScaleGrad` (exact) or with ``s`` detached.
+    ``∂y/∂a = 2s``, ``∂y/∂n = −a·s/n``; closed: ``g · s`` — exact, as one node with the batch norm that follows
+    (:class:`~gte.bcos_grads.ScaleBNGrad`) or alone (:class:`~gte.bcos_grads.ScaleGrad`), or with ``s`` detached.
     """
 
     @staticmethod
@@ -138,10 +131,7 @@ class BcosScale2(torch.autograd.Function):
         a, n = ctx.saved_tensors
         if not ctx.gate.open:  # W(x): s constant in the input derivative
             if ctx.gate.exact:
-                src, scale = ctx.gate.recipe_for(g) or (None, None)
-                h = _ScaleGrad.apply(g, a, n, src, scale)
-                ctx.gate.note(h, (g if src is None else src, scale, a, n))
-                return h, None, None
+                return _closed_scale(ctx.gate, g, a, n), None, None
             return g * a.detach().abs().div_(n.detach()), None, None
         first_order_only()
         s = a.abs().div_(n)
@@ -150,49 +140,24 @@ class BcosScale2(torch.autograd.Function):
         return grad_a, grad_n, None
 
 
-def _scaled(g: torch.Tensor, a: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
-    """``g · |a| / n``: the b = 2 layer's closed-gate gradient (also when rebuilt: the same expression, same bits)."""
-    return a.abs().div_(n).mul_(g)
+def _same(t: torch.Tensor, u: torch.Tensor) -> bool:
+    return t.data_ptr() == u.data_ptr() and t.shape == u.shape and t.stride() == u.stride()
 
 
-def _bn_scaled(g: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """``g · γr`` per channel: the batch norm's closed-gate gradient (also when rebuilt)."""
-    return g * _c(scale)
-
-
-def _rebuild(src: torch.Tensor, scale: torch.Tensor | None, a: torch.Tensor | None = None,
-             n: torch.Tensor | None = None) -> torch.Tensor:
-    """A gradient noted by :meth:`Gate.note`: ``src``, times the batch norm's ``γr`` and/or the scaling's ``|a|/n``."""
-    g = src if scale is None else _bn_scaled(src, scale)
-    return g if a is None else _scaled(g, a, n)
-
-
-class _ScaleGrad(torch.autograd.Function):
-    """``h = g · |a| / n`` (the closed-gate backward of :class:`BcosScale2`), differentiable in ``g``, ``a``, ``n``:
-    ``∂h/∂g = |a|/n``, ``∂h/∂a = g·sign(a)/n``, ``∂h/∂n = −g·|a|/n²``. With ``src`` (``g`` = ``src · scale`` per
-    channel, from the batch norm that follows the layer) it keeps ``src`` instead of ``g``."""
-
-    @staticmethod
-    def forward(ctx, g: torch.Tensor, a: torch.Tensor, n: torch.Tensor, src: torch.Tensor | None,
-                scale: torch.Tensor | None) -> torch.Tensor:
-        ctx.save_for_backward(g if src is None else src, a, n, scale)
-        return _scaled(g, a, n)
-
-    @staticmethod
-    def backward(ctx, gh: torch.Tensor):
-        src, a, n, scale = ctx.saved_tensors
-        g = _rebuild(src, scale)
-        first_order_only()
-        grad_g = a.abs().div_(n).mul_(gh) if ctx.needs_input_grad[0] else None
-        t = gh * g
-        grad_a = a.sign().mul_(t).div_(n) if ctx.needs_input_grad[1] else None
-        grad_n = sum_to(t.mul_(a.abs()), n.shape).div_(n * n).neg_() if ctx.needs_input_grad[2] else None
-        return grad_g, grad_a, grad_n, None, None
-
-
-def _c(t: torch.Tensor) -> torch.Tensor:
-    """A per-channel vector broadcast over N×C×H×W."""
-    return t[None, :, None, None]
+def _closed_scale(gate: Gate, g: torch.Tensor, a: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+    """The exact closed-gate backward of a b = 2 scaling: fused with the batch norm whose gradient ``g`` is (it noted
+    its parts and the same ``a``), else alone; notes how its output is rebuilt for the convolution below."""
+    rec = gate.recipe_for(g)
+    if rec is not None and rec.bn is not None and _same(rec.bn[5], a):
+        g_in, x, weight, r, mean = rec.bn[:5]
+        # g, the batch norm's output, passed detached: its node (and what it saved) is not kept
+        h = ScaleBNGrad.apply(g_in, a, n, weight, x, r, mean, rec.src if rec.pool else None, rec.pool, g.detach())
+        gate.note(h, Recipe(rec.src, rec.scale, a, n, rec.pool))
+        return h
+    src, scale, pool = (None, None, None) if rec is None else (rec.src, rec.scale, rec.pool)
+    h = ScaleGrad.apply(g, a, n, src, scale, pool)
+    gate.note(h, Recipe(g if src is None else src, scale, a, n, pool))
+    return h
 
 
 def channel_var_mean(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -207,7 +172,10 @@ def channel_var_mean(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 class BatchNormUncentered(torch.autograd.Function):
     """Training-mode uncentered batch norm ``y = γ · x · r (+ β)``, ``r = 1/√(Var_batch(x) + ε)``, fused.
 
-    Hand-written backward; gate closed: ``g · γ · r`` with ``r`` an explanation constant (:class:`_BNGrad` when exact).
+    Hand-written backward; gate closed: ``g · γ · r`` with ``r`` an explanation constant — exact through
+    :class:`~gte.bcos_grads.BNGrad`, or fused with the b = 2 scaling before it when ``x`` is that scaling's output
+    (``a, n`` given: the scaling's closed backward then builds :class:`~gte.bcos_grads.ScaleBNGrad` from what this
+    one notes, and the ``BNGrad`` node made here is dropped).
     """
 
     @staticmethod
@@ -230,12 +198,17 @@ class BatchNormUncentered(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g: torch.Tensor, _g_var: torch.Tensor):
         x, weight, r, mean, a, n = ctx.saved_tensors
+        none = (None,) * 6
         if not ctx.gate.open:  # W(x): r constant; γ stays differentiable (its gradient reaches γ in double backprop)
             if ctx.gate.exact:
-                h = _BNGrad.apply(g, x, weight, r, mean, a, n)
-                ctx.gate.note(h, (g, r if weight is None else weight.detach() * r))
-                return h, None, None, None, None, None, None
-            return g * _c(r if weight is None else weight * r), None, None, None, None, None, None
+                rec = ctx.gate.recipe_for(g)  # g an average pool's input gradient: keep the pool's input instead
+                pooled = rec is not None and rec.pool is not None and rec.scale is None and rec.a is None
+                h = BNGrad.apply(g, x, weight, r, mean)
+                scale = r if weight is None else weight.detach() * r
+                ctx.gate.note(h, Recipe(rec.src if pooled else g, scale, pool=rec.pool if pooled else None,
+                                        bn=None if a is None else (g, x, weight, r, mean, a, n)))
+                return h, *none
+            return g * _c(r if weight is None else weight * r), *none
         first_order_only()
         gx = (g * x).sum((0, 2, 3))  # Σ g·x per channel
         grad_w = gx * r if weight is not None and ctx.needs_input_grad[1] else None
@@ -245,49 +218,34 @@ class BatchNormUncentered(torch.autograd.Function):
             w = 1.0 if weight is None else weight
             grad_x = _var_grad(x, mean, -(w * gx * r.pow(3)) / (x.numel() // x.shape[1]))
             grad_x.addcmul_(g, _c(w * r))
-        return grad_x, grad_w, grad_b, None, None, None, None
+        return grad_x, grad_w, grad_b, *none[:4]
 
 
-def _var_grad(x: torch.Tensor, mean: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-    """``c · (x − μ)`` per channel: the input gradient through a batch variance, ``∂Var/∂x = 2(x − μ)/M``."""
-    return torch.addcmul(_c(-c * mean), x, _c(c))
-
-
-class _BNGrad(torch.autograd.Function):
-    """``h = g · γ · r(x)`` (the closed-gate backward of :class:`BatchNormUncentered`), differentiable in ``g``, ``x``
-    and ``γ``: ``∂r/∂x = −r³ (x − μ) / M`` per channel (M = N·H·W). ``r`` and ``μ`` are passed as values.
-
-    With ``a, n`` (``x`` is a b = 2 layer's output ``a·|a|/n``) the gradient in ``x`` goes straight to ``a`` and ``n``
-    (``∂x/∂a = 2|a|/n``, ``∂x/∂n = −x/n``): the final backward then sums it into ``a``'s gradient, which that layer
-    receives anyway, instead of holding one more activation-sized buffer for ``x`` until the ordinary backward
-    reaches the layer."""
+class AvgPool(torch.autograd.Function):
+    """``avg_pool2d`` that keeps only its input's shape (its input gradient needs no values); gate closed: the input
+    gradient as a differentiable :class:`~gte.bcos_grads.PoolGrad`, noted so that the layer below keeps ``g`` (the
+    smaller, pooled side) instead of its output."""
 
     @staticmethod
-    def forward(ctx, g: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, r: torch.Tensor,
-                mean: torch.Tensor, a: torch.Tensor | None, n: torch.Tensor | None) -> torch.Tensor:
-        ctx.save_for_backward(g, x, weight, r, mean, a, n)
-        return _bn_scaled(g, r if weight is None else weight.detach() * r)
+    def forward(ctx, x: torch.Tensor, args: tuple, gate: Gate) -> torch.Tensor:
+        channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+        ctx.gate, ctx.pool = gate, (tuple(x.shape), channels_last, *args)
+        return F.avg_pool2d(x, *args)
 
     @staticmethod
-    def backward(ctx, gh: torch.Tensor):
-        g, x, weight, r, mean, a, n = ctx.saved_tensors
+    def backward(ctx, g: torch.Tensor):
+        if not ctx.gate.open:
+            h = PoolGrad.apply(g, ctx.pool)
+            if ctx.gate.exact:
+                ctx.gate.note(h, Recipe(g, pool=ctx.pool))
+            return h, None, None
         first_order_only()
-        w = 1.0 if weight is None else weight
-        grad_g = gh * _c(w * r) if ctx.needs_input_grad[0] else None
-        t = (gh * g).sum((0, 2, 3))
-        grad_w = t * r if weight is not None and ctx.needs_input_grad[2] else None
-        grad_x = grad_a = grad_n = None
-        if ctx.needs_input_grad[1] or a is not None:
-            grad_x = _var_grad(x, mean, -(w * t * r.pow(3)) / (x.numel() // x.shape[1]))
-        if a is not None:  # through x = a·|a|/n
-            grad_n = sum_to(grad_x * x, n.shape).div_(n).neg_()
-            grad_a, grad_x = grad_x.mul_(a.abs().div_(n)).mul_(2.0), None
-        return grad_g, grad_x, grad_w, None, None, grad_a, grad_n
+        return pool_input_grad(g, ctx.pool), None, None
 
 
 class Conv2d(torch.autograd.Function):
-    """``conv2d(x, w)`` whose input gradient is :class:`_ConvInputGrad`, so that double backprop through W(x) gets the
-    weight gradient from the native backward-weights kernel. Gate closed: input gradient only."""
+    """``conv2d(x, w)`` whose input gradient is :class:`~gte.bcos_grads.ConvInputGrad`, so that double backprop
+    through W(x) gets the weight gradient from the native backward-weights kernel. Gate closed: input gradient only."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, w: torch.Tensor, conv: tuple, gate: Gate) -> torch.Tensor:
@@ -299,39 +257,12 @@ class Conv2d(torch.autograd.Function):
     def backward(ctx, g: torch.Tensor):
         x, w = ctx.saved_tensors
         if not ctx.gate.open:
-            recipe = (ctx.gate.recipe_for(g) if ctx.gate.exact else None) or ()
-            return _ConvInputGrad.apply(g, x, w, ctx.conv, *recipe, *(None,) * (4 - len(recipe))), None, None, None
+            rec = ctx.gate.recipe_for(g) if ctx.gate.exact else None
+            recipe = (None,) * 5 if rec is None else (rec.src, rec.scale, rec.a, rec.n, rec.pool)
+            return ConvInputGrad.apply(g, x, w, ctx.conv, *recipe), None, None, None
         first_order_only()
         stride, padding, dilation, groups = ctx.conv
         need_x = ctx.needs_input_grad[0] and not ctx.at_input
         gx, gw, _ = torch.ops.aten.convolution_backward(g, x, w, None, stride, padding, dilation, False, [0, 0],
                                                          groups, [need_x, ctx.needs_input_grad[1], False])
         return gx, gw, None, None
-
-
-class _ConvInputGrad(torch.autograd.Function):
-    """∂conv2d(x, w)/∂x applied to ``g`` (a transposed convolution), differentiable in ``g`` and ``w``. With a recipe
-    (``g`` noted by the scaling above it) it keeps the recipe's tensors instead of ``g`` and rebuilds ``g`` for its
-    weight gradient (two elementwise passes instead of an activation-sized tensor held until the final backward)."""
-
-    @staticmethod
-    def forward(ctx, g: torch.Tensor, x: torch.Tensor, w: torch.Tensor, conv: tuple, src: torch.Tensor | None,
-                scale: torch.Tensor | None, a: torch.Tensor | None, n: torch.Tensor | None) -> torch.Tensor:
-        ctx.conv = conv
-        ctx.save_for_backward(w, *((g, None, None, None) if src is None else (src, scale, a, n)))
-        stride, padding, dilation, groups = conv
-        return torch.ops.aten.convolution_backward(g, x, w, None, stride, padding, dilation, False, [0, 0], groups,
-                                                   [True, False, False])[0]
-
-    @staticmethod
-    def backward(ctx, gg: torch.Tensor):
-        w, src, scale, a, n = ctx.saved_tensors
-        g = _rebuild(src, scale, *((None, None) if a is None else (a.detach(), n.detach())))
-        first_order_only()
-        stride, padding, dilation, groups = ctx.conv
-        grad_g = F.conv2d(gg, w, None, *ctx.conv) if ctx.needs_input_grad[0] else None
-        grad_w = None
-        if ctx.needs_input_grad[2]:  # <g, conv(gg, w)> is linear in w: the weight gradient of conv(gg, ·) at g
-            grad_w = torch.ops.aten.convolution_backward(g, gg, w, None, stride, padding, dilation, False, [0, 0],
-                                                         groups, [False, True, False])[1]
-        return grad_g, None, grad_w, None, None, None, None, None

@@ -21,6 +21,12 @@ with glibc's mmap threshold fixed at 64 KiB (``MALLOC_MMAP_THRESHOLD_``), so tha
 at once: the peak RSS (``/proc/PID/statm``, sampled every millisecond by a helper process) during the step minus the
 RSS just before it. With glibc's default adaptive threshold freed blocks stay in the heap, and a row's figure depended
 on the rows before it (±40 %).
+
+The memory floor of live e2KD, stated as the time floor is: what the step must hold at least — the KD step's peak (the
+same forward's saved tensors, the ordinary backward) plus what the student's W(x) adds and keeps until the final
+backward (its double-backward graph, one gradient per layer, and the map). The last figure is a memory-only row
+(``exp_kept``: the memory after the student's forward + W(x) minus after its forward alone). Above the floor, the
+final backward holds a few gradients in flight at its largest layer (:mod:`gte.bcos_grads`).
 """
 
 from __future__ import annotations
@@ -48,6 +54,7 @@ from gte.engine import apply_run_options, build_models
 from gte.errors import GteError
 from gte.explain import choose_explainer, explain_with_logits
 from gte.methods import METHODS, Batch, Context, build_method
+from gte.methods.passes import StudentPass
 from gte.models import check_arch, info, to_model_input
 from gte.precompute import teacher_outputs
 from gte.validate import check_compilable_teacher
@@ -127,11 +134,12 @@ def peak_memory(step: Callable[[], None], device: torch.device) -> int:
     return mem.peak
 
 
-BenchRow = tuple[str, str, Callable[[int], None], int]  # key, label, step(index), steps per timed unit (K)
+# key, label, step(index), steps per timed unit (K); K = 0: a memory-only row, whose step returns the bytes it measured
+BenchRow = tuple[str, str, Callable[[int], Any], int]
 # the other registered methods get one row each (paper defaults; CRD with at most 4096 negatives), and CRD + e2KD
 OTHER_METHODS = [m for m in METHODS if m not in ("ce", "kd", "e2kd")] + ["crd+e2kd"]
-# the rows run_bench always times: the floor's, and the first three (its warm-up runs the third, e2KD live K=1)
-FLOOR_ROWS = ("ce", "kd", "e2kd_k1", "e2kd_frozen", "reference", "teacher_fwd", "teacher_explain")
+# the rows run_bench always runs: the floors', and the first three (its warm-up runs the third, e2KD live K=1)
+FLOOR_ROWS = ("ce", "kd", "e2kd_k1", "e2kd_frozen", "reference", "teacher_fwd", "teacher_explain", "exp_kept")
 
 
 def build_rows(recipe: Recipe, batch: int, precision: str, device: torch.device) -> tuple[list[BenchRow], dict[str, Any]]:
@@ -222,6 +230,19 @@ def build_rows(recipe: Recipe, batch: int, precision: str, device: torch.device)
         with autocast():
             explain_with_logits(teacher, t_in, None, explainer)
 
+    def explanation_kept(index: int) -> int:
+        """Bytes the student's W(x) of the teacher's top-1 class adds to its forward and keeps for the final backward
+        (memory-only row; the second of two calls is measured)."""
+        classes = t_logits.argmax(1)
+        for _ in range(2):
+            with autocast():
+                s = StudentPass(student, images, [], explainer)
+                before = _allocated(device)
+                maps = s.explain(classes)
+                kept = _allocated(device) - before
+            del s, maps
+        return max(kept, 0)
+
     def e2kd(teacher_model: nn.Module | None, **kw) -> Callable[[int], None]:
         return method_step(build_method(cfg(method="e2kd", **kw), student, teacher_model),
                            frozen if kw.get("frozen") else None)
@@ -240,6 +261,7 @@ def build_rows(recipe: Recipe, batch: int, precision: str, device: torch.device)
          1),
         ("teacher_fwd", "teacher forward (no grad)", teacher_forward, 1),
         ("teacher_explain", "teacher forward + " + ("W(x)" if explainer == "bcos" else "GradCAM"), teacher_explain, 1),
+        ("exp_kept", "student W(x): kept for the final backward", explanation_kept, 0),
     ]
     meta = {"student": recipe.student.arch, "teacher": recipe.teacher.arch, "explainer": explainer,
             "image_size": d.image_size, "batch": b, "precision": precision,
@@ -248,12 +270,23 @@ def build_rows(recipe: Recipe, batch: int, precision: str, device: torch.device)
     return rows, meta
 
 
+def _allocated(device: torch.device) -> int:
+    """Bytes allocated now: CUDA's allocator count, or the resident set on CPU (which follows live memory in the
+    memory process, :func:`cpu_memory_in_child`)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        return torch.cuda.memory_allocated(device)
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    return PeakMemory.rss()
+
+
 def memory_rows(rows: list[BenchRow], device: torch.device, console: Console) -> dict[str, float]:
-    """Peak MiB of each row's step (a K row: its guided step)."""
+    """Peak MiB of each row's step (a K row: its guided step; a memory-only row: what its step measures)."""
     out = {}
-    for key, label, step, _ in rows:
+    for key, label, step, cycle in rows:
         console.print(f"bench: memory of {label} …")
-        out[key] = peak_memory(lambda: step(0), device) / 2**20  # noqa: B023
+        out[key] = (step(0) if cycle == 0 else peak_memory(lambda: step(0), device)) / 2**20  # noqa: B023
     return out
 
 
@@ -307,6 +340,8 @@ def run_bench(recipe: Recipe, *, steps: int = 10, batch: int = 0, warmup: int = 
         for key, _, step in single:
             times[key] += time_steps(lambda: step(0), 1, 0, device)  # noqa: B023
     for key, label, step, cycle in rows_spec:
+        if cycle == 0:  # memory only
+            continue
         if cycle == 1:
             med = statistics.median(times[key])
             results[key] = {"name": label, "step_s": med, "img_per_s": b / med, "times_s": times[key]}
@@ -321,6 +356,7 @@ def run_bench(recipe: Recipe, *, steps: int = 10, batch: int = 0, warmup: int = 
     else:
         del rows_spec  # the child builds its own models
         memory = cpu_memory_in_child(recipe, b, precision)
+    kept = memory.pop("exp_kept", None)
     for key, mib in memory.items():
         if key in results:  # the CPU memory process measures every row
             results[key]["peak_mem_mib"] = mib
@@ -330,6 +366,11 @@ def run_bench(recipe: Recipe, *, steps: int = 10, batch: int = 0, warmup: int = 
     # the issue's floor for live e2KD: a KD step + the teacher's input gradient + the student's double backward
     floor = kd_t + (results["teacher_explain"]["step_s"] - results["teacher_fwd"]["step_s"]) + \
         (results["e2kd_frozen"]["step_s"] - ce_t)
+    memory_floor = {}
+    if kept is not None and "peak_mem_mib" in results["kd"]:
+        kd_m = results["kd"]["peak_mem_mib"]
+        memory_floor = {"peak_mem_mib": kd_m + kept, "x_kd": (kd_m + kept) / kd_m, "exp_kept_mib": kept,
+                        "formula": "KD's peak + what the student's W(x) keeps until the final backward"}
     return {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else
         f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads",
@@ -341,4 +382,5 @@ def run_bench(recipe: Recipe, *, steps: int = 10, batch: int = 0, warmup: int = 
         "torch": torch.__version__, "rows": rows,
         "floor": {"step_s": floor, "x_kd": floor / kd_t,
                   "formula": "KD + (teacher forward + explanation - teacher forward) + (e2KD frozen K=1 - CE)"},
+        "memory_floor": memory_floor,
     }

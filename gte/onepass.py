@@ -33,6 +33,7 @@ from typing import Callable, Iterator
 
 import torch
 import torch.nn as nn
+from torch.nn.modules.utils import _pair
 from bcos.models.vit import Attention
 from bcos.modules.bcosconv2d import BcosConv2d, NormedConv2d
 from bcos.modules.bcoslinear import BcosLinear
@@ -40,7 +41,8 @@ from bcos.modules.common import DetachableModule
 from bcos.modules.norms.centered_norms import DetachableLayerNorm
 from bcos.modules.norms.uncentered_norms.batchnorm_uncentered import BatchNormUncentered2d
 
-from gte.bcos_kernels import BatchNormUncentered, BcosScale2, Conv2d, ExplainConstant, ExplainConstantMatmul, Gate
+from gte.bcos_kernels import (AvgPool, BatchNormUncentered, BcosScale2, Conv2d, ExplainConstant, ExplainConstantMatmul,
+                              Gate)
 
 EXP_GRADS = ("exact", "detached")
 
@@ -120,6 +122,16 @@ def _attention_forward(module: Attention, gate: Gate, x: torch.Tensor) -> torch.
     return module.to_out(out.transpose(1, 2).flatten(2))
 
 
+def _avg_pool_forward(module: nn.AvgPool2d, gate: Gate, x: torch.Tensor) -> torch.Tensor:
+    """``nn.AvgPool2d`` through :class:`~gte.bcos_kernels.AvgPool` (batched N×C×H×W input; others as it is)."""
+    if x.dim() != 4:
+        return nn.AvgPool2d.forward(module, x)
+    k = _pair(module.kernel_size)
+    args = (k, _pair(module.stride) if module.stride else k, _pair(module.padding), module.ceil_mode,
+            module.count_include_pad, module.divisor_override)
+    return AvgPool.apply(x, args, gate)
+
+
 def _plain_normed_conv(m: nn.Module) -> bool:
     return (type(m) is NormedConv2d and m.bias is None and m.padding_mode == "zeros"
             and not isinstance(m.padding, str))
@@ -131,7 +143,7 @@ def _plain_conv(m: nn.Module) -> bool:
 
 
 def _gated_forward(m: nn.Module, gate: Gate) -> tuple[str, Callable] | None:
-    """The attribute to patch on ``m`` and its gated replacement (None: ``m`` has no dynamic factor)."""
+    """The attribute to patch on ``m`` and its gated replacement (None: ``m`` runs as it is)."""
     if type(m) is BcosConv2d:
         return "forward_impl", functools.partial(_bcos_forward, m, gate, m.calc_patch_norms)
     if type(m) is BcosLinear:  # bcos 0.1.3's BcosLinear computes in forward (it has no forward_impl)
@@ -142,6 +154,8 @@ def _gated_forward(m: nn.Module, gate: Gate) -> tuple[str, Callable] | None:
         return "forward", functools.partial(_layer_norm_forward, m, gate)
     if type(m) is Attention:
         return "forward", functools.partial(_attention_forward, m, gate)
+    if type(m) is nn.AvgPool2d:  # no dynamic factor: gated for memory (it keeps no input) and gradient recipes
+        return "forward", functools.partial(_avg_pool_forward, m, gate)
     return None
 
 

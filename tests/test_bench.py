@@ -40,6 +40,11 @@ def test_gte_bench_runs_all_rows(tmp_path):
     # memory comes from a separate process; explanation steps keep the double-backward graph on top of KD's
     assert all(x["peak_mem_mib"] > 0 for x in rows.values())
     assert rows["e2kd_frozen"]["peak_mem_mib"] > rows["ce"]["peak_mem_mib"]
+    # the memory floor: KD's peak + what the student's W(x) keeps for the final backward (a memory-only row)
+    m = res["memory_floor"]
+    assert "exp_kept" not in rows and m["exp_kept_mib"] > 0
+    assert abs(m["peak_mem_mib"] - rows["kd"]["peak_mem_mib"] - m["exp_kept_mib"]) < 1e-9
+    assert "memory floor for e2KD live" in r.stdout
     f = res["floor"]
     want = rows["kd"]["step_s"] + rows["teacher_explain"]["step_s"] - rows["teacher_fwd"]["step_s"] + \
         rows["e2kd_frozen"]["step_s"] - rows["ce"]["step_s"]

@@ -32,17 +32,17 @@ from gte.methods import Batch
 from gte.methods.e2kd import E2KD
 from gte.models import build_model, info, to_model_input
 from gte.onepass import logits_and_explanation
-from tests.test_onepass import OddBcos
+from tests.test_onepass import TEST_NETS
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-CASES = [("bcos_cifar_resnet20", 16), ("bcos_resnet18", 32), ("bcos_densenet121", 32),
+CASES = [("bcos_cifar_resnet20", 16), ("bcos_resnet18", 32), ("bcos_densenet121", 32), ("pooled", 20),
          ("bcos_vit_ti_patch16_224", 32)]
 
 
 def _setup(arch: str, size: int, seed: int = 0):
     torch.manual_seed(seed)
-    model = (OddBcos() if arch == "odd" else build_model(arch, 10)).double().train()
+    model = (TEST_NETS[arch]() if arch in TEST_NETS else build_model(arch, 10)).double().train()
     x = torch.rand(3, 6, size, size, dtype=torch.float64)
     t_logits = torch.randn(3, 10, dtype=torch.float64)
     t_maps = torch.randn_like(x)
@@ -210,7 +210,8 @@ def _assert_close_to_scale(got: torch.Tensor, want: torch.Tensor, rel: float, na
 
 
 @pytest.mark.parametrize("arch,size", [("bcos_cifar_resnet20", 16), ("bcos_resnet18", 32),
-                                       ("bcos_densenet121", 32), ("odd", 12), ("bcos_vit_ti_patch16_224", 32)])
+                                       ("bcos_densenet121", 32), ("odd", 12), ("pooled", 20),
+                                       ("bcos_vit_ti_patch16_224", 32)])
 def test_one_pass_equals_the_official_formulation(arch, size):
     model, x, t_logits, t_maps, classes = _setup(arch, size, seed=1)
     with torch.no_grad():

@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn as nn
 from bcos.common import explanation_mode
+from bcos.models.resnet import BasicBlock
 from bcos.modules.bcosconv2d import BcosConv2d
 from bcos.modules.logitlayer import LogitLayer
 from bcos.modules.norms.uncentered_norms.batchnorm_uncentered import (
@@ -35,9 +36,24 @@ class OddBcos(nn.Sequential):
             BcosConv2d(8, 10, 1, b=2), nn.AdaptiveAvgPool2d(1), nn.Flatten(), LogitLayer(logit_bias=-2.0))
 
 
+class PooledBcos(nn.Sequential):
+    """The average pools of gte's registry CNNs around B-cos layers: a b = 2 layer whose batch norm (affine or not)
+    a pool follows, a pool between a b = 2 layer and its batch norm, residual blocks (one with a strided shortcut)."""
+
+    def __init__(self, width: int = 8):
+        w = width
+        super().__init__(
+            BcosConv2d(6, w, 3, padding=1), BatchNormUncentered2d(w, affine=False), nn.AvgPool2d(3, 2, 1),
+            BcosConv2d(w, w, 3, padding=1), nn.AvgPool2d(2), BatchNormUncentered2d(w),
+            BasicBlock(w, w, norm_layer=BatchNormUncentered2d),
+            BasicBlock(w, 16, 2, nn.Sequential(BcosConv2d(w, 16, 1, stride=2), BatchNormUncentered2d(16)),
+                       norm_layer=BatchNormUncentered2d),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10))
+
+
 def _models(arch: str):
-    if arch == "odd":
-        model = OddBcos()
+    if arch in TEST_NETS:
+        model = TEST_NETS[arch]()
     else:
         model = build_model(arch, 10)
     model = model.double().train()
@@ -61,6 +77,9 @@ def running_stats_frozen(model):
             m.track_running_stats = True
 
 
+TEST_NETS = {"odd": OddBcos, "pooled": PooledBcos}
+
+
 def _two_pass(model, x, classes, t_logits, t_maps, lam):
     logits = model(x)
     xe = x.clone().requires_grad_(True)
@@ -71,7 +90,7 @@ def _two_pass(model, x, classes, t_logits, t_maps, lam):
 
 
 @pytest.mark.parametrize("arch,size", [("bcos_cifar_resnet20", 16), ("bcos_resnet18", 48), ("odd", 12),
-                                       ("bcos_vit_ti_patch16_224", 32)])
+                                       ("pooled", 20), ("bcos_vit_ti_patch16_224", 32)])
 @pytest.mark.parametrize("lam", [0.0, 3.0])
 def test_detached_ablation_equals_normal_forward_plus_explanation_mode_pass(arch, size, lam):
     torch.manual_seed(0)
@@ -140,7 +159,7 @@ def test_every_bcos_model_has_the_one_pass_and_cnns_the_fused_layers():
     assert E2KD(DistillConfig(method="e2kd"), vit, None).explanation.explainer == "bcos"
 
 
-@pytest.mark.parametrize("arch,size", [("bcos_resnet18", 48), ("odd", 12)])
+@pytest.mark.parametrize("arch,size", [("bcos_resnet18", 48), ("odd", 12), ("pooled", 20)])
 def test_fused_layers_match_bcos_in_training(arch, size):
     """CE/KD steps run the student through the fused layers: same logits, gradients and running statistics."""
     torch.manual_seed(3)

@@ -50,6 +50,12 @@ def bench_command(recipe_name: str = RecipeOpt, set_: Optional[List[str]] = SetO
     out.print(f"floor for e2KD live K=1 ({floor['formula']}): {1000 * floor['step_s']:.1f} ms = "
               f"{floor['x_kd']:.2f}× KD; measured {live['x_kd']:.2f}× KD, "
               f"{100 * (live['step_s'] / floor['step_s'] - 1):+.0f} % over the floor", highlight=False)
+    mem_floor, kd = result.get("memory_floor"), next(r for r in result["rows"] if r["key"] == "kd")
+    if mem_floor and "peak_mem_mib" in live:
+        out.print(f"memory floor for e2KD live ({mem_floor['formula']}): {mem_floor['peak_mem_mib']:.0f} MiB = "
+                  f"{mem_floor['x_kd']:.2f}× KD; measured {live['peak_mem_mib'] / kd['peak_mem_mib']:.2f}× KD, "
+                  f"{100 * (live['peak_mem_mib'] / mem_floor['peak_mem_mib'] - 1):+.0f} % over the floor",
+                  highlight=False)
     out.print(f"memory: {result['memory']}", highlight=False)
     for name, why in result.get("skipped", {}).items():
         out.print(f"not run: {why}" if why.startswith(name) else f"not run: {name}: {why}", highlight=False)
