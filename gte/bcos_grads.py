@@ -19,7 +19,7 @@ Memory (B-cos ResNet-18, 224², batch 16, fp32; torch profiler's CPU allocation 
   input and an output gradient and left two gradients of ``a`` to be summed; one node leaves one. −49 MiB at the
   step's peak, which is the final backward at the first layer (112², 64 channels: 49 MiB per tensor).
 - **Few temporaries.** Each backward builds its outputs in place and forms elementwise products one slice of the
-  batch at a time (``_SLICES``): the first layer's nodes held five activation-sized temporaries (245 MiB), now two.
+  batch at a time (``_slices``): the first layer's nodes held five activation-sized temporaries (245 MiB), now two.
 """
 
 from __future__ import annotations
@@ -29,7 +29,10 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-_SLICES = 8  # elementwise temporaries are formed an eighth of the batch at a time
+# elementwise temporaries are formed a slice of the batch at a time: slices of about this many elements (8 MiB of
+# fp32), at most 8 — small layers in one piece (each slice is one more op to launch)
+_SLICE_NUMEL = 1 << 21
+_MAX_SLICES = 8
 
 
 def first_order_only() -> None:
@@ -50,13 +53,14 @@ def _c(t: torch.Tensor) -> torch.Tensor:
 
 
 def _slices(*ts: torch.Tensor) -> zip:
-    """Views of ``ts`` over the same ≤ 8 slices of the batch (dimension 0)."""
-    return zip(*(t.chunk(_SLICES) for t in ts))
+    """Views of ``ts`` over the same slices of the batch (dimension 0), as many as the first one's size asks."""
+    n = min(_MAX_SLICES, len(ts[0]), -(-ts[0].numel() // _SLICE_NUMEL))
+    return zip(*(t.chunk(n) for t in ts))
 
 
 def _sum_prod_to(u: torch.Tensor, v: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     """``sum_to(u · v, shape)``, the product formed one slice of the batch at a time where ``shape`` keeps the batch
-    dimension (a temporary of an eighth of an activation instead of a whole one)."""
+    dimension (a temporary of a slice instead of a whole activation)."""
     if shape[0] != u.shape[0] or u.shape[0] == 1:
         return sum_to(u * v, shape)
     return torch.cat([sum_to(ui * vi, (len(ui), *shape[1:])) for ui, vi in _slices(u, v)])

@@ -10,10 +10,11 @@ A step = forward, backward and an Adam update of the student on one fixed random
 the cost does not depend on the weights; no data loading is timed — for frozen e2KD the stored logits/map are
 computed once beforehand, as ``gte precompute`` would). Each row runs ``warmup`` untimed steps; then ``steps`` rounds
 time one step of every row in turn (interleaved, so that a slow spell of a shared machine hits all rows alike); the
-median step time gives img/s. K = 16 rows time one whole guided interval (steps 0..15: one guided step, 15
-plain KD steps) and report its mean step. The teacher rows (forward; forward + W(x)) give the floor the issue sets for
-live e2KD: KD + the teacher's input gradient + the student's double backward (frozen e2KD K=1 minus CE).
-``precision="bf16"`` runs every forward under ``torch.autocast(bfloat16)`` (CPUs with AMX/AVX512-BF16, GPUs).
+median step time gives img/s. K = 16 rows time one whole guided interval per round (steps 0..15: one guided step,
+15 plain KD steps) and report the median over rounds of its mean step. The teacher rows (forward; forward + W(x))
+give the floor the issue sets for live e2KD: KD + the teacher's input gradient + the student's double backward
+(frozen e2KD K=1 minus CE). ``precision="bf16"`` runs every forward under ``torch.autocast(bfloat16)`` (CPUs with
+AMX/AVX512-BF16, GPUs).
 
 Memory is measured after all timing, one step per row after a warm one: on GPU, ``torch.cuda.max_memory_allocated``
 during the step minus what was allocated before it (the step's transient tensors). On CPU, in a second process started
@@ -330,25 +331,22 @@ def run_bench(recipe: Recipe, *, steps: int = 10, batch: int = 0, warmup: int = 
     results: dict[str, dict[str, Any]] = {}
     for i in range(2):  # first steps pay one-off costs (allocator, kernels, compilation): not any row's
         rows_spec[2][2](i)
-    single = [(key, label, step) for key, label, step, cycle in rows_spec if cycle == 1]
-    for _, label, step in single:
-        console.print(f"bench: warm-up {label} …")
-        time_steps(lambda: step(0), 0, warmup, device)  # noqa: B023
-    times: dict[str, list[float]] = {key: [] for key, _, _ in single}
+    timed = [row for row in rows_spec if row[3] > 0]  # a memory-only row (K = 0) is not timed
+    for _, label, step, cycle in timed:
+        if cycle == 1:
+            console.print(f"bench: warm-up {label} …")
+            time_steps(lambda: step(0), 0, warmup, device)  # noqa: B023
+    times: dict[str, list[float]] = {key: [] for key, *_ in timed}
     for r in range(steps):  # interleaved rounds: a slow spell of a shared machine hits every row alike
         console.print(f"bench: round {r + 1}/{steps} …")
-        for key, _, step in single:
-            times[key] += time_steps(lambda: step(0), 1, 0, device)  # noqa: B023
-    for key, label, step, cycle in rows_spec:
-        if cycle == 0:  # memory only
-            continue
-        if cycle == 1:
-            med = statistics.median(times[key])
-            results[key] = {"name": label, "step_s": med, "img_per_s": b / med, "times_s": times[key]}
-        else:  # one whole guided interval, steps 0..K-1 (step 0 guided), after the rows above warmed every path
-            console.print(f"bench: {label} …")
-            t = time_steps(lambda: [step(i) for i in range(cycle)], 1, 0, device)[0] / cycle  # noqa: B023
-            results[key] = {"name": label, "step_s": t, "img_per_s": b / t, "times_s": [t]}
+        for key, _, step, cycle in timed:
+            # a K row: one whole guided interval, steps 0..K-1 (step 0 guided), its mean step (the K = 1 rows
+            # before it warmed every path); each round, like the others — one interval timed once had varied ±5 %
+            t = time_steps(lambda: [step(i) for i in range(cycle)], 1, 0, device)[0]  # noqa: B023
+            times[key].append(t / cycle)
+    for key, label, *_ in timed:
+        med = statistics.median(times[key])
+        results[key] = {"name": label, "step_s": med, "img_per_s": b / med, "times_s": times[key]}
     if not measure_memory:
         memory = {}
     elif device.type == "cuda":

@@ -36,7 +36,7 @@ def test_gte_bench_runs_all_rows(tmp_path):
         assert name in r.stdout, (name, r.stdout)
     assert res["batch"] == 4 and all(x["step_s"] > 0 and x["img_per_s"] > 0 for x in rows.values())
     assert rows["ce"]["x_ce"] == 1.0 and rows["kd"]["x_kd"] == 1.0 and rows["reference"]["speedup_vs_reference"] == 1.0
-    assert all(len(x["times_s"]) == (1 if k.endswith("k16") else 3) for k, x in rows.items())
+    assert all(len(x["times_s"]) == 3 for x in rows.values())  # K = 16 rows too: one interval per round
     # memory comes from a separate process; explanation steps keep the double-backward graph on top of KD's
     assert all(x["peak_mem_mib"] > 0 for x in rows.values())
     assert rows["e2kd_frozen"]["peak_mem_mib"] > rows["ce"]["peak_mem_mib"]

@@ -141,7 +141,7 @@ class ABF(nn.Module):
         a = torch.einsum("oc,nchw->nohw", w[:, :c], x)
         a = a + _nearest_up(torch.einsum("oc,nchw->nohw", w[:, c:], residual), x.shape[-2:])
         gates = torch.sigmoid(a + conv.bias[None, :, None, None])
-        return torch.addcmul(x * gates[:, :1], _nearest_up(residual, x.shape[-2:]), gates[:, 1:])
+        return (x * gates[:, :1]).addcmul_(_nearest_up(residual, x.shape[-2:]), gates[:, 1:])
 
 
 class ReviewKDHeads(nn.Module):
