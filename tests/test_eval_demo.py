@@ -90,10 +90,10 @@ def test_gte_eval_reproduces_demo_evaluation_and_report(tmp_path):
         assert cli["image_size"] == 32 and cli["eval_resize"] == 32 and cli["n"] == 80
         assert_rows_equal(_row(cli), demo_row)
     page = tmp_path / "report" / "report.html"
-    assert len(check_html_images(page)) == 2  # per-group bars, explanation grid (no --shift: no curve)
+    assert len(check_html_images(page)) == 3  # per-group bars, reliability diagram, explanation grid (no --shift)
     if CHROMIUM:
         loaded, total, _ = chromium_loaded_images(page, tmp_path)
-        assert loaded == total == 2
+        assert loaded == total == 3
 
 
 @pytest.mark.slow
