@@ -114,4 +114,5 @@ def test_gte_eval_on_real_demo_outputs(tmp_path):
         row = next(v for k, v in table.items() if k.startswith(f"{name} "))
         assert [round(100 * _row(cli)[k], 1) for k in ROW_KEYS] == [round(100 * row[k], 1) for k in ROW_KEYS]
         print(name, {k: round(100 * v, 1) for k, v in _row(cli).items()}, "epg", round(100 * cli["epg"], 1))
-        assert len(check_html_images(tmp_path / f"report-{name}" / "report.html")) == 3  # + shift curve
+        # + shift curve, reliability diagram, training curves (the run's metrics.jsonl)
+        assert len(check_html_images(tmp_path / f"report-{name}" / "report.html")) == 5
