@@ -299,16 +299,19 @@ from gte.config import from_dict
 job = json.loads(sys.stdin.read())
 torch.set_num_threads(job["threads"])
 rows, _ = build_rows(from_dict(job["recipe"]), job["batch"], job["precision"], torch.device("cpu"))
+rows = [r for r in rows if job["keep"] is None or r[0] in job["keep"]]
 print(json.dumps(memory_rows(rows, torch.device("cpu"), Console(stderr=True))))
 """
 
 
-def cpu_memory_in_child(recipe: Recipe, batch: int, precision: str) -> dict[str, float]:
+def cpu_memory_in_child(recipe: Recipe, batch: int, precision: str,
+                        keep: Collection[str] | None = None) -> dict[str, float]:
     """CPU memory rows in a fresh process started with glibc's mmap threshold fixed at 64 KiB: every tensor gets its
     own mapping and leaves the RSS when freed, so RSS follows live memory (in-process, glibc's adaptive threshold kept
     freed blocks in the heap and a row's figure depended on the rows before it; the fixed threshold makes steps ~1.5×
     slower, hence not the timing process)."""
-    job = {"recipe": recipe.to_dict(), "batch": batch, "precision": precision, "threads": torch.get_num_threads()}
+    job = {"recipe": recipe.to_dict(), "batch": batch, "precision": precision, "threads": torch.get_num_threads(),
+           "keep": None if keep is None else sorted(keep)}
     r = subprocess.run([sys.executable, "-c", _MEMORY_CHILD], input=json.dumps(job), text=True,
                        stdout=subprocess.PIPE, env={**os.environ, "MALLOC_MMAP_THRESHOLD_": str(64 * 1024)})
     if r.returncode != 0:
@@ -324,8 +327,12 @@ def run_bench(recipe: Recipe, *, steps: int = 10, batch: int = 0, warmup: int = 
     console = console or Console(stderr=True)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     rows_spec, meta = build_rows(recipe, batch, precision, device)
-    if only is not None:
-        keep = {*only, *FLOOR_ROWS}
+    keep = None if only is None else {*(k.replace("+", "_") for k in only), *FLOOR_ROWS}
+    if keep is not None:
+        unknown = keep - {r[0] for r in rows_spec} - {k.replace("+", "_") for k in meta["skipped"]}
+        if unknown:
+            raise GteError(f"gte bench has no row {', '.join(sorted(unknown))}; rows: "
+                           f"{', '.join(r[0] for r in rows_spec if r[0] not in FLOOR_ROWS)}")
         rows_spec = [r for r in rows_spec if r[0] in keep]
     b = meta["batch"]
     results: dict[str, dict[str, Any]] = {}
@@ -353,7 +360,7 @@ def run_bench(recipe: Recipe, *, steps: int = 10, batch: int = 0, warmup: int = 
         memory = memory_rows(rows_spec, device, console)
     else:
         del rows_spec  # the child builds its own models
-        memory = cpu_memory_in_child(recipe, b, precision)
+        memory = cpu_memory_in_child(recipe, b, precision, keep)
     kept = memory.pop("exp_kept", None)
     for key, mib in memory.items():
         if key in results:  # the CPU memory process measures every row
@@ -364,6 +371,10 @@ def run_bench(recipe: Recipe, *, steps: int = 10, batch: int = 0, warmup: int = 
     # the issue's floor for live e2KD: a KD step + the teacher's input gradient + the student's double backward
     floor = kd_t + (results["teacher_explain"]["step_s"] - results["teacher_fwd"]["step_s"]) + \
         (results["e2kd_frozen"]["step_s"] - ce_t)
+    # the floor is a sum of five measured rows, so its noise is theirs added up: per round, live e2KD ÷ that round's
+    # floor shows how far one run's "over the floor" can move on this machine
+    per_round = [times["e2kd_k1"][i] / (times["kd"][i] + times["teacher_explain"][i] - times["teacher_fwd"][i]
+                                        + times["e2kd_frozen"][i] - times["ce"][i]) for i in range(steps)]
     memory_floor = {}
     if kept is not None and "peak_mem_mib" in results["kd"]:
         kd_m = results["kd"]["peak_mem_mib"]
@@ -378,7 +389,7 @@ def run_bench(recipe: Recipe, *, steps: int = 10, batch: int = 0, warmup: int = 
                    else "peak RSS (/proc/PID/statm sampled every 1 ms by a helper process) during one step minus RSS "
                         "before it, in a process started with glibc's mmap threshold fixed at 64 KiB"),
         "torch": torch.__version__, "rows": rows,
-        "floor": {"step_s": floor, "x_kd": floor / kd_t,
+        "floor": {"step_s": floor, "x_kd": floor / kd_t, "live_over_floor_per_round": per_round,
                   "formula": "KD + (teacher forward + explanation - teacher forward) + (e2KD frozen K=1 - CE)"},
         "memory_floor": memory_floor,
     }

@@ -49,6 +49,35 @@ def test_gte_bench_runs_all_rows(tmp_path):
     want = rows["kd"]["step_s"] + rows["teacher_explain"]["step_s"] - rows["teacher_fwd"]["step_s"] + \
         rows["e2kd_frozen"]["step_s"] - rows["ce"]["step_s"]
     assert abs(f["step_s"] - want) < 1e-12 and abs(f["x_kd"] - want / rows["kd"]["step_s"]) < 1e-12
+    # per round: live e2KD ÷ the floor of that round's five rows
+    t = {k: x["times_s"] for k, x in rows.items()}
+    for i, ratio in enumerate(f["live_over_floor_per_round"]):
+        floor_i = t["kd"][i] + t["teacher_explain"][i] - t["teacher_fwd"][i] + t["e2kd_frozen"][i] - t["ce"][i]
+        assert abs(ratio - t["e2kd_k1"][i] / floor_i) < 1e-12
+    assert "% over the floor (per round: " in r.stdout
+
+
+def test_bench_only_runs_the_named_rows_and_the_floors():
+    import pytest
+    import torch
+
+    from gte.bench import run_bench
+    from gte.config import from_dict
+    from gte.errors import GteError
+
+    recipe = from_dict({"data": {"num_classes": 4, "image_size": 16}, "teacher": {"arch": "bcos_cifar_resnet20"},
+                        "student": {"arch": "bcos_cifar_resnet20"}, "optim": {"batch_size": 2}})
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        res = run_bench(recipe, steps=1, only=["dkd", "crd+e2kd"], measure_memory=False)
+        with pytest.raises(GteError, match="gte bench has no row dkdd; rows: e2kd_k16"):
+            run_bench(recipe, steps=1, only=["dkdd"], measure_memory=False)
+    finally:
+        torch.set_num_threads(threads)
+    assert {x["key"] for x in res["rows"]} == {"ce", "kd", "e2kd_k1", "e2kd_frozen", "reference", "teacher_fwd",
+                                               "teacher_explain", "dkd", "crd_e2kd"}
+    assert len(res["floor"]["live_over_floor_per_round"]) == 1
 
 
 def test_gte_bench_rejects_unknown_precision(tmp_path):

@@ -21,6 +21,10 @@ def bench_command(recipe_name: str = RecipeOpt, set_: Optional[List[str]] = SetO
           warmup: int = typer.Option(1, "--warmup", help="Untimed steps per row first."),
           precision: str = typer.Option("fp32", "--precision", help="fp32 or bf16 (autocast)."),
           json_out: Optional[str] = typer.Option(None, "--json", help="Also write the results as JSON."),
+          only: Optional[str] = typer.Option(None, "--only", help="Only these rows (comma-separated keys: "
+                                             "e2kd_k16, e2kd_frozen_k16, dkd, reviewkd, crd_e2kd, …) besides "
+                                             "those of the floors (CE, KD, e2KD K=1, frozen K=1, reference, "
+                                             "teacher)."),
           suite: Optional[str] = typer.Option(None, "--suite", help="gpu: the GPU checks and figures in one run, "
                                               "written to --out (benchmarks/README.md); its own models and sizes."),
           device: str = typer.Option("auto", "--device", help="--suite: cuda, or cpu for a dry run at tiny sizes."),
@@ -30,7 +34,7 @@ def bench_command(recipe_name: str = RecipeOpt, set_: Optional[List[str]] = SetO
                                        "skipped and listed (0 = 420 on CUDA).")) -> None:
     """Time one training step of CE, KD, e2KD live and frozen (K=1, K=16) and a reference e2KD step."""
     if suite is not None:
-        if recipe_name != "demo" or set_ or json_out or (steps, batch, warmup, precision) != (10, 0, 1, "fp32"):
+        if recipe_name != "demo" or set_ or json_out or only or (steps, batch, warmup, precision) != (10, 0, 1, "fp32"):
             raise GteError("--suite runs its own models and sizes: it takes --device, --out and --budget only")
         from gte.commands.bench_suite import suite_command
 
@@ -42,14 +46,17 @@ def bench_command(recipe_name: str = RecipeOpt, set_: Optional[List[str]] = SetO
     from gte.bench import run_bench
     from gte.io import atomic_write_json
 
+    keys = None if only is None else [k.strip() for k in only.split(",") if k.strip()]
     result = run_bench(recipe(recipe_name, set_), steps=steps, batch=batch, warmup=warmup, precision=precision,
-                       console=err)
+                       console=err, only=keys)
     out = Console()
     out.print(table(result))
     live, floor = next(r for r in result["rows"] if r["key"] == "e2kd_k1"), result["floor"]
     out.print(f"floor for e2KD live K=1 ({floor['formula']}): {1000 * floor['step_s']:.1f} ms = "
               f"{floor['x_kd']:.2f}× KD; measured {live['x_kd']:.2f}× KD, "
-              f"{100 * (live['step_s'] / floor['step_s'] - 1):+.0f} % over the floor", highlight=False)
+              f"{100 * (live['step_s'] / floor['step_s'] - 1):+.0f} % over the floor (per round: "
+              f"{', '.join(f'{100 * (x - 1):+.0f} %' for x in floor['live_over_floor_per_round'])})",
+              highlight=False)
     mem_floor, kd = result.get("memory_floor"), next(r for r in result["rows"] if r["key"] == "kd")
     if mem_floor and "peak_mem_mib" in live:
         out.print(f"memory floor for e2KD live ({mem_floor['formula']}): {mem_floor['peak_mem_mib']:.0f} MiB = "
