@@ -156,6 +156,15 @@ def test_help_lists_commands(tmp_path):
     assert "Traceback" not in res.stderr
 
 
+def test_a_recipe_error_answers_without_importing_torch(tmp_path):
+    """A mistyped key or a missing recipe is the commonest error: it is said before torch's ~3 s import."""
+    code = ("import sys; from gte.cli import main; sys.argv = ['gte', 'distill', '--set', 'optim.lrr=1']\n"
+            "try:\n    main()\nexcept SystemExit as e:\n    print(e.code, 'torch' in sys.modules)")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=60)
+    assert res.stdout.split() == ["2", "False"], (res.stdout, res.stderr)
+    assert "optim.lrr" in res.stderr
+
+
 def test_no_arguments_shows_help(tmp_path):
     res = run_gte([], tmp_path, tmp_path, timeout=60)
     assert res.returncode in (0, 2)

@@ -21,10 +21,12 @@ def recipe(name: str, overrides: Optional[List[str]], out: Optional[Path] = None
     """The recipe ``name`` (shipped or a file) with ``--set`` overrides and ``--out``; for a dry run, values out of
     range are left for its list of problems instead of stopping at the first."""
     from gte.config import load_recipe
-    from gte.methods import resolve
 
     r = load_recipe(name, overrides, check_ranges=not dry_run)
-    r.distill = resolve(r.distill)  # the method's settings for keys the recipe leaves to it: shown and written out
+    if r.distill.logit_std:  # only then does a method fill keys; importing the methods imports torch (~3 s)
+        from gte.methods import resolve
+
+        r.distill = resolve(r.distill)  # the method's settings for keys the recipe leaves to it: shown and written out
     if out is not None:
         r.run.out = str(out)
     return r
