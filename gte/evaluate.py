@@ -186,6 +186,7 @@ def run_eval(model: nn.Module, spec: str, *, data: DataConfig, teacher: nn.Modul
     shortcut_left = -(-o.shortcut_samples // world) if o.shortcut_samples else -1  # -1: every sample
     loader = make_loader(spec, train=False, image_size=data.image_size, eval_resize=data.eval_resize,
                          interpolation=data.interpolation, reduced_decode=data.reduced_decode,
+                         decode_margin=data.decode_margin,
                          batch_size=o.batch_size, num_workers=min(data.num_workers, 2), world_size=world, rank=rank)
     try:
         for batch in loader:

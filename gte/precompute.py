@@ -82,7 +82,7 @@ def precompute(recipe: Recipe, out: str | Path, *, map_scale: int = 1, batch_siz
     if rank == 0:
         write_info(out, meta)
     transform = SampleTransform(False, d.image_size, d.eval_resize, interpolation=d.interpolation,
-                                reduced_decode=d.reduced_decode)
+                                reduced_decode=d.reduced_decode, decode_margin=d.decode_margin)
     bs = batch_size or recipe.optim.batch_size
     mine = list(range(rank, len(urls), world))
     todo = [i for i in mine if not (out / names[i]).is_file()]

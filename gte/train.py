@@ -218,6 +218,7 @@ class _Run:
                              crop_scale=tuple(d.crop_scale), interpolation=d.interpolation, num_workers=d.num_workers,
                              shuffle_buffer=d.shuffle_buffer, seed=r.seed, epoch=epoch, train_size=d.train_size,
                              max_bad_fraction=d.max_bad_fraction, reduced_decode=d.reduced_decode,
+                             decode_margin=d.decode_margin,
                              start_batch=first * o.grad_accum,  # resume: skips without decoding
                              indices=e.method.needs.indices, **frozen.loader_members(self.recipe))
         sums: dict[str, torch.Tensor] = {}

@@ -51,7 +51,8 @@ class LoaderConfig:
     crop and flip (C×S×S float32). ``float_images=False`` returns uint8 images (4× less inter-process traffic;
     convert on the device). ``indices``: each batch carries ``index``, every sample's position in the whole shard set
     (0..N-1, shards in spec order; methods with a per-sample memory, e.g. CRD). ``reduced_decode``: decode JPEGs at
-    the smallest DCT scale the sample's crop allows (gte.data.transforms; False = always full size).
+    the smallest DCT scale the sample's crop allows, keeping ≥ ``decode_margin`` decoded pixels per output pixel
+    (gte.data.transforms; False = always full size).
     """
 
     image_size: int
@@ -66,6 +67,7 @@ class LoaderConfig:
     max_bad_fraction: float = 0.01
     decoder: str = "pil"
     reduced_decode: bool = True
+    decode_margin: float = 2.0
     members: tuple[str, ...] = ()
     maps: tuple[str, ...] = ()
     float_images: bool = True
@@ -180,7 +182,8 @@ def make_loader(data: str | ShardSet, config: LoaderConfig | None = None, *, tra
         _warn_truncated(shards)
     transform = SampleTransform(train, c.image_size, c.eval_resize, tuple(c.crop_scale), seed=c.seed, epoch=epoch,
                                 decoder=c.decoder, members=tuple(c.members), maps=tuple(c.maps),
-                                interpolation=c.interpolation, reduced_decode=c.reduced_decode)
+                                interpolation=c.interpolation, reduced_decode=c.reduced_decode,
+                                decode_margin=c.decode_margin)
     sizes = shards.sizes
     quotas = None
     if train:

@@ -13,7 +13,8 @@ to the output; a box that ends up outside has zero area and is kept (its index m
 
 Reduced-scale decoding (``reduced_decode``, on by default): the geometry is drawn from the image's full-size
 dimensions, read from its header, before any pixel is decoded; then a JPEG is decoded at the smallest libjpeg DCT
-scale (1/2, 1/4, 1/8, ``Image.draft``) that keeps ≥ 2 decoded pixels per output pixel of the crop, and the same
+scale (1/2, 1/4, 1/8, ``Image.draft``) that keeps ≥ ``decode_margin`` (default 2) decoded pixels per output pixel
+of the crop, and the same
 region, in decoded pixels, is resized (eval: only the centre crop's region — the same sample positions and filter
 as resizing the whole image and cropping). The crop box, flip, boxes and maps are those of the full-size image, whatever
 the scale; only pixel values move, by less than encoding the photo as a quality-90 JPEG does
@@ -114,7 +115,6 @@ def _map_boxes(boxes: list, sx: float, sy: float, dx: float, dy: float, out: int
     return mapped
 
 
-_MARGIN = 2  # a reduced decode keeps ≥ 2 decoded pixels per output pixel (SampleTransform.decode)
 
 _PIL_FILTERS = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST}
 
@@ -142,6 +142,7 @@ class SampleTransform:
                                     # they follow the sample's geometry and come out C×S×S float32
     interpolation: str = "bilinear"  # of the crop's resize ("bilinear" | "bicubic" | "nearest")
     reduced_decode: bool = True     # JPEGs decoded at the smallest DCT scale the crop allows (PIL decoder; decode)
+    decode_margin: float = 2.0      # … keeping ≥ this many decoded pixels per output pixel (decode)
     _resize: int = field(init=False, default=0)
     _max_pixels: int = field(init=False, default=0)
 
@@ -175,11 +176,11 @@ class SampleTransform:
 
         ``shrink``: by how much the caller's resampling shrinks the source at least (source region ÷ output size,
         the smaller of the two sides). With ``reduced_decode`` the PIL decoder decodes a JPEG at libjpeg's DCT scale
-        1/a (``Image.draft``), a ∈ {8, 4, 2, 1} the largest ≤ ``shrink`` / 2: the region, decoded, still has at
-        least twice the output's pixels per side, so the antialiased resize after it still shrinks by ≥ 2× and its
-        filter, not the DCT's, shapes the result (at ≥ 1× the pixels moved up to 5× further; benchmarks/README.md,
-        "Reduced-scale decoding"). Other formats, and the torchvision decoder (it has no DCT scaling), decode at full
-        size (scale 1).
+        1/a (``Image.draft``), a ∈ {8, 4, 2, 1} the largest ≤ ``shrink`` / ``decode_margin``: with the default 2
+        the region, decoded, still has at least twice the output's pixels per side, so the antialiased resize after
+        it still shrinks by ≥ 2× and its filter, not the DCT's, shapes the result; with 1 the DCT's filter does more
+        of the shrinking and pixels move about as far as JPEG encoding moves them (docs/data.md). Other
+        formats, and the torchvision decoder (it has no DCT scaling), decode at full size (scale 1).
         """
         try:
             if self.decoder == "torchvision" and ext in ("jpg", "jpeg"):
@@ -193,7 +194,7 @@ class SampleTransform:
                                        mode=ImageReadMode.RGB), 1.0
             with Image.open(io.BytesIO(data)) as im:
                 scale = 1.0
-                a = next(a for a in (8, 4, 2, 1) if a <= max(shrink / _MARGIN, 1.0))
+                a = next(a for a in (8, 4, 2, 1) if a <= max(shrink / self.decode_margin, 1.0))
                 if self.reduced_decode and a > 1 and im.format == "JPEG":
                     # Pillow picks the largest a' ≤ min(W // w, H // h), which for these sizes is a; its answer gives
                     # the full image's extent in decoded pixels (W / a' — the decoded size is rounded up)
