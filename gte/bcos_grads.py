@@ -47,7 +47,7 @@ def sum_to(t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     return t.sum(dims, keepdim=True) if dims else t
 
 
-def _c(t: torch.Tensor) -> torch.Tensor:
+def per_channel(t: torch.Tensor) -> torch.Tensor:
     """A per-channel vector broadcast over N×C×H×W."""
     return t[None, :, None, None]
 
@@ -66,12 +66,12 @@ def _sum_prod_to(u: torch.Tensor, v: torch.Tensor, shape: torch.Size) -> torch.T
     return torch.cat([sum_to(ui * vi, (len(ui), *shape[1:])) for ui, vi in _slices(u, v)])
 
 
-def _var_grad(x: torch.Tensor, mean: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+def var_grad(x: torch.Tensor, mean: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     """``c · (x − μ)`` per channel: the input gradient through a batch variance, ``∂Var/∂x = 2(x − μ)/M``."""
-    return torch.addcmul(_c(-c * mean), x, _c(c))
+    return torch.addcmul(per_channel(-c * mean), x, per_channel(c))
 
 
-def _rsqrt_grad_coef(t: torch.Tensor, w, r: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+def rsqrt_grad_coef(t: torch.Tensor, w: torch.Tensor | float, r: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """``c`` with ``Σ ∂(γ r)/∂x · t = c · (x − μ)``: ``c = −γ t r³ / M`` per channel (M = N·H·W)."""
     return -(w * t * r.pow(3)) / (x.numel() // x.shape[1])
 
@@ -109,7 +109,7 @@ def _scaled(g: torch.Tensor, a: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
 
 def bn_scaled(g: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """``g · γr`` per channel: the batch norm's closed-gate gradient (also when rebuilt)."""
-    return g * _c(scale)
+    return g * per_channel(scale)
 
 
 def _scale_(h: torch.Tensor, a: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
@@ -125,7 +125,7 @@ def rebuild(src: torch.Tensor, scale: torch.Tensor | None = None, a: torch.Tenso
     activation-sized allocation at most."""
     g = src if pool is None else pool_input_grad(src, pool)
     if scale is not None:
-        g = bn_scaled(g, scale) if g is src else g.mul_(_c(scale))
+        g = bn_scaled(g, scale) if g is src else g.mul_(per_channel(scale))
     if a is None:
         return g
     return _scaled(g, a, n) if g is src else _scale_(g, a, n)
@@ -191,8 +191,8 @@ class BNGrad(torch.autograd.Function):
         w = 1.0 if weight is None else weight
         t = _channel_dot(gh, g)
         grad_w = t * r if weight is not None and ctx.needs_input_grad[2] else None
-        grad_x = _var_grad(x, mean, _rsqrt_grad_coef(t, w, r, x)) if ctx.needs_input_grad[1] else None
-        grad_g = gh * _c(w * r) if ctx.needs_input_grad[0] else None
+        grad_x = var_grad(x, mean, rsqrt_grad_coef(t, w, r, x)) if ctx.needs_input_grad[1] else None
+        grad_g = gh * per_channel(w * r) if ctx.needs_input_grad[0] else None
         return grad_g, grad_x, grad_w, None, None
 
 
@@ -235,16 +235,16 @@ class ScaleBNGrad(torch.autograd.Function):
         grad_w = t * r if weight is not None and ctx.needs_input_grad[3] else None
         grad_a = grad_n = None
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-            grad_a = a.sign().mul_(g).mul_(_c(scale)).mul_(gh).div_(n)  # through s
+            grad_a = a.sign().mul_(g).mul_(per_channel(scale)).mul_(gh).div_(n)  # through s
             del g  # an activation-sized tensor less before the rest is built
             grad_n = _sum_prod_to(grad_a, a, n.shape)
-            c = _rsqrt_grad_coef(t, 1.0 if weight is None else weight, r, x)
+            c = rsqrt_grad_coef(t, 1.0 if weight is None else weight, r, x)
             for gai, gni, xi, ai, ni in _slices(grad_a, grad_n, x, a, n):  # through r(x), x = a|a|/n
-                gx = _var_grad(xi, mean, c)
+                gx = var_grad(xi, mean, c)
                 gni.add_(sum_to(gx * xi, gni.shape))
                 gai.addcmul_(gx, ai.abs().div_(ni), value=2.0)
             grad_n.div_(n).neg_()
-        grad_g = a.abs().div_(n).mul_(gh).mul_(_c(scale)) if ctx.needs_input_grad[0] else None
+        grad_g = a.abs().div_(n).mul_(gh).mul_(per_channel(scale)) if ctx.needs_input_grad[0] else None
         return grad_g, grad_a, grad_n, grad_w, None, None, None, None, None, None
 
 
