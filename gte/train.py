@@ -51,8 +51,16 @@ def training_digest(recipe: Recipe) -> str:
     return hashlib.sha256(json.dumps(training_dict(recipe), sort_keys=True).encode()).hexdigest()[:12]
 
 
+# training keys gte gained after checkpoints recorded their recipe, with the value that reproduces how a checkpoint
+# written without them trained: such a checkpoint reads as having that value (it resumes under a recipe that sets it;
+# otherwise the refusal names the key and its value)
+ADDED_KEYS: dict[str, dict[str, Any]] = {"data": {"reduced_decode": False, "decode_margin": 2.0}}
+
+
 def recipe_changes(saved: dict[str, Any], now: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
     """``section.key`` → (saved value, value now) for every training key that differs."""
+    saved = {s: {**ADDED_KEYS.get(s, {}), **section} if isinstance(section, dict) else section
+             for s, section in saved.items()}
     keys = {(s, k) for d in (saved, now) for s, section in d.items() for k in section}
     missing = object()
     out = {}
@@ -72,6 +80,8 @@ def check_resumable(position: dict[str, Any], recipe: Recipe, checkpoint_dir: Pa
         return None
     saved = position.get("training")
     changes = recipe_changes(saved, training_dict(recipe)) if isinstance(saved, dict) else {}
+    if isinstance(saved, dict) and not changes:
+        return None  # the same recipe once the keys added since it was written read as their old behaviour
     done = position.get("epoch", 0) + (1 if position.get("batch", 0) else 0)
     if set(changes) == {"optim.epochs"}:
         old, new = changes["optim.epochs"]

@@ -179,6 +179,27 @@ def test_raising_epochs_extends_a_run_and_other_changes_say_the_way_forward(tmp_
         train(fewer)
 
 
+def test_a_checkpoint_of_an_older_gte_resumes_under_the_settings_it_trained_with(tmp_path, shards, teacher_path):
+    """A checkpoint whose recorded recipe predates data.reduced_decode / data.decode_margin trained with full-size
+    decoding: it resumes under a recipe that says so (``reduced_decode = false``), and the default recipe's refusal
+    names the key and the value to set, not an unexplained "different recipe"."""
+    from gte import checkpoint
+    from gte.train import check_resumable, training_dict
+
+    recipe = _recipe(tmp_path, shards, teacher_path, method="kd")
+    older = training_dict(recipe)
+    del older["data"]["reduced_decode"], older["data"]["decode_margin"]
+    position = {"step": 3, "epoch": 0, "batch": 3, "digest": "written-by-an-older-gte", "training": older}
+    recipe.data.reduced_decode = False
+    assert check_resumable(position, recipe, tmp_path) is None
+    recipe.data.decode_margin = 1.0  # a setting that is not how it trained
+    with pytest.raises(checkpoint.OtherRecipe, match=r"changed: data\.decode_margin 2\.0 → 1\.0\)"):
+        check_resumable(position, recipe, tmp_path)
+    default = _recipe(tmp_path, shards, teacher_path, method="kd")  # reduced-scale decoding: not how it trained
+    with pytest.raises(checkpoint.OtherRecipe, match=r"changed: data\.reduced_decode false → true\)"):
+        check_resumable(position, default, tmp_path)
+
+
 @pytest.mark.parametrize("every", [1e-9, 0])
 def test_progress_lines_without_a_terminal(tmp_path, shards, teacher_path, every):
     """Batch jobs (stderr not a terminal): a plain progress line per run.progress_every seconds, on log steps, with
