@@ -385,3 +385,14 @@ def test_bench_smoke(tmp_path):
     rows = [(x["jpeg"], x["transform"], x["reduced_decode"]) for x in r["loader"]]
     assert rows == [(j, t, red) for j in ("96x72", "160x120") for t in ("train", "eval") for red in (False, True)]
     assert all(x["img_per_s"] > 0 for x in r["loader"]) and all(x["vs_full"] > 0 for x in r["loader"][1::2])
+
+
+def test_decode_margin_benchmark_runs_as_the_readme_shows():
+    """`python benchmarks/decode_margin.py` (README, "What a run costs"), at two crops and one pass."""
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, str(root / "benchmarks" / "decode_margin.py"), "--crops", "2", "--rounds", "1"],
+                       capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert r.returncode == 0, r.stderr
+    rows = [x for x in r.stdout.splitlines() if x.startswith("| retina") or x.startswith("| astronaut")
+            or x.startswith("| coffee")]
+    assert len(rows) == 3 and all(x.count("×") >= 2 for x in rows), r.stdout
