@@ -176,6 +176,8 @@ def build_rows(recipe: Recipe, batch: int, precision: str, device: torch.device)
         c = dataclasses.replace(recipe.distill, multilabel=False, frozen=False)
         for k, v in kw.items():
             setattr(c, k, v)
+        if c.method != recipe.distill.method and "options" not in kw:
+            c.options = {}  # [distill.options] belong to the recipe's own method
         return c
 
     with torch.no_grad():
@@ -212,10 +214,13 @@ def build_rows(recipe: Recipe, batch: int, precision: str, device: torch.device)
     skipped: dict[str, str] = {}
 
     def other(name: str) -> list[BenchRow]:
-        """A row for another registered method (or one "+e2kd"), with its paper defaults; none (and the reason in
+        """A row for another registered method (or one "+e2kd"), with its paper defaults (the recipe's own method:
+        with its ``[distill.options]``); none (and the reason in
         ``skipped``) where the method does not apply to this pair (CAT-KD on a student whose head is not a 1×1 map
         classifier, a feature method on models with differing stage counts, …)."""
         options = {"nce_k": min(4096, context.n_data)} if name.startswith("crd") else {}
+        if name == recipe.distill.method:  # the recipe's own method keeps its [distill.options]
+            options = {**options, **recipe.distill.options}
         try:
             method = build_method(cfg(method=name, options=options), student, teacher, context)
         except GteError as e:

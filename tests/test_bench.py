@@ -80,6 +80,25 @@ def test_bench_only_runs_the_named_rows_and_the_floors():
     assert len(res["floor"]["live_over_floor_per_round"]) == 1
 
 
+def test_bench_gives_the_recipes_own_method_its_options_and_no_other_row():
+    """`--set distill.method=reviewkd --set distill.options.mid_channel=…`: the ReviewKD row is built with them (an
+    invalid value is refused by ReviewKD's options: no row, the reason listed), the CE/KD/e2KD rows without them."""
+    from gte.bench import build_rows
+    from gte.config import from_dict
+
+    def recipe(mid: int):
+        return from_dict({"data": {"num_classes": 4, "image_size": 16}, "teacher": {"arch": "bcos_cifar_resnet20"},
+                          "student": {"arch": "bcos_cifar_resnet20"}, "optim": {"batch_size": 2},
+                          "distill": {"method": "reviewkd", "options": {"mid_channel": mid}}}, check_ranges=False)
+
+    import torch
+
+    rows, meta = build_rows(recipe(8), 2, "fp32", torch.device("cpu"))
+    assert {"ce", "kd", "e2kd_k1", "reviewkd"} <= {r[0] for r in rows} and not meta["skipped"]
+    rows, meta = build_rows(recipe(-1), 2, "fp32", torch.device("cpu"))
+    assert "reviewkd" not in {r[0] for r in rows} and "mid_channel" in meta["skipped"]["reviewkd"]
+
+
 def test_gte_bench_rejects_unknown_precision(tmp_path):
     recipe = tmp_path / "r.toml"
     recipe.write_text(tomli_w.dumps({"teacher": {"arch": "bcos_cifar_resnet20"},
