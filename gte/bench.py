@@ -54,7 +54,7 @@ from gte.config import DistillConfig, Recipe
 from gte.engine import apply_run_options, build_models
 from gte.errors import GteError
 from gte.explain import choose_explainer, explain_with_logits
-from gte.methods import METHODS, Batch, Context, build_method
+from gte.methods import METHODS, Batch, Context, build_method, parse_method
 from gte.methods.passes import StudentPass
 from gte.models import check_arch, info, to_model_input
 from gte.precompute import teacher_outputs
@@ -143,9 +143,11 @@ OTHER_METHODS = [m for m in METHODS if m not in ("ce", "kd", "e2kd")] + ["crd+e2
 FLOOR_ROWS = ("ce", "kd", "e2kd_k1", "e2kd_frozen", "reference", "teacher_fwd", "teacher_explain", "exp_kept")
 
 
-def build_rows(recipe: Recipe, batch: int, precision: str, device: torch.device) -> tuple[list[BenchRow], dict[str, Any]]:
+def build_rows(recipe: Recipe, batch: int, precision: str, device: torch.device,
+               keep: Collection[str] | None = None) -> tuple[list[BenchRow], dict[str, Any]]:
     """The models, the batch and one step function per row (``run.channels_last`` and ``run.compile_teacher`` of the
-    recipe apply, except to the reference step's teacher)."""
+    recipe apply, except to the reference step's teacher and to the teacher of methods that tap its features);
+    ``keep``: build the other methods' rows only for these keys."""
     d = recipe.data
     check_arch(recipe.student.arch)
     if not recipe.teacher.arch:
@@ -218,11 +220,17 @@ def build_rows(recipe: Recipe, batch: int, precision: str, device: torch.device)
         with its ``[distill.options]``); none (and the reason in
         ``skipped``) where the method does not apply to this pair (CAT-KD on a student whose head is not a 1×1 map
         classifier, a feature method on models with differing stage counts, …)."""
+        if keep is not None and name.replace("+", "_") not in keep:
+            return []
         options = {"nce_k": min(4096, context.n_data)} if name.startswith("crd") else {}
         if name == recipe.distill.method:  # the recipe's own method keeps its [distill.options]
             options = {**options, **recipe.distill.options}
+        # per-call feature hooks on a compiled teacher are ignored by a graph traced without them (the KD row's):
+        # methods that tap the teacher get its eager module
+        taps = parse_method(name)[0].needs.teacher_features
+        t = getattr(teacher, "_orig_mod", teacher) if taps else teacher
         try:
-            method = build_method(cfg(method=name, options=options), student, teacher, context)
+            method = build_method(cfg(method=name, options=options), student, t, context)
         except GteError as e:
             skipped[name] = str(e)
             return []
@@ -303,7 +311,7 @@ from gte.bench import build_rows, memory_rows
 from gte.config import from_dict
 job = json.loads(sys.stdin.read())
 torch.set_num_threads(job["threads"])
-rows, _ = build_rows(from_dict(job["recipe"]), job["batch"], job["precision"], torch.device("cpu"))
+rows, _ = build_rows(from_dict(job["recipe"]), job["batch"], job["precision"], torch.device("cpu"), job["keep"])
 rows = [r for r in rows if job["keep"] is None or r[0] in job["keep"]]
 print(json.dumps(memory_rows(rows, torch.device("cpu"), Console(stderr=True))))
 """
@@ -331,13 +339,13 @@ def run_bench(recipe: Recipe, *, steps: int = 10, batch: int = 0, warmup: int = 
     (see the module docstring); returns the JSON-able result."""
     console = console or Console(stderr=True)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    rows_spec, meta = build_rows(recipe, batch, precision, device)
     keep = None if only is None else {*(k.replace("+", "_") for k in only), *FLOOR_ROWS}
+    rows_spec, meta = build_rows(recipe, batch, precision, device, keep)
     if keep is not None:
         unknown = keep - {r[0] for r in rows_spec} - {k.replace("+", "_") for k in meta["skipped"]}
         if unknown:
-            raise GteError(f"gte bench has no row {', '.join(sorted(unknown))}; rows: "
-                           f"{', '.join(r[0] for r in rows_spec if r[0] not in FLOOR_ROWS)}")
+            known = ["e2kd_k16", "e2kd_frozen_k16", *(m.replace("+", "_") for m in OTHER_METHODS)]
+            raise GteError(f"gte bench has no row {', '.join(sorted(unknown))}; rows: {', '.join(known)}")
         rows_spec = [r for r in rows_spec if r[0] in keep]
     b = meta["batch"]
     results: dict[str, dict[str, Any]] = {}

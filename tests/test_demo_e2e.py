@@ -9,18 +9,20 @@ import subprocess
 import sys
 
 import pytest
+from conftest import DEMO_SCALE
 
 
 @pytest.mark.slow
-def test_gte_distill_demo_e2kd_beats_kd(tmp_path):
-    env = {**os.environ, "GTE_HOME": str(tmp_path / "home")}
+def test_gte_distill_demo_e2kd_beats_kd(tmp_path, demo_home):
+    home = demo_home  # empty when this test runs first (as in the suite): the README's command on a fresh cache
+    env = {**os.environ, "GTE_HOME": str(home)}
     out = tmp_path / "demo"
     # scale overrides only (the suite's time): students 3 epochs on 1000 distillation images instead of 5 on 2000, a
     # 500-image test split; the teacher is the README's. Measured (2-core AMD EPYC, 164 s): teacher conflicting 100.0,
     # KD 10.0 vs e2KD 23.6 conflicting, explanation similarity 19.1 vs 60.2
-    res = subprocess.run([sys.executable, "-m", "gte", "distill", "--out", str(out), "--set", "optim.epochs=3",
-                          "--set", "demo.n_distill=1000", "--set", "demo.n_test=500"], env=env, capture_output=True,
-                         text=True, timeout=900)
+    sets = [x for kv in DEMO_SCALE for x in ("--set", kv)]
+    res = subprocess.run([sys.executable, "-m", "gte", "distill", "--out", str(out), *sets], env=env,
+                         capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "conflicting" in res.stdout  # the result table is printed
     rows = json.loads((out / "results.json").read_text())
@@ -34,7 +36,7 @@ def test_gte_distill_demo_e2kd_beats_kd(tmp_path):
     for m in ("kd", "e2kd"):
         assert (out / m / "model.safetensors").is_file() and (out / m / "eval.json").is_file()
     # the teacher and shards are cached: a second run reuses them
-    assert len(list((tmp_path / "home" / "demo").glob("*/teacher.safetensors"))) == 1
+    assert len(list((home / "demo").glob("*/teacher.safetensors"))) == 1
     # the report line the demo prints runs as printed (its paths need no GTE_HOME in the environment)
     line = next(x for x in res.stderr.splitlines() if x.startswith("an HTML report with pictures: gte eval "))
     argv = shlex.split(line.split(": ", 1)[1])

@@ -209,3 +209,22 @@ def test_frozen_teaching_reads_the_stored_map_for_every_explained_method():
         r = Recipe()
         r.distill.method = name
         assert members_needed(r) == want, name
+
+
+def test_a_compiled_teacher_is_probed_through_its_eager_module():
+    """`run.compile_teacher` + a feature method: a graph traced without hooks (the KD forward, `gte bench`'s KD row)
+    ignores hooks added later, so probing the compiled wrapper saw no features; the probe uses the eager module."""
+    import torch
+
+    from gte.config import DistillConfig
+    from gte.methods import Context, build_method
+    from gte.models import build_model
+
+    torch.manual_seed(0)
+    student, teacher = build_model("bcos_cifar_resnet20", 4), build_model("bcos_cifar_resnet20", 4).eval()
+    compiled = torch.compile(teacher, backend="eager")
+    with torch.no_grad():
+        compiled(torch.rand(2, 6, 32, 32))
+    for name in ("at", "reviewkd"):
+        method = build_method(DistillConfig(method=name), student, compiled, Context(image_size=32))
+        assert method.feature_shapes()[1]  # the teacher's tapped shapes were found

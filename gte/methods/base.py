@@ -169,7 +169,10 @@ class Method(ABC):
                 continue
             p = next(model.parameters())  # a float64 model takes float64 input
             x = to_model_input(info(model), images.to(p.device, p.dtype))
-            out.append((role, model, layers, x, probe(model, layers, x)))
+            # a compiled teacher is probed through its eager module: dynamo reuses a graph traced without hooks and
+            # ignores hooks added later, so the probe would see no features (and cost a recompile per shape)
+            eager = getattr(model, "_orig_mod", model)
+            out.append((role, model, layers, x, probe(eager, layers, x)))
         return out
 
     def _check_taps(self) -> None:
