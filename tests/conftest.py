@@ -15,7 +15,7 @@ def one_thread():
 
 # the demo at the suite's scale (tests/test_demo_e2e.py runs the README's `gte distill` with these overrides): its
 # shards and its README-scale teacher are made once per session in `demo_home` and reused by the demo-scale tests
-DEMO_SCALE = ["optim.epochs=3", "demo.n_distill=1000", "demo.n_test=500"]
+DEMO_SCALE = ["optim.epochs=3", "demo.n_distill=1000", "demo.n_test=500", "demo.teacher_epochs=4"]
 
 
 @pytest.fixture(scope="session")

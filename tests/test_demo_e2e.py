@@ -17,9 +17,10 @@ def test_gte_distill_demo_e2kd_beats_kd(tmp_path, demo_home):
     home = demo_home  # empty when this test runs first (as in the suite): the README's command on a fresh cache
     env = {**os.environ, "GTE_HOME": str(home)}
     out = tmp_path / "demo"
-    # scale overrides only (the suite's time): students 3 epochs on 1000 distillation images instead of 5 on 2000, a
-    # 500-image test split; the teacher is the README's. Measured (2-core AMD EPYC, 164 s): teacher conflicting 100.0,
-    # KD 10.0 vs e2KD 23.6 conflicting, explanation similarity 19.1 vs 60.2
+    # scale overrides only (the suite's time, conftest.DEMO_SCALE): students 3 epochs on 1000 distillation images
+    # instead of 5 on 2000, a 500-image test split, the README's teacher data in 4 epochs instead of 5. Measured
+    # (2-core AMD EPYC, 150 s): teacher conflicting 98.8, KD 19.6 vs e2KD 26.8 conflicting, explanation similarity
+    # 15.5 vs 54.7 (README's 5-epoch teacher: 100.0; 10.0 vs 23.6; 19.1 vs 60.2)
     sets = [x for kv in DEMO_SCALE for x in ("--set", kv)]
     res = subprocess.run([sys.executable, "-m", "gte", "distill", "--out", str(out), *sets], env=env,
                          capture_output=True, text=True, timeout=900)

@@ -232,8 +232,8 @@ def test_demo_scale_frozen_e2kd_explains_like_the_teacher(tmp_path, monkeypatch,
     from gte.demo import prepare
     from gte.evaluate import evaluate
 
-    # the README's teacher and the demo's shards at the suite's scale, shared with tests/test_demo_e2e.py (made here
-    # when this test runs alone); the frozen students see 512 of the 1000 distillation images per epoch
+    # the demo's teacher and shards at the suite's scale, shared with tests/test_demo_e2e.py (made here when this test
+    # runs alone); the frozen students see 512 of the 1000 distillation images per epoch
     monkeypatch.setenv("GTE_HOME", str(demo_home))
     recipe = load_recipe("demo", DEMO_SCALE)
     ready = prepare(recipe, Console(stderr=True))
