@@ -147,7 +147,7 @@ def build_rows(recipe: Recipe, batch: int, precision: str, device: torch.device,
                keep: Collection[str] | None = None) -> tuple[list[BenchRow], dict[str, Any]]:
     """The models, the batch and one step function per row (``run.channels_last`` and ``run.compile_teacher`` of the
     recipe apply, except to the reference step's teacher and to the teacher of methods that tap its features);
-    ``keep``: build the other methods' rows only for these keys."""
+    ``keep``: only the rows with these keys (the other methods' are not even built)."""
     d = recipe.data
     check_arch(recipe.student.arch)
     if not recipe.teacher.arch:
@@ -281,7 +281,7 @@ def build_rows(recipe: Recipe, batch: int, precision: str, device: torch.device,
             "image_size": d.image_size, "batch": b, "precision": precision,
             "channels_last": recipe.run.channels_last, "compile_teacher": recipe.run.compile_teacher,
             "skipped": skipped}
-    return rows, meta
+    return [r for r in rows if keep is None or r[0] in keep], meta
 
 
 def _allocated(device: torch.device) -> int:
@@ -312,7 +312,6 @@ from gte.config import from_dict
 job = json.loads(sys.stdin.read())
 torch.set_num_threads(job["threads"])
 rows, _ = build_rows(from_dict(job["recipe"]), job["batch"], job["precision"], torch.device("cpu"), job["keep"])
-rows = [r for r in rows if job["keep"] is None or r[0] in job["keep"]]
 print(json.dumps(memory_rows(rows, torch.device("cpu"), Console(stderr=True))))
 """
 
@@ -346,7 +345,6 @@ def run_bench(recipe: Recipe, *, steps: int = 10, batch: int = 0, warmup: int = 
         if unknown:
             known = ["e2kd_k16", "e2kd_frozen_k16", *(m.replace("+", "_") for m in OTHER_METHODS)]
             raise GteError(f"gte bench has no row {', '.join(sorted(unknown))}; rows: {', '.join(known)}")
-        rows_spec = [r for r in rows_spec if r[0] in keep]
     b = meta["batch"]
     results: dict[str, dict[str, Any]] = {}
     for i in range(2):  # first steps pay one-off costs (allocator, kernels, compilation): not any row's

@@ -14,9 +14,8 @@ to the output; a box that ends up outside has zero area and is kept (its index m
 Reduced-scale decoding (``reduced_decode``, on by default): the geometry is drawn from the image's full-size
 dimensions, read from its header, before any pixel is decoded; then a JPEG is decoded at the smallest libjpeg DCT
 scale (1/2, 1/4, 1/8, ``Image.draft``) that keeps ≥ ``decode_margin`` (default 2) decoded pixels per output pixel
-of the crop, and the same
-region, in decoded pixels, is resized (eval: only the centre crop's region — the same sample positions and filter
-as resizing the whole image and cropping). The crop box, flip, boxes and maps are those of the full-size image, whatever
+of the crop, and the same region, in decoded pixels, is resized (eval: only the centre crop's region — the same
+sample positions and filter as resizing the whole image and cropping). The crop box, flip, boxes and maps are those of the full-size image, whatever
 the scale; only pixel values move, by less than encoding the photo as a quality-90 JPEG does
 (tests/test_data_loader.py, benchmarks/README.md).
 
@@ -113,7 +112,6 @@ def _map_boxes(boxes: list, sx: float, sy: float, dx: float, dy: float, out: int
             x0, x1 = out - x1, out - x0
         mapped.append([x0, y0, x1, y1])
     return mapped
-
 
 
 _PIL_FILTERS = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST}
